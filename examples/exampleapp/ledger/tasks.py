@@ -1,0 +1,48 @@
+"""The example app's Celery tasks: a normal one, one for the reports queue, one run by Beat."""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from celery import shared_task
+from django.db.models import Sum
+
+from .models import Entry
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task
+def record_entry(kind: str, amount: int) -> int:
+    """Write one ledger entry; returns its id."""
+    entry = Entry.objects.create(kind=kind, amount=amount)
+    logger.info("recorded %s entry %s of %s", kind, entry.pk, amount)
+    return entry.pk
+
+
+@shared_task
+def summarize() -> dict:
+    """Totals per ledger; routed to the "reports" queue."""
+    return {"entries": Entry.objects.count(), "total": Entry.objects.aggregate(t=Sum("amount"))["t"] or 0}
+
+
+@shared_task
+def heartbeat() -> str:
+    """Run by Celery Beat every 30 s: proves Beat and a worker are alive."""
+    Entry.objects.create(kind="heartbeat", amount=0)
+    logger.info("heartbeat from pid %s", os.getpid())
+    return "ok"
+
+
+@shared_task
+def slow(seconds: float) -> float:
+    """Sleep, to show that a restart lets running tasks finish (warm shutdown)."""
+    time.sleep(seconds)
+    return seconds
+
+
+@shared_task
+def release() -> str:
+    """The directory of the code this worker runs: which release consumed the task."""
+    return str(Path(__file__).resolve().parent.parent)

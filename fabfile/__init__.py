@@ -1,0 +1,21 @@
+"""deploy-kit: deploy Django apps whose Celery workers and Beat run as systemd services.
+
+Run `fab --list` for the tasks and `fab --help TASK` for one task's flags. The
+configuration is read from $DEPLOY_KIT_CONFIG, or ./hosts.toml.
+"""
+
+import sys
+from pathlib import Path
+
+from invoke import Collection
+
+try:
+    import deploy_kit  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from . import inventory, sandbox  # noqa: E402
+
+ns = Collection()
+ns.add_task(inventory.hosts)
+ns.add_collection(Collection.from_module(sandbox))
