@@ -1,0 +1,54 @@
+"""`sandbox.up` and `sandbox.down` as a user runs them: down leaves nothing behind."""
+
+import os
+from pathlib import Path
+
+from .conftest import fab
+
+NAME = "dklife"
+
+
+def _traces(name: str) -> dict[str, list[str]]:
+    procs = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"systemd-nspawn") and f"-M{name}".encode() in b"".join(argv):
+                procs.append(entry.name)
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+              if f"/sandbox/{name}/" in line.split()[1]]
+    netns = [n for n in os.listdir("/run/netns")] if Path("/run/netns").is_dir() else []
+    return {
+        "processes": procs,
+        "mounts": mounts,
+        "namespaces": [n for n in netns if n.startswith(f"dk-{name}")],
+        "links": [n for n in os.listdir("/sys/class/net") if name in n],
+        "state": [str(p) for p in Path("/var/lib/deploy-kit/sandbox").glob(f"{name}/*")],
+    }
+
+
+def test_up_then_down_leaves_nothing_behind(tmp_path):
+    config_file = tmp_path / "hosts.toml"
+    config_file.write_text('# my own notes stay\ndefault_stage = "dklife"\n')
+    try:
+        up = fab("sandbox.up", "--stage", NAME, "--hosts", "1", config_file=config_file, check=True)
+        assert "dklife1" in up.stdout
+        running = _traces(NAME)
+        assert running["processes"] and running["mounts"] and running["namespaces"] and running["links"]
+        text = config_file.read_text()
+        assert text.startswith("# my own notes stay\n")
+        assert "[stages.dklife]" in text
+        # a second `up` replaces the hosts and the stage block, it does not add another
+        fab("sandbox.up", "--stage", NAME, "--hosts", "1", config_file=config_file, check=True)
+        assert config_file.read_text().count("[stages.dklife]") == 1
+        fab("hosts", config_file=config_file, check=True)
+    finally:
+        down = fab("sandbox.down", "--stage", NAME, config_file=config_file)
+    assert down.returncode == 0, down.stderr
+    assert "is down" in down.stdout
+    assert _traces(NAME) == {"processes": [], "mounts": [], "namespaces": [], "links": [], "state": []}
+    again = fab("sandbox.down", "--stage", NAME, config_file=config_file, check=True)
+    assert "nothing to remove" in again.stdout

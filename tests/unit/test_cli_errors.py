@@ -1,0 +1,74 @@
+"""The command line turns bad input into one message and a documented exit code, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy_kit import sandbox
+from deploy_kit.errors import EXIT_CODES, SandboxError
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).with_name("fab")
+
+
+def fab(*args, config_file):
+    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file))
+    return subprocess.run([str(FAB), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_fab_list_shows_every_task_with_help():
+    proc = subprocess.run([str(FAB), "--list"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in ("hosts", "sandbox.up", "sandbox.down", "sandbox.status"):
+        line = next(line for line in proc.stdout.splitlines() if line.strip().startswith(name + " "))
+        assert len(line.split()) > 1, f"{name} has no help line"
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("[stages.x\n", "not valid TOML"),
+    ('[stages.prod]\n[[stages.prod.hosts]]\naddress = "h"\n[stages.prod.app]\nname = "a"\n'
+     'repo = "r"\ncelery_app = "a"\ndeploy_to = "rel"\n[[stages.prod.workers]]\nname = "w"\n',
+     "stages.prod.app.deploy_to: must be an absolute path"),
+])
+def test_bad_config_exits_2_with_one_message(tmp_path, content, expected):
+    path = tmp_path / "hosts.toml"
+    path.write_text(content)
+    proc = fab("hosts", config_file=path)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_missing_config_file(tmp_path):
+    proc = fab("hosts", "--stage", "prod", config_file=tmp_path / "absent.toml")
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr and "hosts.example.toml" in proc.stderr
+
+
+def test_unknown_stage_is_a_usage_error(tmp_path):
+    path = tmp_path / "hosts.toml"
+    path.write_text((ROOT / "hosts.example.toml").read_text())
+    proc = fab("hosts", "--stage", "prodution", config_file=path)
+    assert proc.returncode == 2
+    assert "did you mean 'production'?" in proc.stderr
+
+
+def test_sandbox_needs_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SandboxError) as info:
+        sandbox.require_host_machine()
+    assert "need root" in str(info.value) and "sudo fab sandbox.up" in str(info.value)
+
+
+def test_sandbox_name_is_checked():
+    with pytest.raises(Exception) as info:
+        sandbox.Sandbox("Bad_Name")
+    assert "must be 1-9 lowercase letters" in str(info.value)
+
+
+def test_every_exit_code_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for code, meaning in EXIT_CODES.items():
+        assert f"| {code} |" in readme, f"exit code {code} ({meaning}) is not in the README"
