@@ -9,8 +9,10 @@ traceback:
     ├── UsageError              a bad flag or argument on the command line; exit code 2
     ├── HostError               one host could not be reached or a command failed; exit code 7
     │   ├── ConnectError        SSH could not connect or the host key is unknown/wrong
+    │   ├── SudoError           the SSH user cannot sudo without a password
     │   └── RemoteCommandError  a remote command exited non-zero (host, command, code, output tail)
     ├── HostsFailed             several hosts failed; lists each host's outcome; exit code 7
+    ├── PreflightFailed         a `fab check` check failed; nothing was changed; exit code 3
     └── SandboxError            the sandbox hosts could not be booted or torn down; exit code 8
 
 Exit codes reserved for later phases are listed in EXIT_CODES so that the README
@@ -84,6 +86,10 @@ class ConnectError(HostError):
     """SSH could not connect, authenticate, or trust the host key."""
 
 
+class SudoError(HostError):
+    """The SSH user cannot use sudo without a password on the host."""
+
+
 class RemoteCommandError(HostError):
     """A command run on a host exited with a non-zero status."""
 
@@ -113,6 +119,12 @@ class HostsFailed(DeployKitError):
         super().__init__("\n".join(lines))
         self.failures = dict(failures)
         self.succeeded = list(succeeded)
+
+
+class PreflightFailed(DeployKitError):
+    """A preflight check failed on some host; nothing was changed."""
+
+    exit_code = EXIT_PREFLIGHT
 
 
 class SandboxError(DeployKitError):

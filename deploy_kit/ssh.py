@@ -19,7 +19,7 @@ import fabric
 import paramiko
 
 from deploy_kit.config import Host, SSHSettings
-from deploy_kit.errors import ConnectError, HostError, RemoteCommandError
+from deploy_kit.errors import ConnectError, HostError, RemoteCommandError, SudoError
 
 SCRIPT_PREAMBLE = "set -euo pipefail\nexport LC_ALL=C.UTF-8\n"
 
@@ -51,9 +51,20 @@ class RemoteHost:
         """Run `script` with bash on the host in one round trip (the script travels on stdin,
         so nothing in it shows up in the remote process list)."""
         command = "/bin/bash -s" if not sudo else "sudo -n -- /bin/bash -s"
-        payload = (SCRIPT_PREAMBLE + script).encode()
+        return self.run(command, SCRIPT_PREAMBLE + script, sudo=sudo, what=what, timeout=timeout,
+                        check=check)
+
+    def run_python(self, program: str, python: str = "/usr/bin/python3", *, sudo: bool = False,
+                   what: str = "remote probe", timeout: float | None = 600,
+                   check: bool = True) -> ScriptResult:
+        """Run a Python program on the host in one round trip (the program travels on stdin)."""
+        command = f"{quote(python)} -" if not sudo else f"sudo -n -- {quote(python)} -"
+        return self.run(command, program, sudo=sudo, what=what, timeout=timeout, check=check)
+
+    def run(self, command: str, stdin: str, *, sudo: bool, what: str, timeout: float | None,
+            check: bool) -> ScriptResult:
         try:
-            code, out, err = _exec(self.connection.transport, command, payload, timeout)
+            code, out, err = _exec(self.connection.transport, command, stdin.encode(), timeout)
         except TimeoutError:
             raise HostError(self.name, f"{what} did not finish within {timeout:.0f} s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -62,8 +73,8 @@ class RemoteHost:
         result = ScriptResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and code != 0:
             if sudo and code == 1 and "sudo:" in result.stderr and "password" in result.stderr:
-                raise HostError(self.name, f"{what}: sudo asks for a password for {self.host.user}. "
-                                "Fix: allow it passwordless sudo (NOPASSWD) on this host")
+                raise SudoError(self.name, f"sudo asks {self.host.user} for a password. Fix: allow "
+                                "that user passwordless sudo (NOPASSWD) on this host")
             raise RemoteCommandError(self.name, what, code, result.stderr or result.stdout)
         return result
 

@@ -8,7 +8,7 @@ reads well in CI logs.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from invoke.exceptions import Exit
@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from deploy_kit.checks import HostChecks
+from deploy_kit.envfile import EditResult
 from deploy_kit.errors import DeployKitError
 
 
@@ -48,3 +50,52 @@ def user_errors() -> Iterator[None]:
         raise Exit(f"error: {exc}", code=exc.exit_code) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=130) from None
+
+
+_STATUS_STYLE = {"pass": "green", "FAIL": "bold red", "skip": "dim"}
+
+
+def print_checks(console: Console, results: Sequence[HostChecks]) -> None:
+    """One table per host: each check, its result, and for a failure the cause and the fix."""
+    for result in results:
+        grid = Table(title=f"{result.host.name} ({result.host.address})", title_justify="left")
+        grid.add_column("check")
+        grid.add_column("result")
+        grid.add_column("detail / fix", overflow="fold")
+        for check in result.checks:
+            style = _STATUS_STYLE.get(check.status, "")
+            detail = check.detail + (f"\nfix: {check.fix}" if check.fix else "")
+            grid.add_row(check.name, f"[{style}]{check.status}[/]", escape(detail))
+        console.print(grid)
+
+
+def env_table(stage: str, results: Mapping[str, EditResult], reveal: bool) -> Table:
+    """Keys by host; a value shows as set/empty (and whether hosts agree) unless revealed."""
+    hosts = list(results)
+    keys: list[str] = []
+    for result in results.values():
+        keys += [k for k in result.keys if k not in keys]
+    grid = Table(title=f"env file, stage {stage}" + (" (values REVEALED)" if reveal else " (values hidden)"),
+                 title_justify="left")
+    grid.add_column("key")
+    for host in hosts:
+        grid.add_column(host, overflow="fold")
+    if not reveal and len(hosts) > 1:
+        grid.add_column("hosts agree")
+    for key in keys:
+        cells = []
+        prints = set()
+        for host in hosts:
+            state = results[host].keys.get(key)
+            if state is None:
+                cells.append("(absent)")
+                prints.add(None)
+            elif reveal:
+                cells.append(escape(state.value or ""))
+            else:
+                cells.append("set (hidden)" if state.set else "(empty)")
+                prints.add(state.fingerprint)
+        if not reveal and len(hosts) > 1:
+            cells.append("yes" if len(prints) == 1 else "[bold red]no[/]")
+        grid.add_row(key, *cells)
+    return grid

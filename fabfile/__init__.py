@@ -14,8 +14,11 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from . import inventory, sandbox  # noqa: E402
+from . import check, env, inventory, sandbox, setup  # noqa: E402
 
 ns = Collection()
 ns.add_task(inventory.hosts)
+ns.add_task(setup.setup)
+ns.add_task(check.check)
+ns.add_collection(Collection.from_module(env))
 ns.add_collection(Collection.from_module(sandbox))

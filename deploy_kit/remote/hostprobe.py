@@ -1,0 +1,238 @@
+"""Runs ON a host, as root, with the host's own python3 (stdlib only, Python 3.8+): gathers in one
+round trip everything `fab setup` and `fab check` need to know, and prints it as one JSON object.
+
+It changes nothing on the host. It never prints a secret: of the env file it reports key names
+only, and error texts from broker probes are masked. deploy-kit sends this file's text on
+stdin followed by a line calling main() with its parameters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import json
+import os
+import pwd
+import stat
+import subprocess
+import sys
+
+BROKER_PROBE = r'''
+import os, socket, ssl, sys
+from urllib.parse import urlsplit, unquote
+url = os.environ.get("CELERY_BROKER_URL", "").strip()
+secret = ""
+def out(ok, text):
+    if secret:
+        text = text.replace(secret, "***")
+    print(("ok " if ok else "fail ") + text)
+    sys.exit(0 if ok else 1)
+if not url:
+    out(False, "CELERY_BROKER_URL is empty in the service's environment")
+parts = urlsplit(url)
+secret = unquote(parts.password or "")
+try:
+    import kombu
+except ImportError:
+    kombu = None
+if kombu is not None:
+    try:
+        with kombu.Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+        out(True, "connected with kombu as the service")
+    except Exception as exc:
+        out(False, "%s: %s" % (type(exc).__name__, exc))
+scheme = parts.scheme.split("+")[0]
+port = parts.port or {"redis": 6379, "rediss": 6380, "amqp": 5672, "amqps": 5671}.get(scheme, 0)
+if not parts.hostname or not port:
+    out(False, "cannot probe a %r broker URL without kombu" % scheme)
+try:
+    sock = socket.create_connection((parts.hostname, port), timeout=5)
+    if scheme in ("rediss", "amqps"):
+        sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+    if scheme.startswith("redis"):
+        def cmd(*args):
+            data = "*%d\r\n" % len(args) + "".join("$%d\r\n%s\r\n" % (len(a.encode()), a) for a in args)
+            sock.sendall(data.encode())
+            return sock.recv(512).decode(errors="replace").strip()
+        if secret:
+            reply = cmd("AUTH", unquote(parts.username), secret) if parts.username else cmd("AUTH", secret)
+            if not reply.startswith("+OK"):
+                out(False, "redis refused the password: " + reply.lstrip("-"))
+        reply = cmd("PING")
+        if reply != "+PONG":
+            out(False, "redis answered PING with " + reply.lstrip("-"))
+        out(True, "redis answered PING as the service")
+    if scheme.startswith("amqp"):
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        if sock.recv(1) != b"\x01":
+            out(False, "no AMQP handshake")
+    out(True, "broker port answers as the service")
+except Exception as exc:
+    out(False, "%s:%s: %s" % (parts.hostname, port, exc))
+'''
+
+APP_PROBE = r'''
+import sys
+try:
+    from celery.app.utils import find_app
+    app = find_app(sys.argv[1])
+    app.loader.import_default_modules()
+    print("ok %d tasks registered" % len(app.tasks))
+except BaseException as exc:
+    print("fail %s: %s" % (type(exc).__name__, str(exc).splitlines()[-1] if str(exc) else ""))
+    sys.exit(1)
+'''
+
+
+def lstat(path: str) -> dict | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    kind = "link" if stat.S_ISLNK(info.st_mode) else "dir" if stat.S_ISDIR(info.st_mode) else "file"
+    result = {"type": kind, "owner": _user(info.st_uid), "group": _group(info.st_gid),
+              "mode": f"{stat.S_IMODE(info.st_mode):04o}"}
+    if kind == "link":
+        result["target"] = os.readlink(path)
+        result["resolves"] = os.path.exists(path)
+    return result
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def run(argv: list, stdin: str | None = None, timeout: float = 30) -> tuple:
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, "", str(exc)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def env_keys(path: str) -> list:
+    """Names of the keys that have a non-empty value (values are never read out)."""
+    keys = []
+    try:
+        with open(path) as handle:
+            for line in handle:
+                line = line.strip()
+                if not line or line.startswith("#") or "=" not in line:
+                    continue
+                key, value = line.split("=", 1)
+                key = key.strip()
+                if key.startswith("export "):
+                    key = key[len("export "):].strip()
+                if value.strip().strip("'\"").strip():
+                    keys.append(key)
+    except OSError:
+        pass
+    return keys
+
+
+def as_service(params: dict, code: str, args: list, with_release: bool) -> dict:
+    """Run python `code` the way the units run the app: systemd-run with the same user, env file,
+    working directory and sandboxing, so "works in my shell" cannot hide a failure."""
+    properties = []
+    for setting in params["service_environment"]:
+        key = setting.split("=", 1)[0]
+        if key == "WorkingDirectory" and not with_release:
+            setting = "WorkingDirectory=/"
+        properties += ["-p", setting]
+    python = params["release_python"] if with_release else params["python"]
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec",
+            *properties, "--", python, "-c", code, *args]
+    code_, out, err = run(argv, timeout=60)
+    text = (out.strip() or err.strip() or "no output").splitlines()[-1]
+    if text.startswith("ok "):
+        return {"ok": True, "detail": text[3:]}
+    if text.startswith("fail "):
+        text = text[5:]
+    return {"ok": False, "detail": text, "exit_code": code_}
+
+
+def main(params: dict) -> None:
+    app = params["app"]
+    facts: dict = {"python": sys.version.split()[0]}
+    try:
+        user = pwd.getpwnam(app["user"])
+        facts["user"] = {"name": user.pw_name, "uid": user.pw_uid, "group": _group(user.pw_gid)}
+    except KeyError:
+        facts["user"] = None
+    try:
+        facts["group"] = {"name": grp.getgrnam(app["group"]).gr_name}
+    except KeyError:
+        facts["group"] = None
+    facts["paths"] = {name: lstat(path) for name, path in params["paths"].items()}
+    unit_dir = params["unit_dir"]
+    facts["units"] = {}
+    for name in sorted(os.listdir(unit_dir)):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in params["unit_patterns"]):
+            with open(os.path.join(unit_dir, name)) as handle:
+                facts["units"][name] = handle.read()
+    states = {}
+    for name in sorted(set(facts["units"]) | set(params["wanted_units"])):
+        _, enabled, _ = run(["systemctl", "is-enabled", name])
+        _, active, _ = run(["systemctl", "is-active", name])
+        states[name] = {"enabled": enabled.strip() or "not-found", "active": active.strip() or "unknown"}
+    facts["unit_state"] = states
+
+    if params.get("check"):
+        facts.update(check_facts(params, facts))
+    print(json.dumps(facts))
+
+
+def check_facts(params: dict, facts: dict) -> dict:
+    app = params["app"]
+    paths = params["paths"]
+    result: dict = {"readable": {}, "loaded": {}}
+    if facts["user"] is not None:
+        for name in ("deploy_to", "releases", "shared", "current", "env_file"):
+            if facts["paths"].get(name) is not None:
+                test = ["test", "-r", paths[name]]
+                if name != "env_file":
+                    test += ["-a", "-x", paths[name]]
+                code, _, _ = run(["runuser", "-u", app["user"], "--", *test])
+                result["readable"][name] = code == 0
+    result["env_keys"] = env_keys(paths["env_file"])
+    probe_dir = paths["deploy_to"]
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    vfs = os.statvfs(probe_dir)
+    result["disk_free_kb"] = vfs.f_bavail * vfs.f_frsize // 1024
+    result["release_kb"] = 0
+    if facts["paths"].get("current") and facts["paths"]["current"].get("resolves"):
+        code, out, _ = run(["du", "-sk", os.path.realpath(paths["current"])], timeout=60)
+        if code == 0:
+            result["release_kb"] = int(out.split()[0])
+    with open("/proc/sys/fs/nr_open") as handle:
+        result["nr_open"] = int(handle.read())
+    for name in params["wanted_units"]:
+        code, out, _ = run(["systemctl", "show", name, "-p",
+                            "LimitNOFILE,TimeoutStopUSec,NeedDaemonReload,LoadState"])
+        result["loaded"][name] = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    has_release = bool(facts["paths"].get("current") and facts["paths"]["current"].get("resolves")
+                       and os.path.exists(params["release_python"]))
+    result["release_python"] = has_release
+    can_run = facts["user"] is not None and facts["group"] is not None \
+        and facts["paths"].get("env_file") is not None
+    if can_run:
+        result["broker"] = as_service(params, BROKER_PROBE, [], has_release)
+        if has_release:
+            code, _, _ = run(["runuser", "-u", app["user"], "--", params["release_python"], "-m",
+                              "celery", "--version"])
+            result["release_runs"] = code == 0
+            result["app_import"] = as_service(params, APP_PROBE, [app["celery_app"]], True)
+    return result
+

@@ -1,0 +1,64 @@
+"""One SSH connection per host for a whole task: opened together, reused by every phase, closed once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from deploy_kit import parallel
+from deploy_kit.config import Host, Stage
+from deploy_kit.errors import DeployKitError, HostsFailed
+from deploy_kit.ssh import RemoteHost, connect
+
+Result = TypeVar("Result")
+
+
+class Session:
+    """The open connections to a stage's hosts.
+
+    With `require_all` (the default) a host that cannot be reached fails the whole task
+    before anything runs; without it, unreachable hosts are kept in `unreachable` so a
+    report (like `fab check`) can show them next to the others.
+    """
+
+    def __init__(self, stage: Stage, hosts: list[Host] | None = None, *, require_all: bool = True):
+        self.stage = stage
+        self.hosts = list(hosts if hosts is not None else stage.hosts)
+        self.require_all = require_all
+        self.remotes: dict[str, RemoteHost] = {}
+        self.unreachable: dict[str, DeployKitError] = {}
+
+    def __enter__(self) -> Session:
+        def open_one(host: Host) -> RemoteHost | DeployKitError:
+            try:
+                return connect(host, self.stage.ssh)
+            except DeployKitError as exc:
+                return exc
+
+        opened = parallel.each(self.hosts, open_one, name=lambda h: h.name, what="connecting",
+                               limit=self.stage.parallel)
+        for name, outcome in opened.items():
+            if isinstance(outcome, DeployKitError):
+                self.unreachable[name] = outcome
+            else:
+                self.remotes[name] = outcome
+        if self.unreachable and self.require_all:
+            self.close()
+            if len(self.hosts) == 1:
+                raise next(iter(self.unreachable.values()))
+            raise HostsFailed("connecting", self.unreachable, list(self.remotes))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for remote in self.remotes.values():
+            remote.close()
+        self.remotes.clear()
+
+    def each(self, work: Callable[[RemoteHost], Result], *, what: str) -> dict[str, Result]:
+        """`work(remote)` on every reachable host in parallel; HostsFailed if any failed."""
+        reachable = [self.remotes[h.name] for h in self.hosts if h.name in self.remotes]
+        return parallel.each(reachable, work, name=lambda r: r.name, what=what,
+                             limit=self.stage.parallel)

@@ -1,0 +1,200 @@
+"""`fab setup`: make a bare host ready to run the app's Celery services, idempotently.
+
+Probe every host (one round trip), plan the changes as plain data (pure: `plan_host`),
+show them, ask before replacing a unit that differs from what the configuration renders,
+then apply each host's plan as one script (one more round trip). A second run finds
+nothing to do and says so.
+
+Ownership on the host:
+    deploy_to/, releases/   root:GROUP 0750  (code is not writable by the service)
+    shared/                 USER:GROUP 0750  (the one place the service writes)
+    env dir                 root:GROUP 0750, env file root:GROUP 0640 (created once, never overwritten)
+"""
+
+from __future__ import annotations
+
+import difflib
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deploy_kit import envfile, hostfacts, units
+from deploy_kit.config import Host, Stage
+from deploy_kit.errors import UsageError
+from deploy_kit.hostfacts import HostFacts
+from deploy_kit.session import Session
+from deploy_kit.ssh import RemoteHost
+
+q = shlex.quote
+
+
+@dataclass(frozen=True)
+class Change:
+    summary: str
+    script: str
+    diff: str = ""
+    needs_consent: bool = False
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: Host
+    changes: tuple[Change, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def consent_needed(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.needs_consent)
+
+    def script(self) -> str:
+        return "\n".join(c.script for c in self.changes) + "\n"
+
+
+@dataclass
+class SetupReport:
+    plans: dict[str, HostPlan] = field(default_factory=dict)
+    applied: bool = False
+
+
+def _dir_change(path: str, info: hostfacts.PathInfo | None, owner: str, group: str, mode: str,
+                label: str) -> Change | None:
+    wanted = f"{owner}:{group} {mode}"
+    if info is not None and info.type == "dir" and (info.owner, info.group, info.mode) == (owner, group, mode):
+        return None
+    if info is not None and info.type != "dir":
+        raise UsageError(f"{path} exists but is a {info.type}, not a directory; move it away first")
+    if info is None:
+        summary = f"create {label} {path} ({wanted})"
+    else:
+        summary = f"fix {label} {path}: {info.owner}:{info.group} {info.mode} -> {wanted}"
+    return Change(summary, f"install -d -o {q(owner)} -g {q(group)} -m {mode} {q(path)}")
+
+
+def write_file_script(path: str, content: str, mode: str = "0644") -> str:
+    """Write `content` atomically (temporary file + rename in the same directory)."""
+    delimiter = "DEPLOY_KIT_EOF"
+    assert delimiter not in content
+    tmp = f"{path}.deploy-kit.tmp"
+    return (f"cat > {q(tmp)} <<'{delimiter}'\n{content}{delimiter}\n"
+            f"chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}")
+
+
+def unit_diff(name: str, installed: str, rendered: str) -> str:
+    return "".join(difflib.unified_diff(installed.splitlines(keepends=True),
+                                        rendered.splitlines(keepends=True),
+                                        fromfile=f"{name} (on the host)", tofile=f"{name} (from hosts.toml)"))
+
+
+def plan_host(stage: Stage, host: Host, facts: HostFacts) -> HostPlan:
+    """Everything `host` needs to match the configuration, as ordered changes (pure)."""
+    app = stage.app
+    paths = hostfacts.paths(stage)
+    changes: list[Change] = []
+    notes: list[str] = []
+    if facts.group is None:
+        changes.append(Change(f"create group {app.group}", f"groupadd --system {q(app.group)}"))
+    if facts.user is None:
+        changes.append(Change(
+            f"create user {app.user} (system account, no login, no home)",
+            f"useradd --system --gid {q(app.group)} --home-dir /nonexistent --no-create-home "
+            f"--shell /usr/sbin/nologin {q(app.user)}"))
+    elif facts.user.get("group") != app.group:
+        changes.append(Change(f"add user {app.user} to group {app.group}",
+                              f"usermod -a -G {q(app.group)} {q(app.user)}"))
+    for key, owner, mode, label in (("deploy_to", "root", "0750", "deploy_to"),
+                                    ("releases", "root", "0750", "releases dir"),
+                                    ("shared", app.user, "0750", "shared dir"),
+                                    ("env_dir", "root", "0750", "env file dir")):
+        change = _dir_change(paths[key], facts.path(key), owner, app.group, mode, label)
+        if change:
+            changes.append(change)
+    env = facts.path("env_file")
+    if env is None:
+        script = write_file_script(paths["env_file"], envfile.template(app), "0640")
+        script += f"\nchown root:{q(app.group)} {q(paths['env_file'])}"
+        changes.append(Change(f"create env file {paths['env_file']} (root:{app.group} 0640, "
+                              f"keys {', '.join(envfile.REQUIRED_KEYS)} empty)", script))
+    elif (env.owner, env.group, env.mode) != ("root", app.group, "0640"):
+        changes.append(Change(
+            f"fix env file permissions ({env.owner}:{env.group} {env.mode} -> root:{app.group} 0640)",
+            f"chown root:{q(app.group)} {q(paths['env_file'])} && chmod 0640 {q(paths['env_file'])}"))
+
+    wanted = units.units_for(stage, host)
+    reload_needed = False
+    for name, unit in wanted.items():
+        installed = facts.units.get(name)
+        if installed == unit.content:
+            continue
+        reload_needed = True
+        if installed is None:
+            changes.append(Change(f"install unit {name}", write_file_script(str(unit.path), unit.content)))
+        else:
+            changes.append(Change(f"replace unit {name} (differs from hosts.toml)",
+                                  write_file_script(str(unit.path), unit.content),
+                                  diff=unit_diff(name, installed, unit.content), needs_consent=True))
+    for name, installed in facts.units.items():
+        if name in wanted:
+            continue
+        if not installed.startswith(units.MANAGED_MARKER):
+            notes.append(f"{name} looks like this app's but was not made by deploy-kit; left alone")
+            continue
+        reload_needed = True
+        path = q(str(units.UNIT_DIR / name))
+        changes.append(Change(f"remove unit {name} (no longer in hosts.toml for this host)",
+                              f"systemctl disable --now --quiet {q(name)} || true\nrm -f {path}",
+                              diff=unit_diff(name, installed, ""), needs_consent=True))
+    if reload_needed:
+        changes.append(Change("reload systemd", "systemctl daemon-reload"))
+    to_enable = [n for n in wanted if facts.unit_state.get(n, {}).get("enabled") != "enabled"
+                 or n not in facts.units]
+    if to_enable:
+        changes.append(Change(f"enable {', '.join(to_enable)} at boot",
+                              f"systemctl enable --quiet {' '.join(q(n) for n in to_enable)}"))
+    current = facts.path("current")
+    if current is not None and current.resolves:
+        changed = [n for n in wanted if facts.units.get(n) != wanted[n].content]
+        stopped = [n for n in wanted if n not in changed
+                   and facts.unit_state.get(n, {}).get("active") != "active"]
+        if changed:
+            changes.append(Change(f"restart {', '.join(changed)} to apply the new unit",
+                                  f"systemctl restart {' '.join(q(n) for n in changed)}"))
+        if stopped:
+            changes.append(Change(f"start {', '.join(stopped)}",
+                                  f"systemctl start {' '.join(q(n) for n in stopped)}"))
+    elif wanted:
+        notes.append("services start after the first release exists (`fab deploy`)")
+    return HostPlan(host, tuple(changes), tuple(notes))
+
+
+def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPlan], None],
+        confirm: Callable[[str], bool], assume_yes: bool, interactive: bool) -> SetupReport:
+    """Plan and apply `fab setup` on every host of `stage`."""
+    report = SetupReport()
+    with Session(stage) as session:
+        facts = session.each(lambda r: hostfacts.gather(r, stage, check=False), what="probing hosts")
+        for host in stage.hosts:
+            report.plans[host.name] = plan_host(stage, host, facts[host.name])
+            show(host.name, report.plans[host.name])
+        risky = [(h, c) for h, p in report.plans.items() for c in p.consent_needed]
+        if risky and not assume_yes:
+            listing = ", ".join(f"{c.summary.split(' (')[0]} on {h}" for h, c in risky)
+            if not interactive:
+                raise UsageError(f"{listing}: the unit on the host differs from what hosts.toml "
+                                 "renders (diff above). Nothing was changed. Rerun with --yes to "
+                                 "replace it, or update hosts.toml to match")
+            if not confirm(f"Replace: {listing}?"):
+                say("nothing changed: the units on the hosts were kept")
+                return report
+        todo = {h: p for h, p in report.plans.items() if p.changes}
+        if not todo:
+            say("every host already matches hosts.toml: no change")
+            return report
+
+        def apply(remote: RemoteHost) -> None:
+            plan = todo.get(remote.name)
+            if plan is not None:
+                remote.run_script(plan.script(), sudo=True, what="applying the setup", timeout=300)
+
+        session.each(apply, what="setting up hosts")
+        report.applied = True
+    return report
