@@ -36,6 +36,20 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class ReleaseInfo:
+    name: str
+    building: bool
+    bad: bool
+    revision: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LockState:
+    acquired: bool
+    holder: dict[str, str]
+
+
+@dataclass(frozen=True)
 class HostFacts:
     python: str
     user: dict[str, Any] | None
@@ -43,6 +57,10 @@ class HostFacts:
     paths: dict[str, PathInfo | None]
     units: dict[str, str]
     unit_state: dict[str, dict[str, str]]
+    target: dict[str, str] = field(default_factory=dict)
+    releases: tuple[ReleaseInfo, ...] = ()
+    wheels: frozenset[str] = frozenset()
+    lock: LockState | None = None
     # Only filled by a probe made for `fab check`:
     readable: dict[str, bool] = field(default_factory=dict)
     env_keys: tuple[str, ...] = ()
@@ -71,7 +89,7 @@ def paths(stage: Stage) -> dict[str, str]:
     }
 
 
-def params(stage: Stage, host: Host, check: bool) -> dict[str, Any]:
+def params(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = None) -> dict[str, Any]:
     app = stage.app
     wanted = units.units_for(stage, host)
     return {
@@ -84,12 +102,14 @@ def params(stage: Stage, host: Host, check: bool) -> dict[str, Any]:
         "python": str(app.python),
         "release_python": str(units.python(app)),
         "check": check,
+        "state_dir": str(app.deploy_to / ".deploy-kit"),
+        "lock": lock,
     }
 
 
-def program(stage: Stage, host: Host, check: bool) -> str:
+def program(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = None) -> str:
     source = resources.files("deploy_kit.remote").joinpath("hostprobe.py").read_text()
-    return f"{source}\nmain(json.loads({json.dumps(params(stage, host, check))!r}))\n"
+    return f"{source}\nmain(json.loads({json.dumps(params(stage, host, check, lock))!r}))\n"
 
 
 def parse(output: str) -> HostFacts:
@@ -105,6 +125,11 @@ def parse(output: str) -> HostFacts:
         paths={k: PathInfo(**v) if v else None for k, v in data.get("paths", {}).items()},
         units=data.get("units", {}),
         unit_state=data.get("unit_state", {}),
+        target=data.get("target", {}),
+        releases=tuple(ReleaseInfo(r["name"], bool(r["building"]), bool(r["bad"]), r.get("revision", {}))
+                       for r in data.get("releases", [])),
+        wheels=frozenset(data.get("wheels", [])),
+        lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,
         readable=data.get("readable", {}),
         env_keys=tuple(data.get("env_keys", ())),
         disk_free_kb=int(data.get("disk_free_kb", 0)),
@@ -118,8 +143,9 @@ def parse(output: str) -> HostFacts:
     )
 
 
-def gather(remote: RemoteHost, stage: Stage, *, check: bool) -> HostFacts:
-    result = remote.run_python(program(stage, remote.host, check), str(stage.app.python), sudo=True,
+def gather(remote: RemoteHost, stage: Stage, *, check: bool, lock: dict[str, str] | None = None) -> HostFacts:
+    """Probe the host; with `lock`, first take the app's deploy lock there (same round trip)."""
+    result = remote.run_python(program(stage, remote.host, check, lock), str(stage.app.python), sudo=True,
                                what="probing the host", timeout=180)
     try:
         return parse(result.stdout)

@@ -61,10 +61,12 @@ class RemoteHost:
         command = f"{quote(python)} -" if not sudo else f"sudo -n -- {quote(python)} -"
         return self.run(command, program, sudo=sudo, what=what, timeout=timeout, check=check)
 
-    def run(self, command: str, stdin: str, *, sudo: bool, what: str, timeout: float | None,
-            check: bool) -> ScriptResult:
+    def run(self, command: str, stdin: str | bytes, *, sudo: bool, what: str, timeout: float | None,
+            check: bool = True) -> ScriptResult:
+        """Run `command` with `stdin` as its input, in one round trip; RemoteCommandError on failure."""
+        payload = stdin.encode() if isinstance(stdin, str) else stdin
         try:
-            code, out, err = _exec(self.connection.transport, command, stdin.encode(), timeout)
+            code, out, err = _exec(self.connection.transport, command, payload, timeout)
         except TimeoutError:
             raise HostError(self.name, f"{what} did not finish within {timeout:.0f} s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:

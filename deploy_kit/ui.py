@@ -17,8 +17,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from deploy_kit.checks import HostChecks
+from deploy_kit.deploy import Outcome
 from deploy_kit.envfile import EditResult
 from deploy_kit.errors import DeployKitError
+
+__all__ = ["escape", "make_console", "sayer", "table", "user_errors"]
 
 
 def make_console() -> Console:
@@ -50,6 +53,20 @@ def user_errors() -> Iterator[None]:
         raise Exit(f"error: {exc}", code=exc.exit_code) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=130) from None
+
+
+def timings_table(outcome: Outcome) -> Table:
+    """Seconds per step and host, as the deploy measured them."""
+    steps: list[str] = []
+    for per_host in outcome.timings.values():
+        steps += [s for s in per_host if s not in steps]
+    grid = Table(title="timings (s)", title_justify="left")
+    grid.add_column("step")
+    for host in outcome.timings:
+        grid.add_column(host, justify="right")
+    for step in steps:
+        grid.add_row(escape(step), *(f"{outcome.timings[h].get(step, ''):}" for h in outcome.timings))
+    return grid
 
 
 _STATUS_STYLE = {"pass": "green", "FAIL": "bold red", "skip": "dim"}

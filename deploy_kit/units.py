@@ -78,6 +78,12 @@ def python(app: App) -> PurePosixPath:
     return app.current_link / VENV / "bin" / "python"
 
 
+def verify_queue(service: str, hostname: str) -> str:
+    """A queue only this service's worker on `hostname` consumes: `fab deploy` sends its
+    verification task there, so the answer proves that this very worker runs the new release."""
+    return f"deploy-kit.verify.{service}@{hostname}"
+
+
 def beat_schedule(app: App) -> PurePosixPath:
     return PurePosixPath("/var/lib") / app.name / "celerybeat-schedule"
 
@@ -138,9 +144,11 @@ def _render(stage: Stage, description: str, identifier: str, exec_start: str, st
 def worker_unit(stage: Stage, worker: WorkerService) -> Unit:
     app = stage.app
     name = worker.unit(app)
-    # %h is systemd's specifier for the host name; %% keeps a literal % for Celery.
+    # `%%h` reaches Celery as `%h`, its own specifier for the host name; `%H` is systemd's, which
+    # names the node's private verification queue (Celery does not expand specifiers in -Q).
+    queues = ",".join([*worker.queues, verify_queue(worker.name, "%H")])
     exec_start = (f"{python(app)} -m celery -A {app.celery_app} worker -n {worker.name}@%%h "
-                  f"-Q {','.join(worker.queues)} -c {worker.concurrency} --time-limit={worker.time_limit} "
+                  f"-Q {queues} -c {worker.concurrency} --time-limit={worker.time_limit} "
                   f"--loglevel={worker.loglevel}")
     description = f"{app.name} Celery worker {worker.name!r} (queues: {', '.join(worker.queues)})"
     content = _render(stage, description, name.removesuffix(".service"), exec_start,

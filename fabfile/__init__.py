@@ -14,11 +14,15 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from . import check, env, inventory, sandbox, setup  # noqa: E402
+from . import check, deploy, env, inventory, sandbox, setup  # noqa: E402
 
 ns = Collection()
 ns.add_task(inventory.hosts)
 ns.add_task(setup.setup)
 ns.add_task(check.check)
+ns.add_task(deploy.deploy)
+ns.add_task(deploy.rollback)
+ns.add_task(deploy.releases)
+ns.add_task(deploy.unlock)
 ns.add_collection(Collection.from_module(env))
 ns.add_collection(Collection.from_module(sandbox))

@@ -162,9 +162,60 @@ def as_service(params: dict, code: str, args: list, with_release: bool) -> dict:
     return {"ok": False, "detail": text, "exit_code": code_}
 
 
+def target() -> dict:
+    """What wheels this host's Python can install (for the control machine's pip download)."""
+    import platform
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "glibc": libc.split()[-1] if libc.startswith("glibc") else ""}
+
+
+def releases(directory: str) -> list:
+    """Every release directory with its REVISION and whether it is marked bad or half-built."""
+    found = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        entry = {"name": name, "building": name.startswith(".") and name.endswith(".building"),
+                 "bad": os.path.exists(os.path.join(path, ".deploy-kit", "BAD")), "revision": {}}
+        try:
+            with open(os.path.join(path, "REVISION")) as handle:
+                entry["revision"] = json.load(handle)
+        except (OSError, ValueError):
+            pass
+        found.append(entry)
+    return found
+
+
+def take_lock(state_dir: str, info: dict) -> dict:
+    """mkdir is atomic: exactly one deploy or rollback gets the lock; the others see its holder."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    lock = os.path.join(state_dir, "lock")
+    try:
+        os.mkdir(lock, 0o700)
+    except FileExistsError:
+        try:
+            with open(os.path.join(lock, "holder.json")) as handle:
+                holder = json.load(handle)
+        except (OSError, ValueError):
+            holder = {"who": "unknown (no holder file)"}
+        return {"acquired": False, "holder": holder}
+    with open(os.path.join(lock, "holder.json"), "w") as handle:
+        json.dump(info, handle)
+    return {"acquired": True, "holder": info}
+
+
 def main(params: dict) -> None:
     app = params["app"]
-    facts: dict = {"python": sys.version.split()[0]}
+    facts: dict = {"python": sys.version.split()[0], "target": target()}
     try:
         user = pwd.getpwnam(app["user"])
         facts["user"] = {"name": user.pw_name, "uid": user.pw_uid, "group": _group(user.pw_gid)}
@@ -175,6 +226,11 @@ def main(params: dict) -> None:
     except KeyError:
         facts["group"] = None
     facts["paths"] = {name: lstat(path) for name, path in params["paths"].items()}
+    facts["releases"] = releases(params["paths"]["releases"])
+    wheel_dir = os.path.join(params["state_dir"], "wheels")
+    facts["wheels"] = sorted(os.listdir(wheel_dir)) if os.path.isdir(wheel_dir) else []
+    if params.get("lock"):
+        facts["lock"] = take_lock(params["state_dir"], params["lock"])
     unit_dir = params["unit_dir"]
     facts["units"] = {}
     for name in sorted(os.listdir(unit_dir)):

@@ -1,0 +1,260 @@
+"""Releases: named once on the control machine, packed once, built on every host in one round trip.
+
+A release is the chosen ref of the app's git repository (`git archive`, never a working
+tree) plus its own virtualenv, built on the host from wheels sent with it (hosts need no
+package index). When the requirements are unchanged from the current release, the host
+reuses that release's environment (hard links), so the step costs next to nothing.
+
+On the host (deploy_to):
+    releases/NAME/              the code, REVISION, .venv/ (root:GROUP, group-readable)
+    releases/.NAME.building/    a release being built; renamed to NAME only when complete
+    .deploy-kit/wheels/         wheels already sent, so the next deploy sends only new ones
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import io
+import json
+import re
+import shlex
+import socket
+import subprocess
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from deploy_kit import units, wheels
+from deploy_kit.config import App, Stage
+from deploy_kit.errors import DeployKitError, HostError, RemoteCommandError, UsageError
+from deploy_kit.ssh import RemoteHost
+
+NAME_FORMAT = "%Y-%m-%d-%H%M%S"
+_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}-\d{6}$")
+MISSING_MARKER = "DEPLOY_KIT_MISSING_DISTRIBUTION"
+NEEDS_WHEELS = "DEPLOY_KIT_NEEDS_WHEELS"
+q = shlex.quote
+
+
+class ReleaseError(DeployKitError):
+    """The release could not be made from the repository."""
+
+
+def release_name(now: datetime) -> str:
+    """Sortable by name, the same on every host: computed once, in UTC."""
+    return now.astimezone(UTC).strftime(NAME_FORMAT)
+
+
+def is_release_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+@dataclass(frozen=True)
+class Source:
+    """What one deploy ships: the same bytes to every host."""
+
+    name: str
+    sha: str
+    ref: str
+    archive: bytes  # tar.gz of the app directory at `sha`
+    requirements: str
+    revision: dict[str, str]
+
+    @property
+    def env_key(self) -> str:
+        return env_key(self.requirements)
+
+
+def env_key(requirements: str) -> str:
+    """Identifies the virtualenv a release needs: same requirements, same environment."""
+    return hashlib.sha256(requirements.encode()).hexdigest()[:16]
+
+
+_MIGRATION = re.compile(r"(?:^|/)([^/]+)/migrations/(\d{4}[^/]*)\.py$")
+
+
+def migrations(files: Iterable[str]) -> list[str]:
+    """Django migrations in a file listing, as "app.0001_initial" (to warn before a rollback)."""
+    return sorted(f"{m.group(1)}.{m.group(2)}" for m in map(_MIGRATION.search, files) if m)
+
+
+def _git(repo: str, *args: str, binary: bool = False) -> bytes:
+    proc = subprocess.run(["git", "-C", repo, *args], capture_output=True)
+    if proc.returncode != 0:
+        raise ReleaseError(f"git {' '.join(args)} failed in {repo}: "
+                           f"{proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+def local_repository(app: App, cache_dir: Path) -> str:
+    """A local git directory holding the app's history: the repo itself when it is local,
+    otherwise a bare mirror kept up to date in `cache_dir`."""
+    if Path(app.repo).is_dir():
+        return app.repo
+    mirror = cache_dir / "repos" / (hashlib.sha256(app.repo.encode()).hexdigest()[:16] + ".git")
+    if mirror.is_dir():
+        _git(str(mirror), "remote", "update", "--prune")
+    else:
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["git", "clone", "--quiet", "--mirror", app.repo, str(mirror)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ReleaseError(f"cannot clone {app.repo}: {proc.stderr.strip()}")
+    return str(mirror)
+
+
+def read_source(app: App, ref: str, now: datetime, cache_dir: Path) -> Source:
+    """Resolve `ref`, pack the app directory with `git archive`, read its requirements."""
+    repo = local_repository(app, cache_dir)
+    try:
+        sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").decode().strip()
+    except ReleaseError:
+        raise UsageError(f"ref {ref!r} does not exist in {app.repo}") from None
+    tree = f"{sha}:{app.path}" if app.path else sha
+    requirements_path = f"{app.path}/{app.requirements}" if app.path else app.requirements
+    try:
+        requirements = _git(repo, "show", f"{sha}:{requirements_path}").decode()
+    except ReleaseError:
+        raise UsageError(f"{requirements_path} does not exist at {ref} ({sha[:10]}) in {app.repo}; "
+                         "set app.requirements (and app.path) in hosts.toml") from None
+    archive = _git(repo, "archive", "--format=tar.gz", tree, binary=True)
+    files = _git(repo, "ls-tree", "-r", "--name-only", tree).decode().splitlines()
+    name = release_name(now)
+    revision = {"release": name, "sha": sha, "ref": ref, "who": getpass.getuser(),
+                "from": socket.gethostname(), "when": now.astimezone(UTC).isoformat(timespec="seconds"),
+                "env_key": env_key(requirements), "migrations": migrations(files)}
+    return Source(name=name, sha=sha, ref=ref, archive=archive, requirements=requirements, revision=revision)
+
+
+def bundle(source: Source, wheel_files: Iterable[Path], script: str) -> bytes:
+    """One tar stream with the code, the wheels the host lacks, and the build script."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+        add("code.tar.gz", source.archive)
+        add("REVISION", (json.dumps(source.revision, indent=2) + "\n").encode())
+        add("requirements.txt", source.requirements.encode())
+        add("build.sh", script.encode())
+        for wheel in wheel_files:
+            add(f"wheels/{wheel.name}", wheel.read_bytes())
+    return out.getvalue()
+
+
+def build_script(stage: Stage, source: Source, wheels_sent: bool = True) -> str:
+    """Build releases/NAME on the host from the unpacked bundle in $1 (runs as root)."""
+    app = stage.app
+    releases = app.releases_dir
+    final = releases / source.name
+    building = releases / f".{source.name}.building"
+    cache = state_dir(app) / "wheels"
+    props = " ".join(f"-p {q(p)}" for p in units.service_environment(stage)
+                     if not p.startswith("WorkingDirectory="))
+    return f"""set -euo pipefail
+stage_dir=$1
+final={q(str(final))}
+building={q(str(building))}
+if [ -e "$final" ]; then echo "release {source.name} already exists on this host" >&2; exit 3; fi
+rm -rf "$building"
+install -d -o root -g {q(app.group)} -m 0750 {q(str(releases))}
+install -d -m 0700 {q(str(cache))}
+mkdir "$building"
+tar -xzf "$stage_dir/code.tar.gz" -C "$building"
+cp "$stage_dir/REVISION" "$building/REVISION"
+mkdir -p "$building/.deploy-kit"
+echo {q(source.env_key)} > "$building/.deploy-kit/env-key"
+current={q(str(app.current_link))}
+reused=no
+if [ -e "$current/.deploy-kit/env-key" ] && [ "$(cat "$current/.deploy-kit/env-key")" = {q(source.env_key)} ] \\
+   && [ -x "$current/{VENV}/bin/python" ]; then
+    cp -al "$(readlink -f "$current")/{VENV}" "$building/{VENV}"
+    reused=yes
+fi
+if [ "$reused" = no ]; then
+    if [ {"yes" if wheels_sent else "no"} = no ]; then echo "{NEEDS_WHEELS}" >&2; rm -rf "$building"; exit 44; fi
+    if [ -d "$stage_dir/wheels" ]; then cp -n "$stage_dir"/wheels/*.whl {q(str(cache))}/ 2>/dev/null || true; fi
+    {q(str(app.python))} -m venv "$building/{VENV}"
+    if ! "$building/{VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \\
+            --find-links {q(str(cache))} -r "$stage_dir/requirements.txt" > "$stage_dir/pip.log" 2>&1; then
+        missing=$(sed -n 's/.*No matching distribution found for \\([^ ]*\\).*/\\1/p' "$stage_dir/pip.log" | head -1)
+        if [ -n "$missing" ]; then echo "{MISSING_MARKER} $missing" >&2; rm -rf "$building"; exit 42; fi
+        cat "$stage_dir/pip.log" >&2; rm -rf "$building"; exit 1
+    fi
+fi
+chown -R root:{q(app.group)} "$building"
+chmod -R g+rX,g-w,o-rwx "$building"
+chmod 0750 "$building"
+# Release check, as the service runs: its user, env file, sandboxing, in the new code.
+as_service() {{
+    systemd-run --quiet --wait --pipe --collect --service-type=exec {props} \
+        -p WorkingDirectory="$building" -- "$building/{VENV}/bin/python" "$@" 2>&1
+}}
+if ! out=$(as_service manage.py check --fail-level ERROR); then
+    echo "RELEASE CHECK FAILED: manage.py check" >&2; echo "$out" | tail -25 >&2; rm -rf "$building"; exit 43
+fi
+if ! out=$(as_service -c {q(IMPORT_CHECK)} {q(app.celery_app)}); then
+    echo "RELEASE CHECK FAILED: the Celery app -A {app.celery_app} does not import" >&2
+    echo "$out" | tail -25 >&2; rm -rf "$building"; exit 43
+fi
+mv -T "$building" "$final"
+echo "built {source.name} env=$reused"
+"""
+
+
+VENV = units.VENV
+IMPORT_CHECK = (
+    "import sys\nfrom celery.app.utils import find_app\napp = find_app(sys.argv[1])\n"
+    "app.loader.import_default_modules()\nprint(len(app.tasks), 'tasks')\n"
+)
+
+
+def state_dir(app: App) -> PurePosixPath:
+    return app.deploy_to / ".deploy-kit"
+
+
+@dataclass(frozen=True)
+class Built:
+    host: str
+    name: str
+    reused_env: bool
+    wheels_sent: int
+    bytes_sent: int
+
+
+def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheels.Wheelhouse,
+             host_wheels: set[str], *, send_wheels: bool = True, timeout: float = 900) -> Built:
+    """Send the bundle and build the release on one host in one round trip. A second one only
+    when the host cannot reuse the environment it was expected to, or its pip finds a
+    distribution the control machine's resolver could not know the host needs."""
+    extra: list[str] = []
+    for _attempt in range(5):
+        files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
+        payload = bundle(source, files, build_script(stage, source, wheels_sent=send_wheels))
+        command = ("sudo -n -- /bin/bash -c " + q(
+            'set -euo pipefail; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; '
+            'tar -x -C "$d"; bash "$d/build.sh" "$d"'))
+        try:
+            result = remote.run(command, payload, sudo=True, what=f"building release {source.name}",
+                                timeout=timeout)
+        except RemoteCommandError as exc:
+            missing = re.search(rf"{MISSING_MARKER} (\S+)", exc.output)
+            if exc.remote_exit_code == 44 and not send_wheels:
+                send_wheels = True
+                continue
+            if exc.remote_exit_code == 42 and missing:
+                extra.append(missing.group(1))
+                host_wheels |= {w.name for w in files}
+                continue
+            if exc.remote_exit_code == 43:
+                raise HostError(remote.name, "the new release fails its check (nothing was switched):\n"
+                                + "\n".join("    " + line for line in exc.output.strip().splitlines()[-25:])) from None
+            raise
+        return Built(remote.name, source.name, "env=yes" in result.stdout, len(files), len(payload))
+    raise HostError(remote.name, f"pip on the host still misses distributions after adding {extra}")

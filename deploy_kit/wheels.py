@@ -1,0 +1,75 @@
+"""Wheels for a host's Python, fetched on the control machine (hosts need no package index).
+
+`pip download` runs here with the host's Python version, ABI and platform, into a cache
+keyed by requirements and target, so an unchanged deploy downloads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy_kit.errors import DeployKitError
+
+
+class WheelError(DeployKitError):
+    """The wheels for the hosts could not be fetched."""
+
+
+@dataclass(frozen=True)
+class Target:
+    python: str  # "3.11.2"
+    machine: str  # "x86_64"
+    glibc: str  # "2.36"
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, str]) -> Target:
+        return cls(facts.get("python", ""), facts.get("machine", ""), facts.get("glibc", ""))
+
+    @property
+    def key(self) -> str:
+        return f"cp{self.python.replace('.', '_')}-{self.machine}-glibc{self.glibc}"
+
+    def pip_args(self) -> list[str]:
+        major, minor = self.python.split(".")[:2]
+        args = ["--only-binary=:all:", "--python-version", self.python, "--implementation", "cp",
+                "--abi", f"cp{major}{minor}", "--abi", "abi3", "--abi", "none"]
+        if self.glibc:
+            glibc_major, glibc_minor = self.glibc.split(".")[:2]
+            args += ["--platform", f"manylinux_{glibc_major}_{glibc_minor}_{self.machine}"]
+        args += ["--platform", f"linux_{self.machine}", "--platform", "any"]
+        return args
+
+
+class Wheelhouse:
+    """The wheels one requirements file needs on one kind of host."""
+
+    def __init__(self, requirements: str, target: Target, cache_dir: Path):
+        self.requirements = requirements
+        self.target = target
+        self.cache_dir = cache_dir
+
+    def files(self, extra: list[str] | None = None) -> list[Path]:
+        extra = list(extra or [])
+        digest = hashlib.sha256("\n".join([self.requirements, *extra]).encode()).hexdigest()[:16]
+        directory = self.cache_dir / "wheels" / self.target.key / digest
+        done = directory / ".complete"
+        if not done.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            requirements = directory / "requirements.txt"
+            requirements.write_text(self.requirements + "".join(f"\n{r}" for r in extra) + "\n")
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                 "--dest", str(directory), *self.target.pip_args(), "-r", str(requirements)],
+                capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = "\n".join(line for line in proc.stderr.splitlines()
+                                 if not line.startswith("WARNING: Location"))[-1500:]
+                raise WheelError(f"could not fetch wheels for Python {self.target.python} on "
+                                 f"{self.target.machine}:\n{tail}\nFix: make sure every requirement has a "
+                                 "wheel on your package index (pure-Python sdists: build and publish a wheel)")
+            done.write_text("")
+        return sorted(directory.glob("*.whl"))
