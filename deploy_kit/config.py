@@ -108,7 +108,7 @@ class Beat:
 
 @dataclass(frozen=True)
 class Verify:
-    task: str = "celery.ping"
+    task: str = "celery.accumulate"
     timeout: float = 60.0
 
 
@@ -623,7 +623,7 @@ class _Loader:
     def verify(self, t: _Table | None) -> Verify | None:
         if t is None:
             return None
-        task = t.get("task", str, "celery.ping", check=_module)
+        task = t.get("task", str, "celery.accumulate", check=_module)
         timeout = t.get("timeout", (int, float), 60.0, check=_positive)
         t.unknown_keys()
         if None in (task, timeout):

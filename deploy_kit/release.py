@@ -234,6 +234,7 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
     when the host cannot reuse the environment it was expected to, or its pip finds a
     distribution the control machine's resolver could not know the host needs."""
     extra: list[str] = []
+    sent = 0
     for _attempt in range(5):
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
         payload = bundle(source, files, build_script(stage, source, wheels_sent=send_wheels))
@@ -249,12 +250,13 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
                 send_wheels = True
                 continue
             if exc.remote_exit_code == 42 and missing:
-                extra.append(missing.group(1))
+                extra.append(missing.group(1).rstrip(";"))
+                sent += len(files)
                 host_wheels |= {w.name for w in files}
                 continue
             if exc.remote_exit_code == 43:
                 raise HostError(remote.name, "the new release fails its check (nothing was switched):\n"
                                 + "\n".join("    " + line for line in exc.output.strip().splitlines()[-25:])) from None
             raise
-        return Built(remote.name, source.name, "env=yes" in result.stdout, len(files), len(payload))
+        return Built(remote.name, source.name, "env=yes" in result.stdout, sent + len(files), len(payload))
     raise HostError(remote.name, f"pip on the host still misses distributions after adding {extra}")

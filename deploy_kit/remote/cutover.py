@@ -32,9 +32,14 @@ try:
         print("fail the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can "
               "see its verification task complete")
         sys.exit(1)
-    result = app.send_task(sys.argv[2], queue=sys.argv[3])
+    nonce = "deploy-kit verify %s" % sys.argv[5]
+    echo = sys.argv[2] == "celery.accumulate"  # built in to every app: returns its arguments
+    result = app.send_task(sys.argv[2], args=[nonce] if echo else [], queue=sys.argv[3])
     value = result.get(timeout=float(sys.argv[4]), propagate=True, disable_sync_subtasks=False)
-    print("ok %r" % (value,))
+    if echo and list(value) != [nonce]:
+        print("fail celery.accumulate answered %r instead of echoing %r" % (value, nonce))
+        sys.exit(1)
+    print("ok %s" % ("echoed the nonce" if echo else repr(value)[:80]))
 except Exception as exc:
     name = type(exc).__name__
     if name == "TimeoutError":
@@ -135,6 +140,7 @@ class Cutover:
         want = os.path.realpath(self.release_dir(name))
         deadline = time.time() + self.p["verify"]["timeout"]
         pending = list(units)
+        seen: dict = {}
         while pending:
             for unit in list(pending):
                 info = self.show(unit)
@@ -148,11 +154,13 @@ class Cutover:
                         cwd = os.readlink(f"/proc/{pid}/cwd")
                     except OSError:
                         continue
-                    if os.path.realpath(cwd) != want:
-                        raise StepFailed(f"{unit} runs from {cwd}, not from {want}")
-                    pending.remove(unit)
+                    seen[unit] = cwd
+                    # Until systemd's child has set up the sandbox and exec'd, its cwd is not final.
+                    if os.path.realpath(cwd) == want:
+                        pending.remove(unit)
             if pending and time.time() > deadline:
-                raise StepFailed("not running after {}s: {}".format(self.p["verify"]["timeout"], ", ".join(pending)))
+                where = "; ".join(f"{u} runs from {seen.get(u, 'nowhere')}" for u in pending)
+                raise StepFailed(f"not running from {want} after {self.p['verify']['timeout']}s: {where}")
             if pending:
                 time.sleep(0.2)
         return "running from releases/{}: {}".format(name, ", ".join(units))
@@ -197,7 +205,8 @@ class Cutover:
             queue = self.p["verify_queue"].replace("{service}", worker["service"]).replace("{host}", host)
             ok, detail = self.as_service(release, VERIFY_CODE, [
                 self.p["app"]["celery_app"], self.p["verify"]["task"], queue,
-                str(self.p["verify"]["timeout"])], self.p["verify"]["timeout"])
+                str(self.p["verify"]["timeout"]), f"{self.p['id']}-{host}-{worker['service']}"],
+                self.p["verify"]["timeout"])
             if not ok:
                 raise StepFailed("{}: {}".format(worker["unit"], detail))
             results.append("{} answered {}".format(worker["service"], detail))

@@ -84,7 +84,7 @@ def render(name: str, hosts: Sequence[Host], ssh: SSHSettings, repo: Path) -> st
         "time_limit = 120",
         "",
         f"[stages.{name}.verify]",
-        'task = "celery.ping"',
+        'task = "celery.accumulate"',
         "timeout = 60",
         "",
         f"[stages.{name}.systemd]",

@@ -60,7 +60,7 @@ def test_minimal_stage_gets_documented_defaults():
     assert app.ref == "HEAD" and app.keep_releases == 5
     assert stage.workers[0].queues == ("celery",)
     assert stage.beat is None
-    assert stage.verify.task == "celery.ping"
+    assert stage.verify.task == "celery.accumulate"
     assert stage.migrate_host is host
     assert stage.ssh.known_hosts == Path("~/.ssh/known_hosts").expanduser()
 
