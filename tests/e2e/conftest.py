@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy_kit import config
+from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
+from deploy_kit.ssh import connect, quote
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -41,16 +42,90 @@ def say(message: str) -> None:
     print(f"[sandbox] {message}")
 
 
+def git(repo: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@example.invalid",
+               GIT_COMMITTER_NAME="e2e", GIT_COMMITTER_EMAIL="e2e@example.invalid")
+    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def commit(repo: Path, changes: dict[str, str | None], message: str) -> str:
+    """Change files of the example app (None deletes) and commit; returns the new sha."""
+    for name, content in changes.items():
+        path = repo / APP_DIR / name
+        if content is None:
+            path.unlink()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+APP_DIR = "examples/exampleapp"
+
+
+def make_app_repo(directory: Path) -> Path:
+    """A git repository holding a copy of the example app, for tests to commit to."""
+    shutil.copytree(ROOT / APP_DIR, directory / APP_DIR,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
+    git(directory, "init", "-q", "-b", "main")
+    commit(directory, {}, "example app v1")
+    return directory
+
+
+def boot(name: str, hosts: int, directory: Path) -> tuple[Sandbox, Path, Path]:
+    repo = make_app_repo(directory / "repo")
+    config_file = directory / "hosts.toml"
+    box = Sandbox(name)
+    box.up(hosts, config_file, say, repo_root=repo)
+    return box, config_file, repo
+
+
+def prepare_env(box: Sandbox, config_file: Path, stage: str) -> None:
+    """What a user does after `fab setup`: put the broker URL and settings in the env file."""
+    for assignment in ("DJANGO_SETTINGS_MODULE=exampleapp.settings", "DJANGO_SECRET_KEY=e2e-not-secret",
+                       "DATABASE_URL=sqlite:////srv/exampleapp/shared/db.sqlite3"):
+        fab("env.set", assignment, "--stage", stage, config_file=config_file, check=True)
+    fab("env.set", "CELERY_BROKER_URL", "--stage", stage, config_file=config_file, check=True,
+        stdin=box.broker_url() + "\n")
+
+
+def on_host(stage, index: int, script: str, sudo: bool = True, check: bool = True) -> str:
+    with connect(stage.hosts[index], stage.ssh) as remote:
+        return remote.run_script(script, sudo=sudo, what="test script", check=check).stdout
+
+
+def call_task(stage, index: int, task: str, args: list | None = None, timeout: int = 30) -> str:
+    """Send a task from the host, as the service would, and return its result's repr."""
+    code = ("import json, sys\nfrom exampleapp.celery import app\n"
+            f"print(repr(app.send_task({task!r}, args={args or []!r}).get(timeout={timeout})))\n")
+    props = " ".join(f"-p {quote(p)}" for p in units.service_environment(stage))
+    return on_host(stage, index, f"systemd-run --quiet --wait --pipe --collect {props} -- "
+                   f"{units.python(stage.app)} -c {quote(code)}\n").strip()
+
+
+def current_release(stage, index: int) -> str:
+    return on_host(stage, index, f"readlink {stage.app.current_link} || true").strip().removeprefix("releases/")
+
+
 @pytest.fixture(scope="session")
 def sandbox_config(tmp_path_factory):
-    """A two-host sandbox and the configuration file holding its stage."""
-    path = tmp_path_factory.mktemp("config") / "hosts.toml"
+    """A two-host sandbox and the configuration file holding its stage (its app: a git repo
+    with a copy of the example app that tests commit to)."""
+    directory = tmp_path_factory.mktemp("dktest")
     box = Sandbox(TEST_SANDBOX)
     try:
-        box.up(2, path, say, repo_root=ROOT)
-        yield path
+        box, config_file, _repo = boot(TEST_SANDBOX, 2, directory)
+        yield config_file
     finally:
         box.down(say)
+
+
+@pytest.fixture(scope="session")
+def app_repo(sandbox_config):
+    return sandbox_config.parent / "repo"
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +133,14 @@ def stage(sandbox_config):
     return config.load(sandbox_config).stage(TEST_SANDBOX)
 
 
-def fab(*args: str, config_file: Path | None = None, check: bool = False,
+def fab(*args: str, config_file: Path | None = None, check: bool = False, stdin: str | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the `fab` command line as a user would, from the repository root."""
     env = dict(os.environ, COLUMNS="200")
     if config_file is not None:
         env["DEPLOY_KIT_CONFIG"] = str(config_file)
     proc = subprocess.run([str(FAB), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=stdin if stdin is not None else "")
     if check and proc.returncode != 0:
         raise AssertionError(f"fab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
