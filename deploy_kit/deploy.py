@@ -299,8 +299,15 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
                 raise
             _timed(outcome, migrate_host.name, "migrate", t)
             say(migrate_host.name, "migrations applied")
-        except BaseException:
-            unlock(session, stage, list(facts))
+        except BaseException as exc:
+            # Nothing was switched: record why, release the lock, leave `current` as it was.
+            record.update(result="preflight failed" if isinstance(exc, PreflightFailed) else "failed",
+                          error=str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                          seconds=round(time.monotonic() - started, 1))
+            try:
+                _finish(session, stage, record, current, facts, outcome, cleanup=False)
+            except DeployKitError:
+                unlock(session, stage, list(facts))
             raise
 
         targets = {h.name: source.name for h in stage.hosts}

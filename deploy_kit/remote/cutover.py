@@ -130,9 +130,10 @@ class Cutover:
     def restart(self, units: list) -> str:
         if not units:
             return "nothing to restart"
-        before = {u: self.show(u).get("NRestarts", "0") for u in units}
         self.systemctl("restart", *units, timeout=self.p["stop_timeout"] + 120)
-        self.restarts_before = before
+        # A manual restart resets NRestarts; any automatic restart from now on is a crash
+        # (RestartSec=5 leaves no room for one before this read).
+        self.restarts_before.update({u: self.show(u).get("NRestarts", "0") for u in units})
         return "restarted " + ", ".join(units)
 
     def wait_running_from(self, units: list, name: str) -> str:

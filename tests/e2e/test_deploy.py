@@ -1,0 +1,179 @@
+"""`fab deploy`, `fab rollback`, `fab releases`, `fab unlock` on a two-host sandbox stage with the
+example app: verified cut-over, automatic rollback, untouched `current` on early failures.
+
+The tests of this module run in order; each leaves the stage deployed and healthy.
+"""
+
+import json
+
+import pytest
+
+from deploy_kit import config
+
+from .conftest import TEST_SANDBOX, call_task, commit, current_release, fab, on_host, prepare_env
+
+TASKS = "ledger/tasks.py"
+VERSION_TASK = '''
+
+@shared_task
+def version() -> str:
+    return "{version}"
+'''
+
+
+@pytest.fixture(scope="module")
+def stage(sandbox_config):
+    from deploy_kit.sandbox import Sandbox
+
+    fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    prepare_env(Sandbox(TEST_SANDBOX), sandbox_config, TEST_SANDBOX)
+    return config.load(sandbox_config).stage(TEST_SANDBOX)
+
+
+def deploy(sandbox_config, *args):
+    return fab("deploy", "--stage", TEST_SANDBOX, *args, config_file=sandbox_config, timeout=900)
+
+
+def tasks_source(app_repo) -> str:
+    return (app_repo / "examples/exampleapp" / TASKS).read_text()
+
+
+def releases_on(stage, index):
+    out = on_host(stage, index, f"ls {stage.app.releases_dir}")
+    return sorted(out.split())
+
+
+def test_first_deploy_on_a_fresh_setup(stage, sandbox_config):
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verified" in proc.stdout and "new environment" in proc.stdout
+    first = current_release(stage, 0)
+    assert first == current_release(stage, 1)  # one release name for all hosts
+    for index in (0, 1):
+        assert call_task(stage, index, "ledger.tasks.release") == repr(f"/srv/exampleapp/releases/{first}")
+
+
+def test_beat_runs_on_its_one_host_only(stage):
+    assert on_host(stage, 0, "systemctl is-active exampleapp-beat").strip() == "active"
+    assert on_host(stage, 1, "systemctl is-active exampleapp-beat || true").strip() in ("inactive", "unknown")
+    unit_file = "/etc/systemd/system/exampleapp-beat.service"
+    assert on_host(stage, 1, f"test -e {unit_file} && echo yes || echo no").strip() == "no"
+
+
+def test_second_deploy_runs_the_new_commit(stage, sandbox_config, app_repo):
+    before = current_release(stage, 0)
+    sha = commit(app_repo, {TASKS: tasks_source(app_repo) + VERSION_TASK.format(version="v2")}, "add version")
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "environment reused" in proc.stdout  # same requirements: no pip install
+    assert sha[:10] in proc.stdout
+    assert current_release(stage, 0) != before
+    for index in (0, 1):
+        assert call_task(stage, index, "ledger.tasks.version") == "'v2'"
+
+
+def test_a_release_that_breaks_the_worker_is_rolled_back_by_itself(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    source = tasks_source(app_repo)
+    # Imports fine for `manage.py check`, fails only in the worker process: caught after the switch.
+    broken = source.replace('logger = logging.getLogger(__name__)',
+                            'logger = logging.getLogger(__name__)\n'
+                            'import sys\nif "worker" in sys.argv:\n'
+                            '    raise ModuleNotFoundError("No module named \'payments_sdk\'")\n')
+    commit(app_repo, {TASKS: broken}, "worker-only breakage")
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "ModuleNotFoundError" in proc.stderr
+    assert f"back on {good}" in proc.stderr
+    for index in (0, 1):
+        assert current_release(stage, index) == good
+        assert call_task(stage, index, "ledger.tasks.version") == "'v2'"  # the old workers consume again
+    listing = fab("releases", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True).stdout
+    assert "BAD" in listing
+    commit(app_repo, {TASKS: source}, "revert the breakage")
+
+
+def test_a_release_that_does_not_import_stops_before_the_switch(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    source = tasks_source(app_repo)
+    commit(app_repo, {TASKS: source + "\nimport payments_sdk  # not installed\n"}, "broken import")
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "fails its check" in proc.stderr and "payments_sdk" in proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good]
+    assert all(not name.endswith(".building") for name in releases_on(stage, 0))
+    commit(app_repo, {TASKS: source}, "revert broken import")
+
+
+def test_a_failing_migration_leaves_current_untouched(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    before = releases_on(stage, 0)
+    migration = ("from django.db import migrations\n\n\ndef fail(apps, schema_editor):\n"
+                 "    raise RuntimeError('migration 0002 cannot run')\n\n\n"
+                 "class Migration(migrations.Migration):\n    dependencies = [('ledger', '0001_initial')]\n"
+                 "    operations = [migrations.RunPython(fail)]\n")
+    commit(app_repo, {"ledger/migrations/0002_fail.py": migration}, "failing migration")
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "migrations failed; current is untouched" in proc.stderr
+    assert "migration 0002 cannot run" in proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good]
+    assert releases_on(stage, 0) == before  # the unused release is gone
+    commit(app_repo, {"ledger/migrations/0002_fail.py": None}, "drop the failing migration")
+
+
+def test_rollback_to_the_previous_release_and_to_a_named_one(stage, sandbox_config):
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 0, proc.stderr
+    latest = current_release(stage, 0)
+    back = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert back.returncode == 0, back.stdout + back.stderr
+    previous = current_release(stage, 0)
+    assert previous < latest and current_release(stage, 1) == previous
+    assert "BAD" not in on_host(stage, 0, f"ls {stage.app.releases_dir}/{previous}/.deploy-kit")
+    assert call_task(stage, 1, "ledger.tasks.release") == repr(f"/srv/exampleapp/releases/{previous}")
+    forward = fab("rollback", "--stage", TEST_SANDBOX, "--to", latest, config_file=sandbox_config)
+    assert forward.returncode == 0, forward.stderr
+    assert current_release(stage, 0) == latest
+    refused = fab("rollback", "--stage", TEST_SANDBOX, "--to", "2001-01-01-000000", config_file=sandbox_config)
+    assert refused.returncode == 2 and "does not exist" in refused.stderr
+
+
+def test_a_second_deploy_is_refused_while_the_lock_is_held(stage, sandbox_config):
+    holder = {"who": "alice", "from": "alice-laptop", "action": "deploy", "ref": "main",
+              "since": "2026-11-24T12:00:00+00:00"}
+    on_host(stage, 1, "install -d -m 0700 /srv/exampleapp/.deploy-kit/lock && "
+            f"echo '{json.dumps(holder)}' > /srv/exampleapp/.deploy-kit/lock/holder.json")
+    proc = deploy(sandbox_config)
+    assert proc.returncode == 4
+    assert "held by alice from alice-laptop" in proc.stderr and "fab unlock" in proc.stderr
+    assert on_host(stage, 0, "test -d /srv/exampleapp/.deploy-kit/lock && echo held || echo free").strip() == "free"
+    shown = fab("unlock", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert shown.returncode == 2 and "alice" in shown.stdout  # no terminal, no --yes: asks for it
+    fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert deploy(sandbox_config).returncode == 0
+
+
+def test_cleanup_keeps_the_configured_good_releases(stage, sandbox_config):
+    tight = sandbox_config.with_name("keep2.toml")
+    tight.write_text(sandbox_config.read_text().replace("keep_releases = 5", "keep_releases = 2"))
+    proc = fab("deploy", "--stage", TEST_SANDBOX, config_file=tight, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    for index in (0, 1):
+        names = releases_on(stage, index)
+        bad = [n for n in names if "BAD" in on_host(stage, index, f"ls {stage.app.releases_dir}/{n}/.deploy-kit")]
+        good = [n for n in names if n not in bad]
+        assert len(good) == 2 and current_release(stage, index) == good[-1]
+        assert all(b > good[0] for b in bad)  # bad ones older than every kept good one are gone
+
+
+def test_history_has_a_line_per_deploy_and_rollback(stage):
+    lines = on_host(stage, 0, "cat /srv/exampleapp/.deploy-kit/history.jsonl").splitlines()
+    records = [json.loads(line) for line in lines]
+    actions = {(r["action"], r["result"]) for r in records}
+    assert ("deploy", "success") in actions and ("rollback", "success") in actions
+    assert ("deploy", "failed") in actions
+    last = records[-1]
+    for key in ("release", "sha", "ref", "who", "when", "result", "durations"):
+        assert key in last
+    assert "release" in last["durations"] and "verify" in last["durations"]

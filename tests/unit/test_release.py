@@ -1,0 +1,88 @@
+"""Releases as made on the control machine: their names, their migrations, their bundle."""
+
+import io
+import json
+import tarfile
+from datetime import UTC, datetime, timedelta, timezone
+
+from deploy_kit import release
+
+
+def test_release_name_is_a_sortable_utc_timestamp():
+    assert release.release_name(datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)) == "2026-11-24-120000"
+
+
+def test_release_name_converts_other_time_zones_to_utc():
+    paris = timezone(timedelta(hours=1))
+    assert release.release_name(datetime(2026, 11, 24, 13, 0, 0, tzinfo=paris)) == "2026-11-24-120000"
+    new_york = timezone(timedelta(hours=-5))
+    assert release.release_name(datetime(2026, 11, 24, 21, 30, 5, tzinfo=new_york)) == "2026-11-25-023005"
+
+
+def test_release_names_sort_in_time_order():
+    times = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC) + timedelta(seconds=s) for s in (0, 59, 3600, 86400 * 40)]
+    names = [release.release_name(t) for t in times]
+    assert names == sorted(names)
+
+
+def test_is_release_name():
+    assert release.is_release_name("2026-11-24-120000")
+    assert release.is_release_name(release.release_name(datetime.now(UTC)))
+    for other in (".2026-11-24-120000.building", "2026-11-24", "2026-11-24-1200", "current", "",
+                  "2026-11-24-120000-x", "x2026-11-24-120000"):
+        assert not release.is_release_name(other), other
+
+
+def test_migrations_lists_django_migrations_only():
+    files = ["ledger/migrations/0001_initial.py", "ledger/migrations/__init__.py", "x/y.py"]
+    assert release.migrations(files) == ["ledger.0001_initial"]
+
+
+def test_migrations_in_nested_apps_are_sorted():
+    files = ["src/shop/orders/migrations/0002_total.py", "src/shop/orders/migrations/0001_initial.py",
+             "billing/migrations/0001_initial.py", "billing/migrations/README.md",
+             "billing/migrations/0003_x.pyc"]
+    assert release.migrations(files) == ["billing.0001_initial", "orders.0001_initial", "orders.0002_total"]
+
+
+def test_env_key_is_stable_and_follows_the_requirements():
+    first = release.env_key("celery==5.4.0\ndjango==5.1\n")
+    assert first == release.env_key("celery==5.4.0\ndjango==5.1\n")
+    assert first != release.env_key("celery==5.4.0\ndjango==5.2\n")
+    assert len(first) == 16 and int(first, 16) >= 0
+
+
+def make_source() -> release.Source:
+    revision = {"release": "2026-11-24-120000", "sha": "abc123", "ref": "main"}
+    return release.Source(name="2026-11-24-120000", sha="abc123", ref="main", archive=b"\x1f\x8bcode",
+                          requirements="celery==5.4.0\n", revision=revision)
+
+
+def test_source_env_key_matches_its_requirements():
+    assert make_source().env_key == release.env_key("celery==5.4.0\n")
+
+
+def test_bundle_holds_code_revision_requirements_script_and_wheels(tmp_path):
+    wheel = tmp_path / "celery-5.4.0-py3-none-any.whl"
+    wheel.write_bytes(b"wheel bytes")
+    data = release.bundle(make_source(), [wheel], "echo build\n")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["code.tar.gz", "REVISION", "requirements.txt", "build.sh",
+                                  "wheels/celery-5.4.0-py3-none-any.whl"]
+
+        def read(name: str) -> bytes:
+            member = tar.extractfile(name)
+            assert member is not None
+            return member.read()
+
+        assert read("code.tar.gz") == b"\x1f\x8bcode"
+        assert json.loads(read("REVISION")) == make_source().revision
+        assert read("requirements.txt") == b"celery==5.4.0\n"
+        assert read("build.sh") == b"echo build\n"
+        assert read("wheels/celery-5.4.0-py3-none-any.whl") == b"wheel bytes"
+
+
+def test_bundle_without_wheels(tmp_path):
+    data = release.bundle(make_source(), [], "true\n")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert not any(name.startswith("wheels/") for name in tar.getnames())

@@ -1,0 +1,130 @@
+"""Release arithmetic: which release a rollback goes to, and which ones cleanup deletes."""
+
+import pytest
+
+from deploy_kit import releases
+from deploy_kit.errors import UsageError
+from deploy_kit.hostfacts import ReleaseInfo
+
+A, B, C, D, E, F = (f"2026-11-{day:02d}-120000" for day in range(20, 26))
+
+
+def good(name: str) -> ReleaseInfo:
+    return ReleaseInfo(name, building=False, bad=False, revision={})
+
+
+def bad(name: str) -> ReleaseInfo:
+    return ReleaseInfo(name, building=False, bad=True, revision={})
+
+
+def building(name: str) -> ReleaseInfo:
+    return ReleaseInfo(f".{name}.building", building=True, bad=False, revision={})
+
+
+def test_good_releases_sorted_by_name_without_bad_half_built_or_foreign_ones():
+    found = [good(C), bad(B), good(A), building(D), ReleaseInfo("lost+found", False, False, {})]
+    assert releases.good(found) == [A, C]
+
+
+def test_previous_good_is_the_newest_good_one_older_than_current():
+    found = [good(A), good(B), bad(C), good(D)]
+    assert releases.previous_good(found, D) == B
+    assert releases.previous_good(found, B) == A
+    assert releases.previous_good(found, A) is None
+    assert releases.previous_good(found, None) == D
+
+
+def test_rollback_goes_to_the_previous_good_release_by_default():
+    found = [good(A), good(B), bad(C), good(D)]
+    assert releases.rollback_target(found, D) == B
+
+
+def test_rollback_skips_a_half_built_release():
+    found = [good(A), building(B), good(C)]
+    assert releases.rollback_target(found, C) == A
+
+
+def test_rollback_to_a_named_release():
+    found = [good(A), good(B), good(C)]
+    assert releases.rollback_target(found, C, to=A) == A
+
+
+def test_rollback_to_a_named_newer_release_is_allowed():
+    found = [good(A), good(B), good(C)]
+    assert releases.rollback_target(found, A, to=C) == C
+
+
+def test_rollback_refuses_a_bad_release():
+    with pytest.raises(UsageError, match="is marked bad"):
+        releases.rollback_target([good(A), bad(B), good(C)], C, to=B)
+
+
+def test_rollback_refuses_a_half_built_release():
+    with pytest.raises(UsageError, match="was never completed"):
+        releases.rollback_target([good(A), building(B), good(C)], C, to=f".{B}.building")
+
+
+def test_rollback_refuses_the_current_release():
+    with pytest.raises(UsageError, match="is already current"):
+        releases.rollback_target([good(A), good(B)], B, to=B)
+
+
+def test_rollback_refuses_an_unknown_release_and_lists_the_good_ones():
+    with pytest.raises(UsageError) as info:
+        releases.rollback_target([good(A), bad(B), good(C)], C, to="2026-01-01-000000")
+    message = str(info.value)
+    assert "'2026-01-01-000000' does not exist" in message
+    assert f"releases: {A}, {C}" in message
+
+
+def test_rollback_refuses_when_no_older_good_release_exists():
+    with pytest.raises(UsageError, match=f"no good release older than {B}"):
+        releases.rollback_target([bad(A), good(B), good(C)], B)
+
+
+def test_rollback_refuses_without_a_current_release():
+    with pytest.raises(UsageError, match="no current release"):
+        releases.rollback_target([good(A), good(B)], None)
+
+
+def test_cleanup_keeps_the_newest_good_releases():
+    found = [good(n) for n in (A, B, C, D, E)]
+    assert releases.to_delete(found, E, keep=3) == [A, B]
+
+
+def test_cleanup_with_nothing_to_delete():
+    assert releases.to_delete([good(A), good(B)], B, keep=5) == []
+
+
+def test_cleanup_never_deletes_current_nor_the_previous_good_one():
+    # After a rollback to B, C..F are newer; B (current) and A (previous good) are outside the kept window.
+    found = [good(n) for n in (A, B, C, D, E, F)]
+    doomed = releases.to_delete(found, B, keep=2)
+    assert A not in doomed and B not in doomed
+    assert doomed == [C, D]
+
+
+def test_cleanup_does_not_count_bad_releases_as_kept_good_ones():
+    found = [good(A), good(B), good(C), bad(D), bad(E)]
+    # keep=2 keeps B and C (the newest good), not D and E.
+    assert releases.to_delete(found, C, keep=2) == [A]
+
+
+def test_cleanup_keeps_bad_releases_newer_than_the_oldest_kept_one():
+    found = [good(A), good(B), bad(C), good(D)]
+    assert releases.to_delete(found, D, keep=2) == [A]
+
+
+def test_cleanup_deletes_bad_releases_older_than_every_kept_one():
+    found = [bad(A), good(B), good(C), good(D), good(E)]
+    assert releases.to_delete(found, E, keep=2) == [A, B, C]
+
+
+def test_cleanup_always_deletes_half_built_releases():
+    found = [good(A), good(B), building(C)]
+    assert releases.to_delete(found, B, keep=5) == [f".{C}.building"]
+
+
+def test_cleanup_leaves_directories_that_are_not_releases():
+    found = [ReleaseInfo("notes", False, False, {}), good(A), good(B), good(C)]
+    assert releases.to_delete(found, C, keep=2) == [A]
