@@ -55,8 +55,9 @@ def _skip(name: str, detail: str) -> Check:
     return Check(name, SKIP, detail)
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|min|h|d)")
-_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1, "min": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(month|min|ms|us|y|w|d|h|s)")
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1, "min": 60, "h": 3600, "d": 86400, "w": 604800,
+                 "month": 2629800, "y": 31557600}
 
 
 def parse_timespan(text: str) -> float | None:
@@ -67,6 +68,11 @@ def parse_timespan(text: str) -> float | None:
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(text))
 
 
+def _groups_of(facts: HostFacts) -> set[str]:
+    user = facts.user or {}
+    return {str(user.get("group", "")), *user.get("groups", [])}
+
+
 def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
     """One row per check for `host`, from what the probe saw (pure)."""
     app = stage.app
@@ -75,8 +81,13 @@ def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
     rows: list[Check] = [_ok("ssh", "connected, host key verified"), _ok("sudo", "passwordless sudo works")]
 
     user_ok = facts.user is not None
-    rows.append(_ok("service user", f"{app.user} exists") if user_ok else
-                _fail("service user", f"user {app.user} does not exist", setup_fix))
+    if not user_ok:
+        rows.append(_fail("service user", f"user {app.user} does not exist", setup_fix))
+    elif app.group not in _groups_of(facts):
+        rows.append(_fail("service user", f"{app.user} is not in group {app.group}, so it cannot read the "
+                          "releases or the env file", setup_fix))
+    else:
+        rows.append(_ok("service user", f"{app.user} exists, in group {app.group}"))
     rows.append(_ok("service group", f"{app.group} exists") if facts.group else
                 _fail("service group", f"group {app.group} does not exist", setup_fix))
 

@@ -18,6 +18,8 @@ def age(when: str, now: datetime | None = None) -> str:
         then = datetime.fromisoformat(when)
     except (TypeError, ValueError):
         return "?"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)  # deploy-kit writes UTC; a bare timestamp is read as UTC
     seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
     if seconds < 120:
         return f"{max(seconds, 0)}s"

@@ -98,7 +98,7 @@ def plan_host(stage: Stage, host: Host, facts: HostFacts) -> HostPlan:
             f"create user {app.user} (system account, no login, no home)",
             f"useradd --system --gid {q(app.group)} --home-dir /nonexistent --no-create-home "
             f"--shell /usr/sbin/nologin {q(app.user)}"))
-    elif facts.user.get("group") != app.group:
+    elif app.group not in {facts.user.get("group"), *facts.user.get("groups", [])}:
         changes.append(Change(f"add user {app.user} to group {app.group}",
                               f"usermod -a -G {q(app.group)} {q(app.user)}"))
     for key, owner, mode, label in (("deploy_to", "root", "0750", "deploy_to"),

@@ -218,7 +218,8 @@ def main(params: dict) -> None:
     facts: dict = {"python": sys.version.split()[0], "target": target()}
     try:
         user = pwd.getpwnam(app["user"])
-        facts["user"] = {"name": user.pw_name, "uid": user.pw_uid, "group": _group(user.pw_gid)}
+        facts["user"] = {"name": user.pw_name, "uid": user.pw_uid, "group": _group(user.pw_gid),
+                         "groups": sorted(g.gr_name for g in grp.getgrall() if user.pw_name in g.gr_mem)}
     except KeyError:
         facts["user"] = None
     try:
