@@ -70,6 +70,9 @@ class App:
     keep_releases: int = 5
     requirements: str = "requirements.txt"
     python: PurePosixPath = PurePosixPath("/usr/bin/python3")
+    linked_dirs: tuple[str, ...] = ()
+    linked_files: tuple[str, ...] = ()
+    install: str = "wheels"
 
     @property
     def releases_dir(self) -> PurePosixPath:
@@ -541,9 +544,14 @@ class _Loader:
                                                                "release are always kept"))
         requirements = t.get("requirements", str, "requirements.txt", check=_not_empty)
         python = t.get("python", str, "/usr/bin/python3", check=_absolute)
+        linked_dirs = t.get("linked_dirs", list, [], check=_relative_paths)
+        linked_files = t.get("linked_files", list, [], check=_relative_paths)
+        install = t.get("install", str, "wheels", check=lambda v: None if v in ("wheels", "index") else
+                        f"must be 'wheels' (built here and sent) or 'index' (hosts use their own package "
+                        f"index), got {v!r}")
         t.unknown_keys()
         values = (name, repo, ref, subdir, celery_app, deploy_to, user, group, env_file, keep,
-                  requirements, python)
+                  requirements, python, linked_dirs, linked_files, install)
         if None in values:
             return None
         if PurePosixPath(env_file).is_relative_to(PurePosixPath(deploy_to) / "releases"):
@@ -555,7 +563,8 @@ class _Loader:
         return App(name=name, repo=repo, ref=ref, path=subdir.strip("/"), celery_app=celery_app,
                    deploy_to=PurePosixPath(deploy_to), user=user, group=group,
                    env_file=PurePosixPath(env_file), keep_releases=keep, requirements=requirements,
-                   python=PurePosixPath(python))
+                   python=PurePosixPath(python), linked_dirs=tuple(p.strip("/") for p in linked_dirs),
+                   linked_files=tuple(linked_files), install=install)
 
     def workers(self, stage: str, own: dict[str, Any], shared: dict[str, Any],
                 hosts: tuple[Host, ...] | None) -> tuple[WorkerService, ...] | None:
@@ -643,6 +652,15 @@ class _Loader:
         if nofile is None or margin is None:
             return None
         return SystemdSettings(limit_nofile=nofile, stop_margin=margin, broker_unit=broker_unit)
+
+
+def _relative_paths(value: list[Any]) -> str | None:
+    for item in value:
+        if not isinstance(item, str) or not item.strip("/"):
+            return f"must be a list of paths inside the release, got {_describe(item)} in it"
+        if item.startswith("/") or ".." in PurePosixPath(item).parts:
+            return f"{item!r} must be relative to the release (it is linked to the same path under shared/)"
+    return None
 
 
 def _roles(value: list[Any]) -> str | None:

@@ -269,7 +269,7 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             houses = {key: wheels.Wheelhouse(source.requirements, wheels.Target.from_facts(f.target), CACHE_DIR)
                       for key, f in facts.items()}
             for host, house in houses.items():
-                if not _reuses_env(facts[host], source):
+                if stage.app.install == "wheels" and not _reuses_env(facts[host], source):
                     house.files()  # fetch once here, before any host waits on it
             _timed(outcome, "(local)", "pack+wheels", t)
 
@@ -277,7 +277,8 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
                 t0 = time.monotonic()
                 host_facts = facts[remote.name]
                 built = release.build_on(remote, stage, source, houses[remote.name], set(host_facts.wheels),
-                                         send_wheels=not _reuses_env(host_facts, source))
+                                         send_wheels=stage.app.install == "wheels"
+                                         and not _reuses_env(host_facts, source))
                 _timed(outcome, remote.name, "release", t0)
                 env = "environment reused" if built.reused_env else "new environment"
                 say(remote.name, f"built {built.name} ({env}, {built.wheels_sent} wheel(s) sent, "
@@ -462,3 +463,60 @@ def _migration_warning(facts: HostFacts, leaving: str | None, target: str) -> st
         return ""
     return (f"{leaving} has migrations {target} lacks ({', '.join(extra[:5])}{'...' if len(extra) > 5 else ''}); "
             "they stay applied (deploy-kit never reverses migrations): the old code must cope with the new schema")
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    host: str
+    phase: str
+    description: str
+    command: str = ""
+
+
+def plan(stage: Stage, *, ref: str | None, now: datetime | None = None) -> tuple[release.Source, list[PlannedStep]]:
+    """What `fab deploy` would do on each host, with its commands, built by the same functions the
+    real run uses; nothing is run on any host (only the local repository is read)."""
+    ref = ref or stage.app.ref
+    now = now or datetime.now(UTC)
+    source = release.read_source(stage.app, ref, now, CACHE_DIR)
+    app = stage.app
+    lock_dir = release.state_dir(app) / "lock"
+    steps: list[PlannedStep] = []
+    props = " ".join(f"-p {q(p)}" for p in units.service_environment(stage) if not p.startswith("WorkingDirectory="))
+    beat_last = sorted(stage.hosts, key=lambda h: bool(stage.beat and stage.beat.host == h.name))
+    for host in beat_last:
+        name = host.name
+        steps.append(PlannedStep(name, "lock", f"mkdir {lock_dir} (atomic) with who/where/when/ref; "
+                                 "refused when it exists", f"mkdir {q(str(lock_dir))}"))
+        steps.append(PlannedStep(name, "check", "the `fab check` probes (as root, broker and app as the service)",
+                     f"sudo -n {q(str(app.python))} - < deploy_kit/remote/hostprobe.py"))
+        wheels_note = ("wheels for the host's Python that it lacks" if app.install == "wheels"
+                       else "no wheels (hosts install from their index)")
+        steps.append(PlannedStep(name, "release", f"send {len(source.archive) // 1024} KiB of code ({ref} at "
+                                 f"{source.sha[:10]}) + {wheels_note}; build {app.releases_dir / source.name}",
+                                 release.build_script(stage, source)))
+        if host.name == stage.migrate_host.name:
+            directory = app.releases_dir / source.name
+            steps.append(PlannedStep(name, "migrate", "migrations, once per stage, before the switch",
+                                     f"systemd-run --wait --pipe {props} -p WorkingDirectory={directory} -- "
+                                     f"{directory / units.VENV / 'bin/python'} manage.py migrate --noinput"))
+        service_units = [w.unit(app) for w in stage.workers_on(host)]
+        steps.append(PlannedStep(name, "switch", "atomic: a new symlink renamed over current (detached "
+                                 "under systemd-run, progress in .deploy-kit/cutover.json)",
+                                 f"ln -s releases/{source.name} {app.current_link}.deploy-kit-tmp && "
+                                 f"mv -T {app.current_link}.deploy-kit-tmp {app.current_link}"))
+        steps.append(PlannedStep(name, "restart", "warm shutdown (running tasks finish), start from the new release",
+                                 "systemctl restart " + " ".join(service_units)))
+        for worker in stage.workers_on(host):
+            steps.append(PlannedStep(name, "verify", f"worker {worker.name!r}: {stage.verify.task} must complete "
+                                     f"within {stage.verify.timeout:.0f}s on this worker's own queue",
+                                     f"send {stage.verify.task} to {units.verify_queue(worker.name, name)} "
+                                     "(node's hostname) and wait for its result"))
+        if stage.beat and stage.beat.host == name:
+            steps.append(PlannedStep(name, "restart", "Beat, after the workers",
+                                     f"systemctl restart {stage.beat.unit(app)}"))
+        steps.append(PlannedStep(name, "rollback", "only on failure: switch back, restart, verify, mark "
+                                 f"{source.name} bad"))
+        steps.append(PlannedStep(name, "finish", f"append to history.jsonl, keep {app.keep_releases} good releases, "
+                                 "remove half-built ones, unlock", f"rm -rf {q(str(lock_dir))}"))
+    return source, steps

@@ -148,6 +148,23 @@ def bundle(source: Source, wheel_files: Iterable[Path], script: str) -> bytes:
     return out.getvalue()
 
 
+def _link_shared(app: App) -> str:
+    """Lines linking the release's linked_dirs/linked_files to the same paths under shared/."""
+    lines = []
+    for path in app.linked_dirs:
+        shared = app.shared_dir / path
+        lines += [f"install -d -o {q(app.user)} -g {q(app.group)} -m 0750 {q(str(shared))}",
+                  f'rm -rf "$building"/{q(path)}; mkdir -p "$(dirname "$building"/{q(path)})"',
+                  f'ln -s {q(str(shared))} "$building"/{q(path)}']
+    for path in app.linked_files:
+        shared = app.shared_dir / path
+        lines += [f"if [ ! -e {q(str(shared))} ]; then echo 'RELEASE CHECK FAILED: linked file {shared} does not "
+                  f"exist: create it on the host first' >&2; rm -rf \"$building\"; exit 43; fi",
+                  f'rm -f "$building"/{q(path)}; mkdir -p "$(dirname "$building"/{q(path)})"',
+                  f'ln -s {q(str(shared))} "$building"/{q(path)}']
+    return "".join(line + "\n" for line in lines)
+
+
 def build_script(stage: Stage, source: Source, wheels_sent: bool = True) -> str:
     """Build releases/NAME on the host from the unpacked bundle in $1 (runs as root)."""
     app = stage.app
@@ -155,6 +172,7 @@ def build_script(stage: Stage, source: Source, wheels_sent: bool = True) -> str:
     final = releases / source.name
     building = releases / f".{source.name}.building"
     cache = state_dir(app) / "wheels"
+    pip_source = f"--no-index --find-links {q(str(cache))}" if app.install == "wheels" else ""
     props = " ".join(f"-p {q(p)}" for p in units.service_environment(stage)
                      if not p.startswith("WorkingDirectory="))
     return f"""set -euo pipefail
@@ -178,17 +196,19 @@ if [ -e "$current/.deploy-kit/env-key" ] && [ "$(cat "$current/.deploy-kit/env-k
     reused=yes
 fi
 if [ "$reused" = no ]; then
-    if [ {"yes" if wheels_sent else "no"} = no ]; then echo "{NEEDS_WHEELS}" >&2; rm -rf "$building"; exit 44; fi
+    if [ {"yes" if wheels_sent or app.install == "index" else "no"} = no ]; then
+        echo "{NEEDS_WHEELS}" >&2; rm -rf "$building"; exit 44
+    fi
     if [ -d "$stage_dir/wheels" ]; then cp -n "$stage_dir"/wheels/*.whl {q(str(cache))}/ 2>/dev/null || true; fi
     {q(str(app.python))} -m venv "$building/{VENV}"
-    if ! "$building/{VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \\
-            --find-links {q(str(cache))} -r "$stage_dir/requirements.txt" > "$stage_dir/pip.log" 2>&1; then
+    if ! "$building/{VENV}/bin/python" -m pip install --quiet --disable-pip-version-check {pip_source} \\
+            -r "$stage_dir/requirements.txt" > "$stage_dir/pip.log" 2>&1; then
         missing=$(sed -n 's/.*No matching distribution found for \\([^ ]*\\).*/\\1/p' "$stage_dir/pip.log" | head -1)
         if [ -n "$missing" ]; then echo "{MISSING_MARKER} $missing" >&2; rm -rf "$building"; exit 42; fi
         cat "$stage_dir/pip.log" >&2; rm -rf "$building"; exit 1
     fi
 fi
-chown -R root:{q(app.group)} "$building"
+{_link_shared(app)}chown -R root:{q(app.group)} "$building"
 chmod -R g+rX,g-w,o-rwx "$building"
 chmod 0750 "$building"
 # Release check, as the service runs: its user, env file, sandboxing, in the new code.

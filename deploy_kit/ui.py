@@ -21,7 +21,7 @@ from deploy_kit.deploy import Outcome
 from deploy_kit.envfile import EditResult
 from deploy_kit.errors import DeployKitError
 
-__all__ = ["escape", "make_console", "sayer", "table", "user_errors"]
+__all__ = ["escape", "indent", "make_console", "sayer", "table", "user_errors"]
 
 
 def make_console() -> Console:
@@ -33,6 +33,10 @@ def sayer(console: Console) -> Callable[[str], None]:
     def say(message: str) -> None:
         console.print(f"[bold cyan]>[/] {escape(message)}")
     return say
+
+
+def indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.rstrip("\n").splitlines())
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:

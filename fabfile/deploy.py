@@ -1,9 +1,12 @@
 """Releases: deploy a ref, roll back, list releases, break a stale lock."""
 
+import sys
+
 from invoke import task
 
 from deploy_kit import deploy as deploy_lib
 from deploy_kit import history, ui
+from deploy_kit.errors import UsageError
 
 from ._stage import STAGE_HELP, load_stage
 
@@ -15,12 +18,22 @@ def _say(console):
     return say
 
 
-@task(help={"stage": STAGE_HELP, "ref": "git branch, tag or commit to deploy (default: app.ref)"})
-def deploy(c, stage=None, ref=None):
+@task(help={"stage": STAGE_HELP, "ref": "git branch, tag or commit to deploy (default: app.ref)",
+            "plan": "print every step and command per host, run nothing"})
+def deploy(c, stage=None, ref=None, plan=False):
     """Ship a release, migrate, switch, restart workers then Beat, verify; roll back by itself."""
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
+        if plan:
+            source, steps = deploy_lib.plan(chosen, ref=ref)
+            console.print(f"plan: deploy {source.ref} ({source.sha[:10]}) as release {source.name} to stage "
+                          f"{chosen.name}; nothing is run", markup=False)
+            for step in steps:
+                console.print(f"[bold]{step.host}[/] {step.phase}: {ui.escape(step.description)}")
+                if step.command:
+                    console.print(ui.indent(step.command), markup=False, highlight=False)
+            return
         outcome = deploy_lib.deploy(chosen, ref=ref, say=_say(console))
         console.print(ui.timings_table(outcome))
         console.print(f"deployed {outcome.release} ({outcome.sha[:10]}) to stage {chosen.name}: verified")
@@ -61,11 +74,37 @@ def unlock(c, stage=None, yes=False):
             console.print(f"{host}: held by {holder.get('who')} from {holder.get('from')} since "
                           f"{holder.get('since')} ({holder.get('action')} of {holder.get('ref')})", markup=False)
         if not yes:
-            import sys
             if not sys.stdin.isatty():
-                raise deploy_lib.UsageError("breaking the lock needs confirmation: rerun with --yes")
+                raise UsageError("breaking the lock needs confirmation: rerun with --yes")
             if console.input("Break the lock? Only if that deploy is dead. [y/N] ").strip().lower() not in ("y", "yes"):
                 console.print("lock kept")
                 return
         history.break_lock(chosen, list(holders))
         console.print(f"lock broken on {', '.join(holders)}")
+
+
+@task(help={"stage": STAGE_HELP})
+def status(c, stage=None):
+    """Per host: current release and age, each service's state, worker ping, lock, last deploy."""
+    from deploy_kit import status as status_lib
+
+    console = ui.make_console()
+    with ui.user_errors():
+        chosen = load_stage(stage)
+        for host in status_lib.gather(chosen):
+            revision = host.revision
+            head = (f"{host.host.name}: current {host.current or 'none'}"
+                    + (f" ({revision.get('sha', '')[:10]} {revision.get('ref', '')}, "
+                       f"{history.age(revision.get('when', ''))} old)" if host.current else ""))
+            console.print(head, markup=False, style="bold")
+            rows = [(s.unit, s.active, s.since, s.restarts,
+                     host.ping.get(s.unit.split("-worker-")[-1].removesuffix(".service"), "")
+                     if "-worker-" in s.unit else "") for s in host.services]
+            console.print(ui.table("", ("unit", "state", "active since", "restarts", "ping"), rows))
+            if host.lock:
+                console.print(f"  LOCKED by {host.lock.get('who')} from {host.lock.get('from')} since "
+                              f"{host.lock.get('since')} ({host.lock.get('action')})", markup=False)
+            if host.last:
+                last = host.last
+                console.print(f"  last {last.get('action')}: {last.get('result')} of {last.get('release')} "
+                              f"by {last.get('who')} at {last.get('when')}", markup=False)
