@@ -9,6 +9,7 @@ import json
 import pytest
 
 from deploy_kit import config
+from deploy_kit.sandbox import Sandbox
 
 from .conftest import TEST_SANDBOX, call_task, commit, current_release, fab, on_host, prepare_env
 
@@ -23,8 +24,6 @@ def version() -> str:
 
 @pytest.fixture(scope="module")
 def stage(sandbox_config):
-    from deploy_kit.sandbox import Sandbox
-
     fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
     prepare_env(Sandbox(TEST_SANDBOX), sandbox_config, TEST_SANDBOX)
     return config.load(sandbox_config).stage(TEST_SANDBOX)
@@ -154,11 +153,41 @@ def test_a_second_deploy_is_refused_while_the_lock_is_held(stage, sandbox_config
     assert deploy(sandbox_config).returncode == 0
 
 
+def test_plan_prints_every_step_and_changes_nothing(stage, sandbox_config):
+    def snapshot():
+        return [(releases_on(stage, i), current_release(stage, i),
+                 on_host(stage, i, "wc -l < /srv/exampleapp/.deploy-kit/history.jsonl")) for i in (0, 1)]
+
+    before = snapshot()
+    proc = fab("deploy", "--stage", TEST_SANDBOX, "--plan", config_file=sandbox_config, check=True)
+    assert "nothing is run" in proc.stdout
+    for host in stage.hosts:
+        for phase in ("lock", "check", "release", "switch", "restart", "verify", "finish"):
+            assert f"{host.name} {phase}:" in proc.stdout
+    assert proc.stdout.count("manage.py migrate") == 1  # once per stage, on the migrate host
+    assert "deploy-kit.verify.default@dktest2" in proc.stdout
+    assert Sandbox(TEST_SANDBOX).redis_password_file.read_text().strip() not in proc.stdout
+    assert snapshot() == before
+
+
+def test_status_shows_release_services_ping_and_last_deploy(stage, sandbox_config):
+    proc = fab("status", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
+    release = current_release(stage, 0)
+    assert proc.stdout.count(f"current {release}") == 2
+    assert proc.stdout.count("pong") == 4  # two worker services on each of two hosts
+    assert "active/running" in proc.stdout and "last deploy: success" in proc.stdout
+
+
 def test_cleanup_keeps_the_configured_good_releases(stage, sandbox_config):
     tight = sandbox_config.with_name("keep2.toml")
-    tight.write_text(sandbox_config.read_text().replace("keep_releases = 5", "keep_releases = 2"))
+    tight.write_text(sandbox_config.read_text().replace("keep_releases = 5", "keep_releases = 2")
+                     .replace("linked_dirs = []", 'linked_dirs = ["media"]'))
     proc = fab("deploy", "--stage", TEST_SANDBOX, config_file=tight, timeout=900)
     assert proc.returncode == 0, proc.stderr
+    release = current_release(stage, 0)
+    media = on_host(stage, 0, f"readlink {stage.app.releases_dir}/{release}/media; "
+                    "stat -c %U /srv/exampleapp/shared/media").split()
+    assert media == ["/srv/exampleapp/shared/media", "exampleapp"]
     for index in (0, 1):
         names = releases_on(stage, index)
         bad = [n for n in names if "BAD" in on_host(stage, index, f"ls {stage.app.releases_dir}/{n}/.deploy-kit")]
@@ -177,3 +206,20 @@ def test_history_has_a_line_per_deploy_and_rollback(stage):
     for key in ("release", "sha", "ref", "who", "when", "result", "durations"):
         assert key in last
     assert "release" in last["durations"] and "verify" in last["durations"]
+
+
+def test_rollback_warns_about_migrations_it_leaves_applied(stage, sandbox_config, app_repo):
+    models = (app_repo / "examples/exampleapp/ledger/models.py").read_text()
+    migration = ("from django.db import migrations, models\n\n\nclass Migration(migrations.Migration):\n"
+                 "    dependencies = [('ledger', '0001_initial')]\n"
+                 "    operations = [migrations.AddField('entry', 'note',\n"
+                 "                                      models.CharField(max_length=80, default=''))]\n")
+    commit(app_repo, {"ledger/migrations/0002_entry_note.py": migration,
+                      "ledger/models.py": models.replace(
+                          "    created = models.DateTimeField(auto_now_add=True)\n",
+                          "    created = models.DateTimeField(auto_now_add=True)\n"
+                          "    note = models.CharField(max_length=80, default='')\n")}, "add a note field")
+    assert deploy(sandbox_config).returncode == 0
+    proc = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert proc.returncode == 0, proc.stderr
+    assert "ledger.0002_entry_note" in proc.stdout and "never reverses migrations" in proc.stdout
