@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
-from deploy_kit import checks, hostfacts, release, releases, units, wheels
+from deploy_kit import checks, hostfacts, journal, release, releases, units, wheels
 from deploy_kit.config import Host, Stage
 from deploy_kit.errors import (
     EXIT_LOCKED,
@@ -229,9 +229,12 @@ def _cutover(session: Session, stage: Stage, targets: dict[str, str], previous: 
                 params: dict[str, dict[str, object]] = params) -> dict[str, object]:
             if remote.name not in names:
                 return {}
-            _launch_cutover(remote, stage, params[remote.name])
-            return _follow_cutover(remote, stage, params[remote.name], say, outcome,
-                                   time.monotonic() + budget)
+            watched = list(units.units_for(stage, remote.host))
+            with journal.Tail(remote, stage, watched, since=time.time() - 1,
+                              show=lambda item: _show_journal(say, item)):
+                _launch_cutover(remote, stage, params[remote.name])
+                return _follow_cutover(remote, stage, params[remote.name], say, outcome,
+                                       time.monotonic() + budget)
 
         for host, state in session.each(one, what="cutover").items():
             if host in names:
@@ -239,6 +242,17 @@ def _cutover(session: Session, stage: Stage, targets: dict[str, str], previous: 
         if any(s.get("status") != "done" for s in results.values()):
             break
     return results
+
+
+def _show_journal(say: Say, item: journal.JournalLine | journal.HostEvent) -> None:
+    """Journal lines of the units while they restart and verify, as they happen."""
+    if isinstance(item, journal.HostEvent):
+        say(item.host, f"journal: {item.message}")
+        return
+    say(item.host, f"  | {item.unit}: {item.message}")
+    hint = journal.hint_for(item.message)
+    if hint and item.priority <= 4 or hint and "Error" in item.message:
+        say(item.host, f"  | hint: {hint}")
 
 
 def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Outcome:

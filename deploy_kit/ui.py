@@ -20,6 +20,7 @@ from deploy_kit.checks import HostChecks
 from deploy_kit.deploy import Outcome
 from deploy_kit.envfile import EditResult
 from deploy_kit.errors import DeployKitError
+from deploy_kit.journal import HostEvent, JournalLine, hint_for
 
 __all__ = ["escape", "indent", "make_console", "sayer", "table", "user_errors"]
 
@@ -120,3 +121,30 @@ def env_table(stage: str, results: Mapping[str, EditResult], reveal: bool) -> Ta
             cells.append("yes" if len(prints) == 1 else "[bold red]no[/]")
         grid.add_row(key, *cells)
     return grid
+
+
+_HOST_COLOURS = ("cyan", "magenta", "green", "blue", "yellow", "bright_cyan", "bright_magenta", "bright_green")
+
+
+def host_colours(hosts: Sequence[str]) -> dict[str, str]:
+    """A stable colour per host: its position in the stage."""
+    return {host: _HOST_COLOURS[i % len(_HOST_COLOURS)] for i, host in enumerate(hosts)}
+
+
+def print_journal_item(console: Console, item: JournalLine | HostEvent, colours: Mapping[str, str]) -> None:
+    """One journal line, prefixed with host and unit; warnings stand out; classic failures get a hint."""
+    if isinstance(item, HostEvent):
+        style = "bold red" if item.error else "bold green"
+        console.print(f"[{style}]! {escape(item.host)}: {escape(item.message)}[/]")
+        return
+    colour = colours.get(item.host, "white")
+    text = escape(item.message)
+    if item.priority <= 3:
+        text = f"[bold red]{text}[/]"
+    elif item.priority == 4:
+        text = f"[yellow]{text}[/]"
+    stamp = item.timestamp.strftime("%H:%M:%S")
+    console.print(f"[{colour}]{escape(item.host)}[/] [dim]{escape(item.unit)} {stamp}[/] {text}")
+    hint = hint_for(item.message)
+    if hint:
+        console.print(f"  [bold yellow]hint:[/] {escape(hint)}")

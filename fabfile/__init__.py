@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from . import check, deploy, env, inventory, sandbox, setup  # noqa: E402
+from . import check, deploy, env, inventory, logs, sandbox, setup  # noqa: E402
 
 ns = Collection()
 ns.add_task(inventory.hosts)
@@ -25,5 +25,6 @@ ns.add_task(deploy.rollback)
 ns.add_task(deploy.releases)
 ns.add_task(deploy.unlock)
 ns.add_task(deploy.status)
+ns.add_task(logs.logs)
 ns.add_collection(Collection.from_module(env))
 ns.add_collection(Collection.from_module(sandbox))

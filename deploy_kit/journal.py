@@ -1,0 +1,308 @@
+"""The journals of the app's units on many hosts, as one merged live stream.
+
+One `journalctl -o json` per host, on a channel of that host's SSH connection, filtered on
+the host (units, --since, -n, --grep), so only the wanted lines cross the network. Each
+line carries its journal cursor: a host that drops is reported once, reconnected with
+backoff, and resumed after the last line shown, with nothing duplicated or skipped. The
+remote journalctl is tied to the channel's stdin, so it ends as soon as the channel does
+(Ctrl-C, a closed connection): no journalctl is left running on a host.
+
+`fab logs` and `fab deploy` (during restart and verification) use the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import paramiko
+
+from deploy_kit.config import Host, Stage
+from deploy_kit.errors import DeployKitError
+from deploy_kit.ssh import RemoteHost, connect
+
+q = shlex.quote
+
+# The classic reasons a Celery worker fails under systemd, and what each usually means.
+HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"ModuleNotFoundError|ImportError|No module named"),
+     "a module is missing from the release's virtualenv, or `celery -A` names the wrong module"),
+    (re.compile(r"ImproperlyConfigured"),
+     "a Django setting is missing or wrong: check the env file (`fab env.show`) and DJANGO_SETTINGS_MODULE"),
+    (re.compile(r"Permission denied|PermissionError|EACCES"),
+     "the service user may not read or write a path: `fab check` shows owners and modes"),
+    (re.compile(r"[Cc]onnection refused|Error 111|Cannot connect to (redis|amqp)|Name or service not known"),
+     "the broker does not answer: check CELERY_BROKER_URL and that the broker runs"),
+    (re.compile(r"WRONGPASS|invalid password|NOAUTH|Authentication required|ACCESS_REFUSED|AuthenticationError"),
+     "the broker refuses the credentials in CELERY_BROKER_URL"),
+)
+
+
+def hint_for(message: str) -> str | None:
+    for pattern, hint in HINTS:
+        if pattern.search(message):
+            return hint
+    return None
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    host: str
+    unit: str
+    timestamp: datetime
+    priority: int
+    message: str
+    cursor: str
+
+    def as_json(self) -> str:
+        return json.dumps({"host": self.host, "unit": self.unit, "timestamp": self.timestamp.isoformat(),
+                           "priority": self.priority, "message": self.message})
+
+
+@dataclass(frozen=True)
+class HostEvent:
+    """Something about a host's stream itself (dropped, reconnected), not a journal line."""
+
+    host: str
+    message: str
+    error: bool = True
+
+
+def journal_command(units: Iterable[str], *, since: str | None = None, lines: int | None = None,
+                    grep: str | None = None, follow: bool = True, after_cursor: str | None = None) -> str:
+    """The remote command: journalctl as root, ended as soon as the SSH channel closes."""
+    argv = ["journalctl", "--no-pager", "-o", "json", "--output-fields="
+            "MESSAGE,PRIORITY,_SYSTEMD_UNIT,UNIT,SYSLOG_IDENTIFIER,__REALTIME_TIMESTAMP,__CURSOR"]
+    for unit in units:
+        argv += ["-u", unit]
+    if after_cursor:
+        argv += ["--after-cursor", after_cursor]
+    else:
+        if since:
+            argv += ["--since", since]
+        if lines is not None:
+            argv += ["-n", str(lines)]
+        elif since is None and follow:
+            argv += ["-n", "10"]
+    if grep:
+        argv += ["--grep", grep]
+    if follow:
+        argv.append("--follow")
+    journal = " ".join(q(a) for a in argv)
+    if not follow:
+        return f"sudo -n -- {journal}"
+    # The watchdog: when the channel closes, stdin ends, and journalctl is killed with it.
+    # (fd 3: a background job's stdin would otherwise be /dev/null, ending at once.)
+    inner = f"exec 3<&0; {journal} <&- & j=$!; (cat <&3 >/dev/null; kill $j 2>/dev/null) & wait $j"
+    return f"sudo -n -- /bin/sh -c {q(inner)}"
+
+
+def parse_line(host: str, raw: str | bytes) -> JournalLine | None:
+    """One line of `journalctl -o json` (pure); None for what is not a journal entry."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or "__CURSOR" not in entry:
+        return None
+    message = entry.get("MESSAGE", "")
+    if isinstance(message, list):  # journald sends non-UTF-8 messages as byte arrays
+        message = bytes(message).decode(errors="replace")
+    elif message is None:
+        message = ""
+    unit = entry.get("_SYSTEMD_UNIT") or entry.get("UNIT") or entry.get("SYSLOG_IDENTIFIER") or "?"
+    if unit in ("init.scope",) and entry.get("UNIT"):
+        unit = entry["UNIT"]
+    try:
+        stamp = datetime.fromtimestamp(int(entry.get("__REALTIME_TIMESTAMP", "0")) / 1e6, UTC)
+    except (TypeError, ValueError):
+        stamp = datetime.fromtimestamp(0, UTC)
+    try:
+        priority = int(entry.get("PRIORITY", 6))
+    except (TypeError, ValueError):
+        priority = 6
+    return JournalLine(host, unit.removesuffix(".service"), stamp, priority, str(message), entry["__CURSOR"])
+
+
+class HostStream(threading.Thread):
+    """Follows one host's journal into `out`; reconnects by itself unless `remote` was given."""
+
+    def __init__(self, host: Host, stage: Stage, out: queue.Queue[object], *, units: list[str],
+                 since: str | None, lines: int | None, grep: str | None, follow: bool,
+                 remote: RemoteHost | None = None, max_backoff: float = 10.0):
+        super().__init__(name=f"journal-{host.name}", daemon=True)
+        self.host, self.stage, self.out = host, stage, out
+        self.units, self.since, self.lines, self.grep, self.follow = units, since, lines, grep, follow
+        self.remote = remote
+        self.own_connection = remote is None
+        self.cursor: str | None = None
+        self.stopping = threading.Event()
+        self.channel: paramiko.Channel | None = None
+        self.max_backoff = max_backoff
+
+    def stop(self) -> None:
+        self.stopping.set()
+        channel = self.channel
+        if channel is not None:
+            channel.close()
+
+    def run(self) -> None:
+        backoff = 1.0
+        down = False
+        while not self.stopping.is_set():
+            try:
+                if self.remote is None:
+                    self.remote = connect(self.host, self.stage.ssh)
+                if down:
+                    self.out.put(HostEvent(self.host.name, "reconnected; resuming after the last line shown",
+                                           error=False))
+                    down = False
+                backoff = 1.0
+                self._stream()
+                if not self.follow or self.stopping.is_set():
+                    break
+                raise ConnectionError("the journal stream ended")
+            except (DeployKitError, paramiko.SSHException, OSError, EOFError, ConnectionError) as exc:
+                if self.stopping.is_set():
+                    break
+                if not self.own_connection:
+                    self.out.put(HostEvent(self.host.name, f"journal stream lost: {_reason(exc)}"))
+                    break
+                if not down:
+                    self.out.put(HostEvent(self.host.name, f"unreachable ({_reason(exc)}); "
+                                           "retrying with backoff, the other hosts keep streaming"))
+                    down = True
+                self._drop_connection()
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        if self.own_connection:
+            self._drop_connection()
+        self.out.put(None)  # this host is done
+
+    def _drop_connection(self) -> None:
+        if self.remote is not None and self.own_connection:
+            with contextlib.suppress(Exception):  # closing a dead connection may fail in many ways
+                self.remote.close()
+            self.remote = None
+
+    def _stream(self) -> None:
+        assert self.remote is not None
+        command = journal_command(self.units, since=self.since, lines=self.lines, grep=self.grep,
+                                  follow=self.follow, after_cursor=self.cursor)
+        transport = self.remote.connection.transport
+        if transport is None or not transport.is_active():
+            raise ConnectionError("the SSH connection is closed")
+        channel = transport.open_session(timeout=15)
+        self.channel = channel
+        try:
+            channel.exec_command(command)
+            buffer = b""
+            while not self.stopping.is_set():
+                data = channel.recv(65536)
+                if not data:
+                    break
+                buffer += data
+                *complete, buffer = buffer.split(b"\n")
+                for raw in complete:
+                    line = parse_line(self.host.name, raw)
+                    if line is not None:
+                        self.cursor = line.cursor
+                        self.out.put(line)
+            if not self.stopping.is_set() and channel.exit_status_ready():
+                status = channel.recv_exit_status()
+                if status not in (0, -1) and not self.follow:
+                    error = channel.recv_stderr(4096).decode(errors="replace").strip()
+                    raise DeployKitError(f"journalctl exited {status}: {error}")
+        finally:
+            channel.close()
+            self.channel = None
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def merged(streams: list[HostStream], out: queue.Queue[object]) -> Iterator[JournalLine | HostEvent]:
+    """Lines and host events from every stream as they arrive, until every stream is done."""
+    for stream in streams:
+        stream.start()
+    running = len(streams)
+    while running:
+        item = out.get()
+        if item is None:
+            running -= 1
+            continue
+        yield item  # type: ignore[misc]
+
+
+def units_for(stage: Stage, host: Host, services: list[str] | None) -> list[str]:
+    """The host's units, narrowed to the named worker services (or "beat")."""
+    app = stage.app
+    chosen = []
+    for worker in stage.workers_on(host):
+        if not services or worker.name in services:
+            chosen.append(worker.unit(app))
+    if stage.beat and stage.beat.host == host.name and (not services or "beat" in services):
+        chosen.append(stage.beat.unit(app))
+    return chosen
+
+
+def check_services(stage: Stage, services: list[str]) -> None:
+    from deploy_kit.errors import UsageError
+
+    known = [w.name for w in stage.workers] + (["beat"] if stage.beat else [])
+    for name in services:
+        if name not in known:
+            raise UsageError(f"no service named {name!r} in stage {stage.name!r} (services: {', '.join(known)})")
+
+
+def stream(stage: Stage, *, hosts: list[Host], services: list[str] | None, since: str | None,
+           lines: int | None, grep: str | None, follow: bool) -> tuple[list[HostStream], Iterator[object]]:
+    out: queue.Queue[object] = queue.Queue()
+    streams = []
+    for host in hosts:
+        host_units = units_for(stage, host, services)
+        if host_units:
+            streams.append(HostStream(host, stage, out, units=host_units, since=since, lines=lines, grep=grep,
+                                      follow=follow))
+    return streams, merged(streams, out)
+
+
+class Tail:
+    """Show a host's unit journal lines while something else runs on the same connection
+    (the cutover of `fab deploy`); stops when told."""
+
+    def __init__(self, remote: RemoteHost, stage: Stage, units: list[str], since: float,
+                 show: Callable[[JournalLine | HostEvent], None]):
+        self.queue: queue.Queue[object] = queue.Queue()
+        stamp = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        self.stream = HostStream(remote.host, stage, self.queue, units=units, since=stamp, lines=None,
+                                 grep=None, follow=True, remote=remote)
+        self.show = show
+        self.printer = threading.Thread(target=self._print, daemon=True)
+
+    def __enter__(self) -> Tail:
+        self.stream.start()
+        self.printer.start()
+        return self
+
+    def _print(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            self.show(item)  # type: ignore[arg-type]
+
+    def __exit__(self, *exc_info: object) -> None:
+        time.sleep(0.3)  # let the last lines of the step arrive
+        self.stream.stop()
+        self.stream.join(timeout=5)
+        self.printer.join(timeout=5)
