@@ -17,13 +17,14 @@ import re
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from deploy_kit import parallel
 from deploy_kit.config import Host, SSHSettings
-from deploy_kit.errors import DeployKitError, SandboxError, UsageError
+from deploy_kit.errors import ConnectError, DeployKitError, SandboxError, UsageError
 from deploy_kit.sandbox import rootfs, stage
 from deploy_kit.sandbox.machine import Machine, link_exists, netns_exists, sh
 from deploy_kit.ssh import connect
@@ -169,7 +170,18 @@ class Sandbox:
 
     def _wait_until_running(self, machine: Machine) -> None:
         host = Host(name=machine.name, address=machine.address, user=rootfs.SSH_USER)
-        with connect(host, self.ssh_settings()) as remote:
+        # Until systemd-user-sessions has run, /run/nologin refuses every login but root's:
+        # sshd answers yet authentication fails. Retry for a while before calling it a failure.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                remote = connect(host, self.ssh_settings())
+                break
+            except ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        with remote:
             result = remote.run_script(
                 "state=$(timeout 90 systemctl is-system-running --wait || true)\n"
                 'echo "$state"\n'
