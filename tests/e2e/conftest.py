@@ -97,10 +97,11 @@ def on_host(stage, index: int, script: str, sudo: bool = True, check: bool = Tru
         return remote.run_script(script, sudo=sudo, what="test script", check=check).stdout
 
 
-def call_task(stage, index: int, task: str, args: list | None = None, timeout: int = 30) -> str:
+def call_task(stage, index: int, task: str, args: list | None = None, timeout: int = 30,
+              queue: str | None = None) -> str:
     """Send a task from the host, as the service would, and return its result's repr."""
     code = ("import json, sys\nfrom exampleapp.celery import app\n"
-            f"print(repr(app.send_task({task!r}, args={args or []!r}).get(timeout={timeout})))\n")
+            f"print(repr(app.send_task({task!r}, args={args or []!r}, queue={queue!r}).get(timeout={timeout})))\n")
     props = " ".join(f"-p {quote(p)}" for p in units.service_environment(stage))
     return on_host(stage, index, f"systemd-run --quiet --wait --pipe --collect {props} -- "
                    f"{units.python(stage.app)} -c {quote(code)}\n").strip()
@@ -144,3 +145,25 @@ def fab(*args: str, config_file: Path | None = None, check: bool = False, stdin:
     if check and proc.returncode != 0:
         raise AssertionError(f"fab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def in_container(machine_name: str, command: str) -> str:
+    """Run a command inside a sandbox host without SSH (for tests that cut SSH off)."""
+    from deploy_kit.sandbox.machine import _find_nspawn
+
+    nspawn = _find_nspawn(machine_name)
+    assert nspawn is not None, f"{machine_name} is not running"
+    init = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()[0]
+    return subprocess.run(["nsenter", "-t", init, "-m", "-u", "-i", "-n", "-p", "--", "/bin/sh", "-c", command],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="session")
+def deployed(sandbox_config):
+    """The test sandbox with the example app set up and deployed (deploys only when needed)."""
+    stage = config.load(sandbox_config).stage(TEST_SANDBOX)
+    if not current_release(stage, 0):
+        fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+        prepare_env(Sandbox(TEST_SANDBOX), sandbox_config, TEST_SANDBOX)
+        fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
+    return stage

@@ -46,3 +46,10 @@ def slow(seconds: float) -> float:
 def release() -> str:
     """The directory of the code this worker runs: which release consumed the task."""
     return str(Path(__file__).resolve().parent.parent)
+
+
+@shared_task
+def echo(text: str) -> str:
+    """Log `text` at warning level and return it (shows up in `fab logs`)."""
+    logger.warning("echo: %s", text)
+    return text

@@ -1,0 +1,161 @@
+"""`fab logs` on two real hosts: merged live journals, filters, reconnect from the cursor, clean Ctrl-C."""
+
+import json
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from .conftest import FAB, ROOT, TEST_SANDBOX, call_task, fab, in_container, on_host
+
+
+class Follower:
+    """`fab logs` running in the background, its stdout read line by line."""
+
+    def __init__(self, config_file, *args):
+        env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file), COLUMNS="200")
+        self.proc = subprocess.Popen([str(FAB), "logs", "--stage", TEST_SANDBOX, "--json", *args], cwd=ROOT,
+                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[dict] = queue.Queue()
+        self.seen: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def wait_for(self, predicate, timeout=60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.seen.append(item)
+            if predicate(item):
+                return item
+        raise AssertionError(f"no matching line within {timeout}s; seen: {self.seen[-5:]}")
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return self.proc.returncode, self.proc.stderr.read()
+
+
+def echo_on(stage, index: int, text: str) -> None:
+    """Make the worker of host `index` log `text`: a task sent to that worker's own queue."""
+    host = stage.hosts[index].name
+    assert call_task(stage, 0, "ledger.tasks.echo", [text], queue=f"deploy-kit.verify.default@{host}") == repr(text)
+
+
+def marker() -> str:
+    return f"marker-{secrets.token_hex(4)}"
+
+
+def test_lines_from_every_host_arrive_prefixed_with_host_and_unit(deployed, sandbox_config):
+    follower = Follower(sandbox_config)
+    try:
+        time.sleep(2)  # the streams start with the last lines; new ones follow
+        marks = [marker(), marker()]
+        for index, text in enumerate(marks):
+            echo_on(deployed, index, text)
+        for index, text in enumerate(marks):
+            line = follower.wait_for(lambda item, text=text: text in item["message"])
+            assert line["host"] == deployed.hosts[index].name
+            assert line["unit"] == "exampleapp-worker-default"
+            assert line["priority"] == 4  # logged at warning level
+            datetime.fromisoformat(line["timestamp"])
+    finally:
+        code, stderr = follower.stop()
+    assert code == 0 and "Traceback" not in stderr
+
+
+def test_filters_work_as_documented(deployed, sandbox_config):
+    text = marker()
+    echo_on(deployed, 1, text)
+    after = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    time.sleep(1.5)
+
+    def lines(*args):
+        proc = fab("logs", "--stage", TEST_SANDBOX, "--no-follow", "--json", *args, config_file=sandbox_config,
+                   check=True)
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    found = lines("--grep", text)
+    assert [(x["host"], x["unit"]) for x in found] == [("dktest2", "exampleapp-worker-default")]
+    assert all(text in x["message"] for x in found)
+    only = lines("--host", "dktest2", "--service", "reports", "-n", "5")
+    assert only and {(x["host"], x["unit"]) for x in only} == {("dktest2", "exampleapp-worker-reports")}
+    assert len(lines("-n", "1", "--service", "default")) == 2  # the last line of each host
+    assert not lines("--since", after, "--grep", text)
+    beat = lines("--service", "beat", "-n", "3")
+    assert beat and {x["host"] for x in beat} == {"dktest1"}  # Beat runs on one host only
+    plain = fab("logs", "--stage", TEST_SANDBOX, "--no-follow", "--grep", text, config_file=sandbox_config,
+                check=True).stdout
+    assert plain.startswith("dktest2 exampleapp-worker-default ") and text in plain
+    bad = fab("logs", "--stage", TEST_SANDBOX, "--service", "nope", config_file=sandbox_config)
+    assert bad.returncode == 2 and "no service named 'nope'" in bad.stderr
+
+
+def test_hint_for_a_classic_failure(deployed, sandbox_config):
+    on_host(deployed, 1, "systemd-cat -t exampleapp-test echo never-mind")  # not our unit: filtered out
+    text = f"ModuleNotFoundError: No module named 'payments_sdk' {marker()}"
+    echo_on(deployed, 1, text)
+    time.sleep(1)
+    plain = fab("logs", "--stage", TEST_SANDBOX, "--no-follow", "--grep", "payments_sdk", "-n", "1",
+                config_file=sandbox_config, check=True).stdout
+    assert "hint: a module is missing from the release's virtualenv" in plain
+    assert "never-mind" not in plain
+
+
+def test_a_host_whose_sshd_stops_resumes_from_its_cursor(deployed, sandbox_config):
+    follower = Follower(sandbox_config, "--host", "dktest2", "--service", "default")
+    try:
+        time.sleep(2)
+        first = marker()
+        echo_on(deployed, 1, first)
+        follower.wait_for(lambda item: first in item["message"])
+        in_container("dktest2", "systemctl stop ssh.socket ssh.service 2>/dev/null; pkill -f 'sshd: deploy' || true")
+        during = [marker(), marker()]
+        for text in during:  # written while the host is unreachable over SSH
+            echo_on(deployed, 1, text)
+        time.sleep(3)
+        in_container("dktest2", "systemctl start ssh.service")
+        for text in during:
+            follower.wait_for(lambda item, text=text: text in item["message"], timeout=90)
+        after = marker()
+        echo_on(deployed, 1, after)
+        follower.wait_for(lambda item: after in item["message"])
+    finally:
+        code, stderr = follower.stop()
+    messages = [item["message"] for item in follower.seen]
+    for text in (first, *during, after):
+        assert sum(text in m for m in messages) == 1, f"{text} seen {sum(text in m for m in messages)} times"
+    assert stderr.count("unreachable") == 1 and "reconnected" in stderr
+    assert code == 0
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_ctrl_c_leaves_no_journalctl_running(deployed, sandbox_config, index):
+    follower = Follower(sandbox_config)
+    text = marker()
+    time.sleep(2)
+    echo_on(deployed, index, text)
+    follower.wait_for(lambda item: text in item["message"])
+    assert on_host(deployed, index, "pgrep -c -x journalctl || true").strip() == "1"
+    code, stderr = follower.stop()
+    assert code == 0 and "Traceback" not in stderr
+    time.sleep(1)
+    for host in (0, 1):
+        assert on_host(deployed, host, "pgrep -c -x journalctl || true").strip() == "0"
