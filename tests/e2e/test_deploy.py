@@ -5,6 +5,7 @@ The tests of this module run in order; each leaves the stage deployed and health
 """
 
 import json
+import time
 
 import pytest
 
@@ -223,3 +224,25 @@ def test_rollback_warns_about_migrations_it_leaves_applied(stage, sandbox_config
     proc = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config)
     assert proc.returncode == 0, proc.stderr
     assert "ledger.0002_entry_note" in proc.stdout and "never reverses migrations" in proc.stdout
+
+
+def test_a_task_running_during_the_restart_finishes(stage, sandbox_config):
+    """KillMode=mixed: the restart waits for the running task (warm shutdown), it is not killed."""
+    import threading
+
+    tag = f"slow-{time.time_ns()}"
+    result: dict[str, str] = {}
+    sender = threading.Thread(target=lambda: result.update(value=call_task(
+        stage, 0, "ledger.tasks.slow", [6, tag], timeout=120, queue="deploy-kit.verify.default@dktest1")))
+    sender.start()
+    deadline = time.monotonic() + 30
+    while tag not in on_host(stage, 0, "journalctl -u exampleapp-worker-default -o cat --no-pager -n 50"):
+        assert time.monotonic() < deadline, "the slow task did not start"
+        time.sleep(0.3)
+    proc = deploy(sandbox_config)
+    sender.join(timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert result.get("value") == "6"
+    journal = on_host(stage, 0, "journalctl -u exampleapp-worker-default -o cat --no-pager -n 400")
+    assert journal.count(f"slow start {tag}") == 1  # ran once: not killed and redelivered
+    assert f"slow done {tag}" in journal and "WorkerLostError" not in journal

@@ -36,9 +36,11 @@ def heartbeat() -> str:
 
 
 @shared_task
-def slow(seconds: float) -> float:
+def slow(seconds: float, tag: str = "") -> float:
     """Sleep, to show that a restart lets running tasks finish (warm shutdown)."""
+    logger.info("slow start %s in pid %s", tag, os.getpid())
     time.sleep(seconds)
+    logger.info("slow done %s", tag)
     return seconds
 
 
