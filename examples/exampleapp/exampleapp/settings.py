@@ -66,7 +66,8 @@ TIME_ZONE = "UTC"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {"journal": {"()": "exampleapp.journal.JournalFormatter", "fmt": "%(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "journal"}},
     "root": {"handlers": ["console"], "level": "INFO"},
 }
 
