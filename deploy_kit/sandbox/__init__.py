@@ -10,6 +10,7 @@ every process, mount, namespace and link it made.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -231,6 +232,9 @@ class Sandbox:
                 errors.append(str(exc))
         if link_exists(self.bridge):
             sh("ip", "link", "del", self.bridge, what="removing the sandbox bridge")
+        for directory in Machine(self.name, "", "", self.bridge, self.dir).cgroups():
+            with contextlib.suppress(OSError):  # still in use by another sandbox: it stays
+                directory.parent.rmdir()
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         if errors:

@@ -94,11 +94,36 @@ class Machine:
         argv = ["systemd-nspawn", "--quiet", "-D", str(self.root), "--register=no", "--keep-unit",
                 "-b", "-M", self.name, f"--network-namespace-path=/run/netns/{self.netns}",
                 "--console=read-only"]
+        preexec = None
+        if Path("/run/systemd/system").is_dir():  # systemd is PID 1: give the container its own scope
+            argv = ["systemd-run", "--scope", "--quiet", f"--unit=deploy-kit-{self.name}", "--", *argv]
+        else:
+            cgroups = self.cgroups()
+            for directory in cgroups:
+                directory.mkdir(parents=True, exist_ok=True)
+
+            def preexec() -> None:  # in the child, before exec: move into the container's own cgroups
+                for directory in cgroups:
+                    (directory / "cgroup.procs").write_text(str(os.getpid()))
+
         with open(self.console_log, "wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=preexec)
         self.pid_file.write_text(str(proc.pid))
         return proc
+
+    def cgroups(self) -> list[Path]:
+        """Where this container's cgroup tree lives when no systemd manages this machine.
+
+        systemd-nspawn --keep-unit roots the container's cgroups at its own cgroup; containers
+        started from one shell would share it and trample each other's units. Each gets its own.
+        """
+        base = Path("/sys/fs/cgroup")
+        if (base / "cgroup.controllers").exists():  # unified hierarchy only
+            roots = [base]
+        else:  # hybrid or legacy: the named systemd hierarchy, plus the unified one when mounted
+            roots = [p for p in (base / "unified", base / "systemd") if p.is_dir()]
+        return [root / "deploy-kit" / self.name for root in roots]
 
     def wait_for_ssh(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -146,6 +171,8 @@ class Machine:
             sh("umount", str(self.root), what=f"unmounting {self.root}", check=False)
             if _is_mounted(self.root):
                 sh("umount", "-l", str(self.root), what=f"unmounting {self.root}")
+        for directory in self.cgroups():
+            _remove_cgroup(directory)
         if netns_exists(self.netns):
             sh("ip", "netns", "del", self.netns, what="removing the network namespace")
         if link_exists(self.veth):  # usually gone with the namespace that held its peer
@@ -173,6 +200,17 @@ def netns_exists(name: str) -> bool:
 
 def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
+
+
+def _remove_cgroup(directory: Path) -> None:
+    """Remove a cgroup tree bottom-up (cgroupfs directories go with rmdir once empty)."""
+    if not directory.is_dir():
+        return
+    for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            child.rmdir()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def _wait_gone(link: str, timeout: float = 5) -> bool:

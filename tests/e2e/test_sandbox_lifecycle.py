@@ -27,6 +27,7 @@ def _traces(name: str) -> dict[str, list[str]]:
         "namespaces": [n for n in netns if n.startswith(f"dk-{name}")],
         "links": [n for n in os.listdir("/sys/class/net") if name in n],
         "state": [str(p) for p in Path("/var/lib/deploy-kit/sandbox").glob(f"{name}/*")],
+        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob(f"**/deploy-kit/{name}*")],
     }
 
 
@@ -38,6 +39,7 @@ def test_up_then_down_leaves_nothing_behind(tmp_path):
         assert "dklife1" in up.stdout
         running = _traces(NAME)
         assert running["processes"] and running["mounts"] and running["namespaces"] and running["links"]
+        assert running["cgroups"]
         text = config_file.read_text()
         assert text.startswith("# my own notes stay\n")
         assert "[stages.dklife]" in text
@@ -49,6 +51,7 @@ def test_up_then_down_leaves_nothing_behind(tmp_path):
         down = fab("sandbox.down", "--stage", NAME, config_file=config_file)
     assert down.returncode == 0, down.stderr
     assert "is down" in down.stdout
-    assert _traces(NAME) == {"processes": [], "mounts": [], "namespaces": [], "links": [], "state": []}
+    assert _traces(NAME) == {"processes": [], "mounts": [], "namespaces": [], "links": [], "state": [],
+                             "cgroups": []}
     again = fab("sandbox.down", "--stage", NAME, config_file=config_file, check=True)
     assert "nothing to remove" in again.stdout
