@@ -27,7 +27,8 @@ def _traces(name: str) -> dict[str, list[str]]:
         "namespaces": [n for n in netns if n.startswith(f"dk-{name}")],
         "links": [n for n in os.listdir("/sys/class/net") if name in n],
         "state": [str(p) for p in Path("/var/lib/deploy-kit/sandbox").glob(f"{name}/*")],
-        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob(f"**/deploy-kit/{name}*")],
+        "cgroups": [str(p) for root in ("unified", "systemd", "")
+                    for p in Path("/sys/fs/cgroup", root, "deploy-kit").glob(f"{name}*")],
     }
 
 
