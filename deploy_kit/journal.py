@@ -152,7 +152,8 @@ class HostStream(threading.Thread):
         self.stopping.set()
         channel = self.channel
         if channel is not None:
-            channel.close()
+            with contextlib.suppress(Exception):  # its connection may be dead already
+                channel.close()
 
     def run(self) -> None:
         backoff = 1.0
@@ -222,8 +223,9 @@ class HostStream(threading.Thread):
                     error = channel.recv_stderr(4096).decode(errors="replace").strip()
                     raise DeployKitError(f"journalctl exited {status}: {error}")
         finally:
-            channel.close()
             self.channel = None
+            with contextlib.suppress(Exception):
+                channel.close()
 
 
 def _reason(exc: BaseException) -> str:

@@ -148,7 +148,7 @@ def test_a_host_whose_sshd_stops_resumes_from_its_cursor(deployed, sandbox_confi
     entries = [(item["timestamp"], item["message"]) for item in follower.seen]
     assert len(entries) == len(set(entries))
     assert stderr.count("unreachable") == 1 and "reconnected" in stderr
-    assert code == 0
+    assert code == 0, stderr
 
 
 @pytest.mark.parametrize("index", [0, 1])
