@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from invoke.exceptions import Exit
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
@@ -139,12 +140,52 @@ def print_journal_item(console: Console, item: JournalLine | HostEvent, colours:
         return
     colour = colours.get(item.host, "white")
     text = escape(item.message)
-    if item.priority <= 3:
-        text = f"[bold red]{text}[/]"
+    if item.priority <= 3:  # the label keeps it visible in plain (uncoloured) output too
+        text = f"[bold red]ERROR {text}[/]"
     elif item.priority == 4:
-        text = f"[yellow]{text}[/]"
+        text = f"[yellow]WARNING {text}[/]"
     stamp = item.timestamp.strftime("%H:%M:%S")
     console.print(f"[{colour}]{escape(item.host)}[/] [dim]{escape(item.unit)} {stamp}[/] {text}")
     hint = hint_for(item.message)
     if hint:
         console.print(f"  [bold yellow]hint:[/] {escape(hint)}")
+
+
+class DeployDisplay:
+    """Progress of a deploy: one line per event, and on a terminal a live table of each host's
+    current step under them. When stdout is not a terminal: the lines only, plain."""
+
+    def __init__(self, console: Console, hosts: Sequence[str]):
+        self.console = console
+        self.steps: dict[str, str] = {host: "waiting" for host in hosts}
+        self.colours = host_colours(list(hosts))
+        self.live: Live | None = None
+
+    def __enter__(self) -> DeployDisplay:
+        if self.console.is_terminal:
+            self.live = Live(self._render(), console=self.console, refresh_per_second=8, transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def _render(self) -> Table:
+        grid = Table.grid(padding=(0, 2))
+        for host, step in self.steps.items():
+            grid.add_row(f"[bold {self.colours[host]}]{escape(host)}[/]", escape(step))
+        return grid
+
+    def say(self, host: str, message: str) -> None:
+        if host:
+            colour = self.colours.get(host, "white")
+            self.console.print(f"[cyan]>[/] [bold {colour}]{escape(host)}[/] {escape(message)}")
+            if not message.startswith("  |"):
+                self.steps[host] = message
+        else:
+            self.console.print(f"[cyan]>[/] {escape(message)}")
+            for name in self.steps:
+                self.steps[name] = message
+        if self.live is not None:
+            self.live.update(self._render())

@@ -11,13 +11,6 @@ from deploy_kit.errors import UsageError
 from ._stage import STAGE_HELP, load_stage
 
 
-def _say(console):
-    def say(host, message):
-        prefix = f"[bold]{host}[/] " if host else ""
-        console.print(f"[cyan]>[/] {prefix}{ui.escape(message)}")
-    return say
-
-
 @task(help={"stage": STAGE_HELP, "ref": "git branch, tag or commit to deploy (default: app.ref)",
             "plan": "print every step and command per host, run nothing"})
 def deploy(c, stage=None, ref=None, plan=False):
@@ -34,7 +27,8 @@ def deploy(c, stage=None, ref=None, plan=False):
                 if step.command:
                     console.print(ui.indent(step.command), markup=False, highlight=False)
             return
-        outcome = deploy_lib.deploy(chosen, ref=ref, say=_say(console))
+        with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
+            outcome = deploy_lib.deploy(chosen, ref=ref, say=display.say)
         console.print(ui.timings_table(outcome))
         console.print(f"deployed {outcome.release} ({outcome.sha[:10]}) to stage {chosen.name}: verified")
 
@@ -45,7 +39,8 @@ def rollback(c, stage=None, to=None):
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
-        outcome = deploy_lib.rollback(chosen, to=to, say=_say(console))
+        with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
+            outcome = deploy_lib.rollback(chosen, to=to, say=display.say)
         console.print(ui.timings_table(outcome))
         console.print(f"rolled back stage {chosen.name} to {outcome.release}: verified")
 

@@ -139,6 +139,39 @@ def test_rollback_to_the_previous_release_and_to_a_named_one(stage, sandbox_conf
     assert refused.returncode == 2 and "does not exist" in refused.stderr
 
 
+def test_a_killed_laptop_cannot_leave_a_host_half_switched(stage, sandbox_config):
+    """The cutover runs on the hosts under systemd-run: killing `fab deploy` mid-way changes nothing."""
+    import os
+    import signal
+    import subprocess
+
+    from .conftest import FAB, ROOT
+
+    before = current_release(stage, 0)
+    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(sandbox_config))
+    proc = subprocess.Popen([str(FAB), "deploy", "--stage", TEST_SANDBOX], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if "switch: ok" in line:  # the first host has switched: the laptop dies now
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while True:
+        state = json.loads(on_host(stage, 1, "cat /srv/exampleapp/.deploy-kit/cutover.json"))
+        if state["status"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert state["status"] == "done"  # finished on its own, verified, with nobody watching
+    assert current_release(stage, 1) == state["target"] != before
+    assert call_task(stage, 1, "ledger.tasks.release") == repr(f"/srv/exampleapp/releases/{state['target']}")
+    # The lock stays, so nobody deploys over an unfinished deploy without looking.
+    refused = deploy(sandbox_config)
+    assert refused.returncode == 4
+    fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert deploy(sandbox_config).returncode == 0  # and the next deploy puts every host in step
+
+
 def test_a_second_deploy_is_refused_while_the_lock_is_held(stage, sandbox_config):
     holder = {"who": "alice", "from": "alice-laptop", "action": "deploy", "ref": "main",
               "since": "2026-11-24T12:00:00+00:00"}

@@ -208,3 +208,16 @@ def test_missing_file_says_where_and_what_to_do(tmp_path, monkeypatch):
 def test_worker_without_any_worker_host():
     text = MINIMAL.replace('address = "10.0.0.5"', 'address = "10.0.0.5"\nroles = ["migrate"]')
     assert "runs on no host" in error_of(text)
+
+
+def test_linked_paths_must_stay_inside_the_release():
+    message = error_of(MINIMAL.replace('celery_app = "shop"', 'celery_app = "shop"\nlinked_dirs = ["/var/media"]'))
+    assert "stages.prod.app.linked_dirs" in message and "must be relative to the release" in message
+    message = error_of(MINIMAL.replace('celery_app = "shop"', 'celery_app = "shop"\nlinked_files = ["../x"]'))
+    assert "stages.prod.app.linked_files" in message
+
+
+def test_install_mode_is_wheels_or_index():
+    assert parse(MINIMAL).stage("prod").app.install == "wheels"
+    message = error_of(MINIMAL.replace('celery_app = "shop"', 'celery_app = "shop"\ninstall = "pypi"'))
+    assert "must be 'wheels'" in message and "'index'" in message

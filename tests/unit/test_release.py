@@ -86,3 +86,43 @@ def test_bundle_without_wheels(tmp_path):
     data = release.bundle(make_source(), [], "true\n")
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert not any(name.startswith("wheels/") for name in tar.getnames())
+
+
+def _stage(extra_app: str = ""):
+    from pathlib import Path
+
+    from deploy_kit import config
+
+    text = ('[stages.prod]\n[[stages.prod.hosts]]\naddress = "h1"\n[stages.prod.app]\nname = "shop"\n'
+            f'repo = "git@example.com:a/shop.git"\ncelery_app = "shop"\n{extra_app}'
+            '[[stages.prod.workers]]\nname = "default"\n')
+    return config.parse(text, Path("/x/hosts.toml")).stage("prod")
+
+
+SOURCE = release.Source("2026-11-24-120000", "abc", "main", b"", "Django==5.2\n", {})
+
+
+def test_build_script_installs_from_the_sent_wheels_only_by_default():
+    script = release.build_script(_stage(), SOURCE)
+    assert "--no-index --find-links /srv/shop/.deploy-kit/wheels" in script
+    assert 'mv -T "$building" "$final"' in script  # complete releases only appear under their name
+
+
+def test_build_script_with_install_index_uses_the_hosts_package_index():
+    script = release.build_script(_stage('install = "index"\n'), SOURCE, wheels_sent=False)
+    assert "--no-index" not in script and "pip install" in script
+    assert "if [ yes = no ]" in script  # never asks for wheels it does not need
+
+
+def test_build_script_links_shared_dirs_and_requires_shared_files():
+    script = release.build_script(_stage('linked_dirs = ["media"]\nlinked_files = ["config/local.py"]\n'), SOURCE)
+    assert "install -d -o shop -g shop -m 0750 /srv/shop/shared/media" in script
+    assert 'ln -s /srv/shop/shared/media "$building"/media' in script
+    assert "linked file /srv/shop/shared/config/local.py does not exist" in script
+    assert 'ln -s /srv/shop/shared/config/local.py "$building"/config/local.py' in script
+
+
+def test_release_check_runs_as_the_service_before_the_release_appears():
+    script = release.build_script(_stage(), SOURCE)
+    check = script.index("manage.py check")
+    assert script.index("-p User=shop") < check < script.index('mv -T "$building" "$final"')
