@@ -32,6 +32,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 _POSIX_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SECRET_KEY = re.compile(r"(pass|secret|token|credential|broker_url|_url$|api_key|private)", re.I)
 _URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]+@", re.I)
 
@@ -342,12 +343,19 @@ def _name_check(what: str) -> Callable[[str], str | None]:
     return check
 
 
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
+
+
 def _absolute(value: str) -> str | None:
     path = PurePosixPath(value)
     if not path.is_absolute():
         return f"must be an absolute path, got {value!r}. Fix: write it as {'/' + value.lstrip('./')!r}"
     if path == PurePosixPath("/") or ".." in path.parts:
-        return f"must be a dedicated absolute directory, got {value!r}"
+        return f"must be an absolute path of its own, not / and without '..', got {value!r}"
+    if not _SAFE_PATH.match(value):
+        # It ends up in unit files (where % and spaces mean something) and shell scripts.
+        return (f"may hold only letters, digits and . _ / + - (it goes into systemd units and scripts), "
+                f"got {value!r}")
     return None
 
 
@@ -357,7 +365,8 @@ def _service_account(what: str) -> Callable[[str], str | None]:
             return (f"the service {what} must not be root (a compromised task would own the host). "
                     "Fix: use a dedicated account such as the app's name")
         if not _POSIX_NAME.match(value):
-            return f"{value!r} is not a valid {what} name (lowercase letters, digits, '-', '_')"
+            return (f"{value!r} is not a valid {what} name: use lowercase letters, digits, '-' and '_', "
+                    "starting with a letter, at most 32 characters")
         return None
     return check
 
@@ -408,7 +417,7 @@ def _string_list(what: str, pattern: re.Pattern[str] | None = None) -> Callable[
             if not isinstance(item, str) or not item:
                 return f"must be a list of {what} names (strings), got {_describe(item)} in it"
             if pattern is not None and not pattern.match(item):
-                return f"{item!r} is not a valid {what} name"
+                return f"{item!r} is not a valid {what} name (letters, digits, '.', '_', ':' and '-')"
         if len(set(value)) != len(value):
             return f"lists the same {what} twice"
         return None
@@ -490,8 +499,8 @@ class _Loader:
             t = _Table(item, f"{path}[{index}]", self.problems)
             address = t.get("address", str, check=_not_empty, hint='"203.0.113.10"')
             host_name = t.get("name", str, address or f"host{index + 1}",
-                              check=lambda v: None if v.strip() and " " not in v else
-                              f"must be a non-empty name without spaces, got {v!r}")
+                              check=lambda v: None if _HOST_NAME.match(v) else
+                              f"must be a name of letters, digits, '.', '_' or '-', got {v!r}")
             port = t.get("port", int, 22, check=_port)
             user = t.get("user", str, "deploy", check=_not_empty)
             roles = t.get("roles", list, ["worker"], check=_roles)

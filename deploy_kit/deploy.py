@@ -35,6 +35,7 @@ from deploy_kit.errors import (
     EXIT_ROLLED_BACK,
     DeployKitError,
     HostError,
+    HostsFailed,
     PreflightFailed,
     RemoteCommandError,
 )
@@ -81,16 +82,27 @@ def _timed(outcome: Outcome, host: str, step: str, started: float) -> None:
 
 def _lock_and_probe(session: Session, stage: Stage, info: dict[str, str], outcome: Outcome,
                     check: bool) -> dict[str, HostFacts]:
-    def one(remote: RemoteHost) -> HostFacts:
+    def one(remote: RemoteHost) -> HostFacts | DeployKitError:
         started = time.monotonic()
-        facts = hostfacts.gather(remote, stage, check=check, lock=info)
+        try:
+            facts = hostfacts.gather(remote, stage, check=check, lock=info)
+        except DeployKitError as exc:
+            return exc
         _timed(outcome, remote.name, "lock+check", started)
         return facts
 
-    facts = session.each(one, what="locking and checking hosts")
+    found = session.each(one, what="locking and checking hosts")
+    failed = {h: e for h, e in found.items() if isinstance(e, DeployKitError)}
+    facts = {h: f for h, f in found.items() if isinstance(f, HostFacts)}
+    taken = [h for h, f in facts.items() if f.lock and f.lock.acquired]
+    if failed:  # give back the locks this run took, then report
+        unlock(session, stage, taken)
+        if len(found) == 1:
+            raise next(iter(failed.values()))
+        raise HostsFailed("locking and checking hosts", failed, list(facts))
     held = {h: f.lock.holder for h, f in facts.items() if f.lock and not f.lock.acquired}
     if held:
-        unlock(session, stage, [h for h in facts if h not in held])
+        unlock(session, stage, taken)
         lines = [f"  {host}: held by {h.get('who')} from {h.get('from')} since {h.get('since')} "
                  f"({h.get('action', 'deploy')} of {h.get('ref', '?')})" for host, h in held.items()]
         raise Locked(f"another deploy or rollback holds the lock of {stage.app.name}:\n" + "\n".join(lines)
@@ -107,7 +119,7 @@ def unlock(session: Session, stage: Stage, hosts: list[str]) -> None:
 
 
 def _finish(session: Session, stage: Stage, record: dict[str, object], current: dict[str, str | None],
-            facts: dict[str, HostFacts], outcome: Outcome, cleanup: bool) -> None:
+            facts: dict[str, HostFacts], outcome: Outcome, cleanup: bool, unlock_hosts: bool = True) -> None:
     """History line, cleanup and unlock, in one round trip per host."""
     app = stage.app
     state = release.state_dir(app)
@@ -123,7 +135,8 @@ def _finish(session: Session, stage: Stage, record: dict[str, object], current: 
                 listing.append(hostfacts.ReleaseInfo(new, False, record.get("result") != "success", {}))
             for name in releases.to_delete(listing, current.get(remote.name), app.keep_releases):
                 lines.append(f"rm -rf {q(str(app.releases_dir / name))}")
-        lines.append(f"rm -rf {q(str(state / 'lock'))}")
+        if unlock_hosts:
+            lines.append(f"rm -rf {q(str(state / 'lock'))}")
         remote.run_script("\n".join(lines) + "\n", sudo=True, what="recording and cleaning up")
         _timed(outcome, remote.name, "finish", started)
 
@@ -172,18 +185,38 @@ def _launch_cutover(remote: RemoteHost, stage: Stage, params: dict[str, object])
     remote.run_script(script, sudo=True, what="starting the cutover")
 
 
-def _follow_cutover(remote: RemoteHost, stage: Stage, params: dict[str, object], say: Say,
+def _follow_cutover(session: Session, name: str, stage: Stage, params: dict[str, object], say: Say,
                     outcome: Outcome, deadline: float) -> dict[str, object]:
-    """Poll the host's state file until the cutover ends; report each step as it completes."""
+    """Poll the host's state file until the cutover ends; report each step as it completes.
+
+    The cutover runs on the host by itself: a dropped connection only pauses the polling,
+    which reconnects and goes on."""
     app = stage.app
     unit = f"{app.name}-cutover-{params['id']}"
-    script = (f"cat {q(str(params['state_file']))} 2>/dev/null || echo '{{}}'\n"
-              f"printf '\\n---\\n'; systemctl is-active {q(unit)} || true\n")
+    # Unit state first, then the file: a cutover that ends in between is read as ended, not dead.
+    script = (f"systemctl is-active {q(unit)} || true\nprintf -- '---\\n'\n"
+              f"cat {q(str(params['state_file']))} 2>/dev/null || echo '{{}}'\n")
     reported = 0
     last: dict[str, object] = {}
+    started = time.monotonic()
+    lost = False
     while True:
-        out = remote.run_script(script, sudo=True, what="following the cutover", timeout=30).stdout
-        text, _, active = out.rpartition("\n---\n")
+        try:
+            out = session.remote(name).run_script(script, sudo=True, what="following the cutover", timeout=30).stdout
+            if lost:
+                say(name, "connection back; the cutover went on meanwhile")
+                lost = False
+        except DeployKitError as exc:
+            if not lost:
+                say(name, f"lost the connection ({getattr(exc, 'reason', exc)}); the cutover goes on "
+                          "on the host, reconnecting")
+                lost = True
+            if time.monotonic() > deadline:
+                return dict(last, status="unknown", rollback_failure="the host could not be reached again")
+            time.sleep(2)
+            session.reconnect(name)
+            continue
+        active, _, text = out.partition("---\n")
         try:
             last = json.loads(text.strip() or "{}")
         except ValueError:
@@ -193,18 +226,20 @@ def _follow_cutover(remote: RemoteHost, stage: Stage, params: dict[str, object],
             if step.get("ok") is None:
                 break
             mark = "ok" if step["ok"] else "FAILED"
-            say(remote.name, f"{step['name']}: {mark} {step.get('detail', '')}".rstrip())
-            outcome.timings.setdefault(remote.name, {})[step["name"]] = round(
+            say(name, f"{step['name']}: {mark} {step.get('detail', '')}".rstrip())
+            outcome.timings.setdefault(name, {})[step["name"]] = round(
                 step.get("ended", 0) - step.get("started", 0), 2)
             reported += 1
         status = last.get("status")
-        if status in ("done", "rolled_back", "rollback_failed"):
+        running = active.strip() in ("active", "activating")
+        if status in ("done", "rolled_back", "fell_back", "rollback_failed"):
             return last
-        if last and active.strip() not in ("active", "activating") and status == "running":
-            return dict(last, status="rollback_failed",
-                        rollback_failure="the cutover process died; the host's state is unknown")
+        if not running and status == "running":
+            return dict(last, status="unknown", rollback_failure="the cutover process died mid-way")
+        if not running and not last and time.monotonic() - started > 15:
+            return {"status": "not_started", "failure": "the cutover did not start on the host"}
         if time.monotonic() > deadline:
-            return dict(last, status="rollback_failed",
+            return dict(last, status="unknown",
                         rollback_failure="the cutover did not finish in time; it may still be running")
         time.sleep(0.5)
 
@@ -216,7 +251,11 @@ def _cutover(session: Session, stage: Stage, targets: dict[str, str], previous: 
     beat_host = stage.beat.host if stage.beat else None
     waves = [[h for h in stage.hosts if h.name != beat_host and h.name in targets],
              [h for h in stage.hosts if h.name == beat_host and h.name in targets]]
-    budget = stage.verify.timeout * 4 + max(units.stop_timeout(stage, w) for w in stage.workers) + 120
+    # Worst case on a host: two restarts (warm shutdowns) and two verifications, forward and back.
+    workers = max((len(stage.workers_on(h)) for h in stage.hosts), default=1)
+    longest_stop = max(units.stop_timeout(stage, w) for w in stage.workers)
+    one_pass = longest_stop + 120 + (stage.verify.timeout + 30) * (workers + 1)
+    budget = 2 * one_pass + 60
     results: dict[str, dict[str, object]] = {}
     for wave in waves:
         if not wave:
@@ -232,8 +271,11 @@ def _cutover(session: Session, stage: Stage, targets: dict[str, str], previous: 
             watched = list(units.units_for(stage, remote.host))
             with journal.Tail(remote, stage, watched, since=time.time() - 1,
                               show=lambda item: _show_journal(say, item)):
-                _launch_cutover(remote, stage, params[remote.name])
-                return _follow_cutover(remote, stage, params[remote.name], say, outcome,
+                try:
+                    _launch_cutover(remote, stage, params[remote.name])
+                except DeployKitError as exc:
+                    return {"status": "not_started", "failure": getattr(exc, "reason", str(exc))}
+                return _follow_cutover(session, remote.name, stage, params[remote.name], say, outcome,
                                        time.monotonic() + budget)
 
         for host, state in session.each(one, what="cutover").items():
@@ -280,7 +322,8 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             outcome.release, outcome.sha = source.name, source.sha
             record.update(release=source.name, sha=source.sha)
             say("", f"release {source.name}: {ref} at {source.sha[:10]} ({len(source.archive) // 1024} KiB packed)")
-            houses = {key: wheels.Wheelhouse(source.requirements, wheels.Target.from_facts(f.target), CACHE_DIR)
+            houses = {key: wheels.Wheelhouse(source.requirements, wheels.Target.from_facts(f.target), CACHE_DIR,
+                                             source.constraints)
                       for key, f in facts.items()}
             for host, house in houses.items():
                 if stage.app.install == "wheels" and not _reuses_env(facts[host], source):
@@ -292,7 +335,8 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
                 host_facts = facts[remote.name]
                 built = release.build_on(remote, stage, source, houses[remote.name], set(host_facts.wheels),
                                          send_wheels=stage.app.install == "wheels"
-                                         and not _reuses_env(host_facts, source))
+                                         and not _reuses_env(host_facts, source),
+                                         python_version=host_facts.target.get("python", ""))
                 _timed(outcome, remote.name, "release", t0)
                 env = "environment reused" if built.reused_env else "new environment"
                 say(remote.name, f"built {built.name} ({env}, {built.wheels_sent} wheel(s) sent, "
@@ -300,9 +344,12 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
                 return built
 
             try:
-                session.each(build, what="building the release")
+                built_on = list(session.each(build, what="building the release"))
+            except HostsFailed as exc:
+                _discard(session, stage, source.name, exc.succeeded)
+                raise
             except DeployKitError:
-                _discard(session, stage, source.name)
+                _discard(session, stage, source.name, [])
                 raise
 
             migrate_host = stage.migrate_host
@@ -310,7 +357,7 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             try:
                 _migrate(session.remotes[migrate_host.name], stage, source.name)
             except DeployKitError:
-                _discard(session, stage, source.name)
+                _discard(session, stage, source.name, built_on)
                 raise
             _timed(outcome, migrate_host.name, "migrate", t)
             say(migrate_host.name, "migrations applied")
@@ -330,15 +377,29 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
         failed_hosts = [h for h, s in results.items() if s.get("status") != "done"]
         if failed_hosts:
             _stage_rollback(session, stage, results, current, run_id, say, outcome, source.name)
-        final = {h: (source.name if results.get(h, {}).get("status") == "done" and not failed_hosts
-                     else current[h]) for h in facts}
-        outcome.result = "success" if not failed_hosts else "rolled back"
-        record.update(result=outcome.result if not failed_hosts else "failed",
+        live = _live(results, current)
+        consistent = all(s.get("status") in _SETTLED for s in results.values())
+        known = all(s.get("status") in (*_SETTLED, "fell_back") for s in results.values())
+        outcome.result = "success" if not failed_hosts else "rolled back" if consistent else "rollback failed"
+        record.update(result="success" if not failed_hosts else "failed",
                       seconds=round(time.monotonic() - started, 1))
-        _finish(session, stage, record, final, facts, outcome, cleanup=not failed_hosts)
+        _finish(session, stage, record, live, facts, outcome, cleanup=not failed_hosts, unlock_hosts=known)
         if failed_hosts:
-            raise _failure(results, failed_hosts, source.name, current)
+            raise _failure("deploy", results, source.name, current, live, consistent=consistent, known=known)
     return outcome
+
+
+# Where a host's cutover can end, and what the host runs then.
+_SETTLED = ("done", "rolled_back", "not_started")  # known: on the target (done) or where it was before
+
+
+def _live(results: dict[str, dict[str, object]], current: dict[str, str | None]) -> dict[str, str | None]:
+    """The release each host runs now, as its cutover reported it (unchanged when not attempted)."""
+    live: dict[str, str | None] = dict(current)
+    for host, state in results.items():
+        if "live" in state:
+            live[host] = str(state["live"]) or None
+    return live
 
 
 def _reuses_env(facts: HostFacts, source: release.Source) -> bool:
@@ -346,15 +407,21 @@ def _reuses_env(facts: HostFacts, source: release.Source) -> bool:
     if current is None:
         return False
     info = next((r for r in facts.releases if r.name == current), None)
-    return info is not None and info.revision.get("env_key") == source.env_key
+    return info is not None and info.env_key == release.host_env_key(source, facts.target.get("python", ""))
 
 
-def _discard(session: Session, stage: Stage, name: str) -> None:
-    """Remove a release that never went live (a host failed before the switch)."""
+def _discard(session: Session, stage: Stage, name: str, built_on: list[str]) -> None:
+    """Remove a release that never went live (a host failed before the switch): the complete one
+    only where this deploy built it (a same-named one elsewhere is not ours), half-built ones anywhere."""
     path = stage.app.releases_dir / name
     building = stage.app.releases_dir / f".{name}.building"
-    session.each(lambda r: r.run_script(f"rm -rf {q(str(path))} {q(str(building))}\n", sudo=True,
-                                        what="removing the unused release"), what="discarding the release")
+
+    def one(remote: RemoteHost) -> None:
+        doomed = [building] + ([path] if remote.name in built_on else [])
+        remote.run_script("rm -rf " + " ".join(q(str(p)) for p in doomed) + "\n", sudo=True,
+                          what="removing the unused release")
+
+    session.each(one, what="discarding the release")
 
 
 def _migrate(remote: RemoteHost, stage: Stage, name: str) -> None:
@@ -382,7 +449,7 @@ def _stage_rollback(session: Session, stage: Stage, results: dict[str, dict[str,
         if fresh:
             _unswitch(session, stage, fresh)
             for host in fresh:
-                results[host]["status"] = "rolled_back"
+                results[host].update(status="rolled_back", live="")
         results.update(_cutover(session, stage, back, {h: bad for h in back}, "rollback", run_id + "r",
                                 say, outcome))
         for host in back:
@@ -403,25 +470,40 @@ def _unswitch(session: Session, stage: Stage, hosts: list[str]) -> None:
     session.each(one, what="returning to no release")
 
 
-def _failure(results: dict[str, dict[str, object]], failed_hosts: list[str], name: str,
-             current: dict[str, str | None]) -> DeployFailed:
-    lines = [f"deploy of {name} failed:"]
-    ok = True
-    for host, state in results.items():
+def _failure(action: str, results: dict[str, dict[str, object]], name: str, current: dict[str, str | None],
+             live: dict[str, str | None], *, consistent: bool, known: bool) -> DeployFailed:
+    """One message saying, per host, what it runs now and why the cutover failed."""
+    lines = [f"{action} of {name} failed:" if action == "deploy" else f"rollback to {name} failed:"]
+    for host in sorted(set(current) | set(results)):
+        state = results.get(host, {"status": "not_started"})
         status = state.get("status")
-        if status == "rollback_failed":
-            ok = False
-            lines.append(f"  {host}: ROLLBACK FAILED ({state.get('rollback_failure')}); the host may run "
-                         f"either release: check `systemctl status` and `current` there now")
+        now = live.get(host) or "no release"
+        if status in ("rollback_failed", "unknown"):
+            lines.append(f"  {host}: STATE UNKNOWN ({state.get('rollback_failure')}); `current` points to {now}: "
+                         "check `fab status` and the journal there now")
+        elif status == "fell_back":
+            lines.append(f"  {host}: could not switch, stayed on {now} (verified)")
+        elif status == "done" and action == "deploy":
+            lines.append(f"  {host}: on {now}")
+        elif status == "done":
+            lines.append(f"  {host}: on {now} (the rollback worked here)")
+        elif status == "not_started":
+            lines.append(f"  {host}: untouched, on {now}")
         else:
-            lines.append(f"  {host}: back on {current.get(host) or 'no release'} ({status})")
+            lines.append(f"  {host}: back on {now}")
         if state.get("failure"):
             lines.append(f"      cause: {state['failure']}")
         journal = [line for line in state.get("journal", []) if _interesting(line)]
         for line in journal[-8:]:
             lines.append(f"      | {line}")
-    lines.append(f"release {name} is marked bad and kept for inspection")
-    return DeployFailed("\n".join(lines), rolled_back=ok)
+    if action == "deploy":
+        lines.append(f"release {name} is marked bad and kept for inspection")
+    if not consistent:
+        lines.append("the hosts do not all run the same release: act now (`fab status`, then `fab rollback "
+                     "--to RELEASE` or a new deploy)")
+    if not known:
+        lines.append("the lock is kept so nobody deploys over this: once the hosts are checked, `fab unlock`")
+    return DeployFailed("\n".join(lines), rolled_back=consistent and action == "deploy")
 
 
 _CAUSES = ("Error", "error", "Exception", "Traceback", "denied", "refused", "Improperly", "No module")
@@ -452,19 +534,18 @@ def rollback(stage: Stage, *, to: str | None, say: Say) -> Outcome:
                 outcome.notes.append(f"{host}: {warning}")
                 say(host, f"warning: {warning}")
         results = _cutover(session, stage, targets, current, "rollback", run_id, say, outcome)
-        failed = [h for h, s in results.items() if s.get("status") != "done"]
-        final = {h: targets[h] if results.get(h, {}).get("status") == "done" else current[h] for h in facts}
+        failed = [h for h, s in results.items() if s.get("status") != "done"] + \
+            [h for h in targets if h not in results]
+        live = _live(results, current)
+        known = all(s.get("status") in (*_SETTLED, "fell_back") for s in results.values())
         outcome.release = next(iter(targets.values()))
         outcome.result = "success" if not failed else "failed"
         record = {"action": "rollback", "release": outcome.release, "from_release": next(iter(current.values())),
                   "who": getpass.getuser(), "from": socket.gethostname(), "when": now.isoformat(timespec="seconds"),
                   "result": outcome.result, "seconds": round(time.monotonic() - started, 1)}
-        _finish(session, stage, record, final, facts, outcome, cleanup=False)
+        _finish(session, stage, record, live, facts, outcome, cleanup=False, unlock_hosts=known)
         if failed:
-            error = _failure(results, failed, outcome.release, current)
-            error.message = error.message.replace("deploy of", "rollback to").replace(
-                "is marked bad and kept for inspection", "was not put back")
-            raise error
+            raise _failure("rollback", results, outcome.release, current, live, consistent=False, known=known)
     return outcome
 
 

@@ -41,6 +41,7 @@ class ReleaseInfo:
     building: bool
     bad: bool
     revision: dict[str, str]
+    env_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def parse(output: str) -> HostFacts:
         units=data.get("units", {}),
         unit_state=data.get("unit_state", {}),
         target=data.get("target", {}),
-        releases=tuple(ReleaseInfo(r["name"], bool(r["building"]), bool(r["bad"]), r.get("revision", {}))
+        releases=tuple(ReleaseInfo(r["name"], bool(r["building"]), bool(r["bad"]), r.get("revision", {}),
+                                   r.get("env_key", ""))
                        for r in data.get("releases", [])),
         wheels=frozenset(data.get("wheels", [])),
         lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,

@@ -101,7 +101,9 @@ def journal_command(units: Iterable[str], *, since: str | None = None, lines: in
         return f"sudo -n -- {journal}"
     # The watchdog: when the channel closes, stdin ends, and journalctl is killed with it.
     # (fd 3: a background job's stdin would otherwise be /dev/null, ending at once.)
-    inner = f"exec 3<&0; {journal} <&- & j=$!; (cat <&3 >/dev/null; kill $j 2>/dev/null) & wait $j"
+    # (The watchdog must not hold stdout open, or a journalctl that ends by itself never shows EOF.)
+    inner = (f"exec 3<&0; {journal} <&- & j=$!; "
+             "(cat <&3 >/dev/null; kill $j 2>/dev/null) >/dev/null 2>&1 & wait $j")
     return f"sudo -n -- /bin/sh -c {q(inner)}"
 
 
@@ -156,6 +158,14 @@ class HostStream(threading.Thread):
                 channel.close()
 
     def run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            if self.own_connection:
+                self._drop_connection()
+            self.out.put(None)  # this host is done, whatever happened
+
+    def _follow(self) -> None:
         backoff = 1.0
         down = False
         while not self.stopping.is_set():
@@ -184,9 +194,6 @@ class HostStream(threading.Thread):
                 self._drop_connection()
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
-        if self.own_connection:
-            self._drop_connection()
-        self.out.put(None)  # this host is done
 
     def _drop_connection(self) -> None:
         if self.remote is not None and self.own_connection:

@@ -17,13 +17,14 @@ import getpass
 import hashlib
 import io
 import json
+import posixpath
 import re
 import shlex
 import socket
 import subprocess
 import tarfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -60,17 +61,51 @@ class Source:
     sha: str
     ref: str
     archive: bytes  # tar.gz of the app directory at `sha`
-    requirements: str
+    requirements: str  # flattened: nested `-r` files inlined, `-c` files renamed constraints-N.txt
     revision: dict[str, str]
+    constraints: dict[str, str] = field(default_factory=dict)
 
     @property
     def env_key(self) -> str:
-        return env_key(self.requirements)
+        return env_key(self.requirements, self.constraints)
+
+    def requirement_files(self) -> dict[str, str]:
+        return {"requirements.txt": self.requirements, **self.constraints}
 
 
-def env_key(requirements: str) -> str:
+def env_key(requirements: str, constraints: dict[str, str] | None = None) -> str:
     """Identifies the virtualenv a release needs: same requirements, same environment."""
-    return hashlib.sha256(requirements.encode()).hexdigest()[:16]
+    text = requirements + "".join(f"\n--{name}--\n{body}" for name, body in sorted((constraints or {}).items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_INCLUDE = re.compile(r"^\s*(-r|--requirement|-c|--constraint)(?:\s+|=)(\S+)\s*$")
+
+
+def flatten_requirements(path: str, read: Callable[[str], str]) -> tuple[str, dict[str, str]]:
+    """The requirements file at `path` with nested `-r` files inlined and `-c` files collected
+    (as constraints-N.txt), so it installs from one directory. `read(path)` reads a repo file."""
+    constraints: dict[str, str] = {}
+
+    def expand(current: str, seen: tuple[str, ...]) -> list[str]:
+        if current in seen:
+            raise UsageError(f"{current} includes itself through -r")
+        lines = []
+        for line in read(current).splitlines():
+            match = _INCLUDE.match(line)
+            if not match:
+                lines.append(line)
+                continue
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(current), match.group(2)))
+            if match.group(1) in ("-r", "--requirement"):
+                lines += expand(target, (*seen, current))
+            else:
+                name = f"constraints-{len(constraints) + 1}.txt"
+                constraints[name] = "\n".join(expand(target, (*seen, current))) + "\n"
+                lines.append(f"-c {name}")
+        return lines
+
+    return "\n".join(expand(path, ())) + "\n", constraints
 
 
 _MIGRATION = re.compile(r"(?:^|/)([^/]+)/migrations/(\d{4}[^/]*)\.py$")
@@ -115,18 +150,22 @@ def read_source(app: App, ref: str, now: datetime, cache_dir: Path) -> Source:
         raise UsageError(f"ref {ref!r} does not exist in {app.repo}") from None
     tree = f"{sha}:{app.path}" if app.path else sha
     requirements_path = f"{app.path}/{app.requirements}" if app.path else app.requirements
-    try:
-        requirements = _git(repo, "show", f"{sha}:{requirements_path}").decode()
-    except ReleaseError:
-        raise UsageError(f"{requirements_path} does not exist at {ref} ({sha[:10]}) in {app.repo}; "
-                         "set app.requirements (and app.path) in hosts.toml") from None
+    def read(path: str) -> str:
+        try:
+            return _git(repo, "show", f"{sha}:{path}").decode()
+        except ReleaseError:
+            raise UsageError(f"{path} does not exist at {ref} ({sha[:10]}) in {app.repo}; "
+                             "set app.requirements (and app.path) in hosts.toml") from None
+
+    requirements, constraints = flatten_requirements(requirements_path, read)
     archive = _git(repo, "archive", "--format=tar.gz", tree, binary=True)
     files = _git(repo, "ls-tree", "-r", "--name-only", tree).decode().splitlines()
     name = release_name(now)
     revision = {"release": name, "sha": sha, "ref": ref, "who": getpass.getuser(),
                 "from": socket.gethostname(), "when": now.astimezone(UTC).isoformat(timespec="seconds"),
-                "env_key": env_key(requirements), "migrations": migrations(files)}
-    return Source(name=name, sha=sha, ref=ref, archive=archive, requirements=requirements, revision=revision)
+                "env_key": env_key(requirements, constraints), "migrations": migrations(files)}
+    return Source(name=name, sha=sha, ref=ref, archive=archive, requirements=requirements, revision=revision,
+                  constraints=constraints)
 
 
 def bundle(source: Source, wheel_files: Iterable[Path], script: str) -> bytes:
@@ -141,7 +180,8 @@ def bundle(source: Source, wheel_files: Iterable[Path], script: str) -> bytes:
 
         add("code.tar.gz", source.archive)
         add("REVISION", (json.dumps(source.revision, indent=2) + "\n").encode())
-        add("requirements.txt", source.requirements.encode())
+        for name, text in source.requirement_files().items():
+            add(name, text.encode())
         add("build.sh", script.encode())
         for wheel in wheel_files:
             add(f"wheels/{wheel.name}", wheel.read_bytes())
@@ -165,7 +205,13 @@ def _link_shared(app: App) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def build_script(stage: Stage, source: Source, wheels_sent: bool = True) -> str:
+def host_env_key(source: Source, python_version: str) -> str:
+    """The environment a release needs on a host: its requirements and the host's Python."""
+    return f"{source.env_key}-py{python_version}"
+
+
+def build_script(stage: Stage, source: Source, wheels_sent: bool = True, python_version: str = "",
+                 allow_reuse: bool = True) -> str:
     """Build releases/NAME on the host from the unpacked bundle in $1 (runs as root)."""
     app = stage.app
     releases = app.releases_dir
@@ -187,19 +233,24 @@ mkdir "$building"
 tar -xzf "$stage_dir/code.tar.gz" -C "$building"
 cp "$stage_dir/REVISION" "$building/REVISION"
 mkdir -p "$building/.deploy-kit"
-echo {q(source.env_key)} > "$building/.deploy-kit/env-key"
+echo {q(host_env_key(source, python_version))} > "$building/.deploy-kit/env-key"
 current={q(str(app.current_link))}
 reused=no
-if [ -e "$current/.deploy-kit/env-key" ] && [ "$(cat "$current/.deploy-kit/env-key")" = {q(source.env_key)} ] \\
+if [ {"yes" if allow_reuse else "no"} = yes ] && [ -e "$current/.deploy-kit/env-key" ] \\
+   && [ "$(cat "$current/.deploy-kit/env-key")" = {q(host_env_key(source, python_version))} ] \\
    && [ -x "$current/{VENV}/bin/python" ]; then
     cp -al "$(readlink -f "$current")/{VENV}" "$building/{VENV}"
     reused=yes
+    echo "env=yes (reused from the current release)" >&2
 fi
 if [ "$reused" = no ]; then
     if [ {"yes" if wheels_sent or app.install == "index" else "no"} = no ]; then
         echo "{NEEDS_WHEELS}" >&2; rm -rf "$building"; exit 44
     fi
-    if [ -d "$stage_dir/wheels" ]; then cp -n "$stage_dir"/wheels/*.whl {q(str(cache))}/ 2>/dev/null || true; fi
+    for wheel in "$stage_dir"/wheels/*.whl; do  # sent because missing or unknown here: replace
+        [ -e "$wheel" ] || continue
+        cp "$wheel" {q(str(cache))}/.incoming && mv -f {q(str(cache))}/.incoming {q(str(cache))}/"$(basename "$wheel")"
+    done
     {q(str(app.python))} -m venv "$building/{VENV}"
     if ! "$building/{VENV}/bin/python" -m pip install --quiet --disable-pip-version-check {pip_source} \\
             -r "$stage_dir/requirements.txt" > "$stage_dir/pip.log" 2>&1; then
@@ -249,15 +300,20 @@ class Built:
 
 
 def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheels.Wheelhouse,
-             host_wheels: set[str], *, send_wheels: bool = True, timeout: float = 900) -> Built:
-    """Send the bundle and build the release on one host in one round trip. A second one only
-    when the host cannot reuse the environment it was expected to, or its pip finds a
-    distribution the control machine's resolver could not know the host needs."""
+             host_wheels: set[str], *, send_wheels: bool = True, python_version: str = "",
+             timeout: float = 900) -> Built:
+    """Send the bundle and build the release on one host in one round trip. Another one only when
+    the host cannot reuse the environment it was expected to, when its pip finds a distribution
+    this machine's resolver could not know the host needs, or when the release fails its check
+    in a reused environment (then it is built afresh once)."""
     extra: list[str] = []
     sent = 0
-    for _attempt in range(5):
+    allow_reuse = True
+    for _attempt in range(6):
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
-        payload = bundle(source, files, build_script(stage, source, wheels_sent=send_wheels))
+        script = build_script(stage, source, wheels_sent=send_wheels, python_version=python_version,
+                              allow_reuse=allow_reuse)
+        payload = bundle(source, files, script)
         command = ("sudo -n -- /bin/bash -c " + q(
             'set -euo pipefail; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; '
             'tar -x -C "$d"; bash "$d/build.sh" "$d"'))
@@ -274,9 +330,13 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
                 sent += len(files)
                 host_wheels |= {w.name for w in files}
                 continue
+            if exc.remote_exit_code == 43 and allow_reuse and "env=yes" in exc.output:
+                allow_reuse, send_wheels = False, stage.app.install == "wheels"  # maybe the reused env is stale
+                continue
             if exc.remote_exit_code == 43:
                 raise HostError(remote.name, "the new release fails its check (nothing was switched):\n"
                                 + "\n".join("    " + line for line in exc.output.strip().splitlines()[-25:])) from None
             raise
-        return Built(remote.name, source.name, "env=yes" in result.stdout, sent + len(files), len(payload))
+        return Built(remote.name, source.name, "env=yes" in result.stdout + result.stderr, sent + len(files),
+                     len(payload))
     raise HostError(remote.name, f"pip on the host still misses distributions after adding {extra}")

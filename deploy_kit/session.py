@@ -57,6 +57,21 @@ class Session:
             remote.close()
         self.remotes.clear()
 
+    def remote(self, name: str) -> RemoteHost:
+        return self.remotes[name]
+
+    def reconnect(self, name: str) -> None:
+        """Replace a dropped connection; keeps the old one when the host is still unreachable."""
+        host = next(h for h in self.hosts if h.name == name)
+        try:
+            fresh = connect(host, self.stage.ssh)
+        except DeployKitError:
+            return
+        old = self.remotes.get(name)
+        self.remotes[name] = fresh
+        if old is not None:
+            old.close()
+
     def each(self, work: Callable[[RemoteHost], Result], *, what: str) -> dict[str, Result]:
         """`work(remote)` on every reachable host in parallel; HostsFailed if any failed."""
         reachable = [self.remotes[h.name] for h in self.hosts if h.name in self.remotes]

@@ -140,6 +140,8 @@ def connect(host: Host, ssh: SSHSettings) -> RemoteHost:
     except (OSError, EOFError) as exc:
         sock.close()
         raise ConnectError(host.name, f"SSH handshake with {_hostport(host)} failed: {exc}") from None
+    # Keepalives notice a host that vanished without closing the connection.
+    connection.transport.set_keepalive(15)
     return RemoteHost(host, connection)
 
 
@@ -176,15 +178,20 @@ def _exec(transport: paramiko.Transport, command: str, stdin: bytes,
                 out += channel.recv(65536)
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(65536)
-            if channel.exit_status_ready() and not channel.recv_ready() \
-                    and not channel.recv_stderr_ready() and channel.eof_received:
+            if channel.exit_status_ready() and channel.eof_received:
                 break
+            if channel.closed or not transport.is_active():  # the connection died under us
+                raise EOFError("the connection closed before the command finished")
             wait = 1.0
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError
             select.select([channel], [], [], wait)
+        while channel.recv_ready():  # what arrived with the end of the command
+            out += channel.recv(65536)
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
         return channel.recv_exit_status(), bytes(out), bytes(err)
     finally:
         channel.close()

@@ -47,20 +47,25 @@ class Target:
 class Wheelhouse:
     """The wheels one requirements file needs on one kind of host."""
 
-    def __init__(self, requirements: str, target: Target, cache_dir: Path):
+    def __init__(self, requirements: str, target: Target, cache_dir: Path,
+                 constraints: dict[str, str] | None = None):
         self.requirements = requirements
+        self.constraints = dict(constraints or {})
         self.target = target
         self.cache_dir = cache_dir
 
     def files(self, extra: list[str] | None = None) -> list[Path]:
         extra = list(extra or [])
-        digest = hashlib.sha256("\n".join([self.requirements, *extra]).encode()).hexdigest()[:16]
+        parts = [self.requirements, *extra, *(f"{k}\n{v}" for k, v in sorted(self.constraints.items()))]
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
         directory = self.cache_dir / "wheels" / self.target.key / digest
         done = directory / ".complete"
         if not done.exists():
             directory.mkdir(parents=True, exist_ok=True)
             requirements = directory / "requirements.txt"
             requirements.write_text(self.requirements + "".join(f"\n{r}" for r in extra) + "\n")
+            for name, text in self.constraints.items():
+                (directory / name).write_text(text)
             proc = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                  "--dest", str(directory), *self.target.pip_args(), "-r", str(requirements)],

@@ -15,6 +15,7 @@ Whatever happens, the host ends on the verified target or back on the previous r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -23,13 +24,25 @@ import sys
 import time
 
 VERIFY_CODE = r'''
-import sys
+import os, sys
+from urllib.parse import quote, unquote, urlsplit
+secrets = []
+try:
+    password = urlsplit(os.environ.get("CELERY_BROKER_URL", "")).password
+    if password:
+        secrets = [password, unquote(password), quote(unquote(password), safe="")]
+except ValueError:
+    pass
+def say(text):
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    print(text)
 from celery.app.utils import find_app
 app = find_app(sys.argv[1])
 try:
     from celery.backends.base import DisabledBackend
     if isinstance(app.backend, DisabledBackend):
-        print("fail the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can "
+        say("fail the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can "
               "see its verification task complete")
         sys.exit(1)
     nonce = "deploy-kit verify %s" % sys.argv[5]
@@ -37,15 +50,15 @@ try:
     result = app.send_task(sys.argv[2], args=[nonce] if echo else [], queue=sys.argv[3])
     value = result.get(timeout=float(sys.argv[4]), propagate=True, disable_sync_subtasks=False)
     if echo and list(value) != [nonce]:
-        print("fail celery.accumulate answered %r instead of echoing %r" % (value, nonce))
+        say("fail celery.accumulate answered %r instead of echoing %r" % (value, nonce))
         sys.exit(1)
-    print("ok %s" % ("echoed the nonce" if echo else repr(value)[:80]))
+    say("ok %s" % ("echoed the nonce" if echo else repr(value)[:80]))
 except Exception as exc:
     name = type(exc).__name__
     if name == "TimeoutError":
-        print("fail no worker completed %s on queue %s within %ss" % (sys.argv[2], sys.argv[3], sys.argv[4]))
+        say("fail no worker completed %s on queue %s within %ss" % (sys.argv[2], sys.argv[3], sys.argv[4]))
     else:
-        print("fail %s: %s" % (name, exc))
+        say("fail %s: %s" % (name, exc))
     sys.exit(1)
 '''
 
@@ -68,13 +81,17 @@ class Cutover:
     # --- state file ---------------------------------------------------------------------------
 
     def save(self) -> None:
+        """Best effort: a full disk must not stop a rollback half-way."""
         path = self.p["state_file"]
         tmp = path + ".tmp"
-        with open(tmp, "w") as handle:
-            json.dump(self.state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as handle:
+                json.dump(self.state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            pass
 
     def step(self, name: str, action, *args):
         entry = {"name": name, "started": time.time(), "ok": None, "detail": ""}
@@ -244,31 +261,45 @@ class Cutover:
             self.step("restart beat" + phase, self.restart, [self.p["beat_unit"]])
             self.step("wait for beat" + phase, self.wait_running_from, [self.p["beat_unit"]], release)
 
+    def live(self) -> str:
+        """The release `current` points to now (what the host really runs after a restart)."""
+        try:
+            return os.path.basename(os.readlink(self.p["current"]))
+        except OSError:
+            return ""
+
     def run(self) -> int:
         self.save()
         try:
             self.bring_up(self.p["target"], "")
-            self.state["status"] = "done"
+            self.state.update(status="done", live=self.live())
             self.save()
             return 0
-        except StepFailed as exc:
-            self.state["failure"] = str(exc)
+        except Exception as exc:  # StepFailed, or anything unexpected: the host must still end consistent
+            self.state["failure"] = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+        try:
             self.state["journal"] = self.journal()
-            self.save()
+        except Exception:  # noqa: BLE001 - the journal is a courtesy; the rollback is not
+            self.state["journal"] = []
+        self.save()
         previous = self.p.get("previous")
         try:
-            if self.p.get("mark_bad_on_failure"):
-                self.step("mark bad", self.mark_bad, self.p["target"])
             if previous:
                 self.bring_up(previous, " (rollback)")
-                self.state["status"] = "rolled_back"
             else:
-                self.step("stop services (rollback)", self.systemctl, "stop", *self.all_units())
+                if self.all_units():
+                    self.step("stop services (rollback)", self.systemctl, "stop", *self.all_units())
                 self.step("remove current (rollback)", self.unlink_current)
-                self.state["status"] = "rolled_back"
-        except StepFailed as exc:
+            # In a deploy, falling back to `previous` is a rollback. In a rollback, `previous` is
+            # the release the host was on: it stays there, verified, but the rollback failed.
+            self.state["status"] = "rolled_back" if self.p["mode"] == "deploy" else "fell_back"
+        except Exception as exc:  # noqa: BLE001
             self.state["status"] = "rollback_failed"
             self.state["rollback_failure"] = str(exc)
+        if self.p.get("mark_bad_on_failure"):
+            with contextlib.suppress(Exception):  # deploy.py marks it again from the control machine
+                self.step("mark bad", self.mark_bad, self.p["target"])
+        self.state["live"] = self.live()
         self.save()
         return 1
 

@@ -191,6 +191,11 @@ def releases(directory: str) -> list:
                 entry["revision"] = json.load(handle)
         except (OSError, ValueError):
             pass
+        try:
+            with open(os.path.join(path, ".deploy-kit", "env-key")) as handle:
+                entry["env_key"] = handle.read().strip()
+        except OSError:
+            entry["env_key"] = ""
         found.append(entry)
     return found
 

@@ -221,3 +221,9 @@ def test_install_mode_is_wheels_or_index():
     assert parse(MINIMAL).stage("prod").app.install == "wheels"
     message = error_of(MINIMAL.replace('celery_app = "shop"', 'celery_app = "shop"\ninstall = "pypi"'))
     assert "must be 'wheels'" in message and "'index'" in message
+
+
+def test_paths_that_would_break_units_or_scripts_are_refused():
+    for bad in ("/srv/my app", "/srv/app%h", "/srv/it's"):
+        message = error_of(MINIMAL.replace('celery_app = "shop"', f'celery_app = "shop"\ndeploy_to = "{bad}"'))
+        assert "stages.prod.app.deploy_to" in message and "may hold only letters" in message

@@ -126,3 +126,30 @@ def test_release_check_runs_as_the_service_before_the_release_appears():
     script = release.build_script(_stage(), SOURCE)
     check = script.index("manage.py check")
     assert script.index("-p User=shop") < check < script.index('mv -T "$building" "$final"')
+
+
+def test_nested_requirement_files_are_inlined_and_constraints_collected():
+    files = {
+        "app/requirements.txt": "-r req/base.txt\n-c constraints.txt\ncelery==5.7.0\n",
+        "app/req/base.txt": "Django==5.2.19\n--requirement=extra.txt\n",
+        "app/req/extra.txt": "redis==5.0\n",
+        "app/constraints.txt": "kombu<6\n",
+    }
+    text, constraints = release.flatten_requirements("app/requirements.txt", files.__getitem__)
+    assert text.splitlines() == ["Django==5.2.19", "redis==5.0", "-c constraints-1.txt", "celery==5.7.0"]
+    assert constraints == {"constraints-1.txt": "kombu<6\n"}
+    assert release.env_key(text, constraints) != release.env_key(text, {})
+
+
+def test_a_requirements_loop_is_refused():
+    import pytest
+
+    from deploy_kit.errors import UsageError
+
+    files = {"a.txt": "-r b.txt\n", "b.txt": "-r a.txt\n"}
+    with pytest.raises(UsageError, match="includes itself"):
+        release.flatten_requirements("a.txt", files.__getitem__)
+
+
+def test_the_environment_key_follows_the_hosts_python():
+    assert release.host_env_key(SOURCE, "3.11.2") != release.host_env_key(SOURCE, "3.12.1")
