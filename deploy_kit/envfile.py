@@ -90,7 +90,7 @@ except FileNotFoundError:
 values, index = {}, {}
 for n, line in enumerate(lines):
     s = line.strip()
-    if s and not s.startswith("#") and "=" in s:
+    if s and not s.startswith(("#", ";")) and "=" in s:
         k, v = s.split("=", 1)
         k = k.strip()
         if k.startswith("export "):

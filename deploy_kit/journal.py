@@ -74,6 +74,7 @@ class HostEvent:
     host: str
     message: str
     error: bool = True
+    fatal: bool = False  # the host's stream ended for good (a bad option, no sudo)
 
 
 def journal_command(units: Iterable[str], *, since: str | None = None, lines: int | None = None,
@@ -226,9 +227,14 @@ class HostStream(threading.Thread):
                         self.out.put(line)
             if not self.stopping.is_set() and channel.exit_status_ready():
                 status = channel.recv_exit_status()
-                if status not in (0, -1) and not self.follow:
-                    error = channel.recv_stderr(4096).decode(errors="replace").strip()
-                    raise DeployKitError(f"journalctl exited {status}: {error}")
+                error = channel.recv_stderr(4096).decode(errors="replace").strip() if status not in (0, -1) else ""
+                if "sudo:" in error and "password" in error:  # retrying would not help
+                    self.out.put(HostEvent(self.host.name, f"sudo asks {self.host.user} for a password: "
+                                           "allow it passwordless sudo to read the journal", fatal=True))
+                    self.stopping.set()
+                elif status not in (0, -1) and error:
+                    self.out.put(HostEvent(self.host.name, f"journalctl failed: {error}", fatal=True))
+                    self.stopping.set()
         finally:
             self.channel = None
             with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ import sys
 from invoke import task
 
 from deploy_kit import journal, ui
-from deploy_kit.errors import UsageError
+from deploy_kit.errors import HostError, UsageError
 
 from ._stage import STAGE_HELP, load_stage
 
@@ -42,8 +42,12 @@ def logs(c, stage=None, service=None, host=None, since=None, n=None, grep=None, 
         if not follow:  # a finished listing reads best in time order across hosts
             items = iter(sorted(items, key=lambda i: (0, i.timestamp) if isinstance(i, journal.JournalLine)
                                 else (1, 0)))
+        fatal = []
         try:
             for item in items:
+                if isinstance(item, journal.HostEvent) and item.fatal:
+                    fatal.append(f"{item.host}: {item.message}")  # reported once, at the end
+                    continue
                 if json:
                     if isinstance(item, journal.JournalLine):
                         print(item.as_json(), flush=True)
@@ -58,3 +62,5 @@ def logs(c, stage=None, service=None, host=None, since=None, n=None, grep=None, 
                 stream.stop()
             for stream in streams:
                 stream.join(timeout=5)
+        if fatal:
+            raise HostError("logs", "; ".join(fatal))

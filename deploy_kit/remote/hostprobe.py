@@ -128,12 +128,10 @@ def env_keys(path: str) -> list:
         with open(path) as handle:
             for line in handle:
                 line = line.strip()
-                if not line or line.startswith("#") or "=" not in line:
+                if not line or line.startswith(("#", ";")) or "=" not in line:
                     continue
                 key, value = line.split("=", 1)
-                key = key.strip()
-                if key.startswith("export "):
-                    key = key[len("export "):].strip()
+                key = key.strip()  # "export KEY" is not a valid name for systemd: it stays unmatched
                 if value.strip().strip("'\"").strip():
                     keys.append(key)
     except OSError:
