@@ -109,6 +109,8 @@ def test_filters_work_as_documented(deployed, sandbox_config):
     assert plain.startswith("dktest2 exampleapp-worker-default ") and text in plain
     bad = fab("logs", "--stage", TEST_SANDBOX, "--service", "nope", config_file=sandbox_config)
     assert bad.returncode == 2 and "no service named 'nope'" in bad.stderr
+    pattern = fab("logs", "--stage", TEST_SANDBOX, "--grep", "(", config_file=sandbox_config, timeout=60)
+    assert pattern.returncode == 7 and "Bad pattern" in pattern.stderr  # ends, even when following
 
 
 def test_hint_for_a_classic_failure(deployed, sandbox_config):
