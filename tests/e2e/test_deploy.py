@@ -164,7 +164,8 @@ def test_a_killed_laptop_cannot_leave_a_host_half_switched(stage, sandbox_config
         time.sleep(1)
     assert state["status"] == "done"  # finished on its own, verified, with nobody watching
     assert current_release(stage, 1) == state["target"] != before
-    assert call_task(stage, 1, "ledger.tasks.release") == repr(f"/srv/exampleapp/releases/{state['target']}")
+    assert call_task(stage, 1, "ledger.tasks.release", queue="deploy-kit.verify.default@dktest2") == \
+        repr(f"/srv/exampleapp/releases/{state['target']}")  # asked of dktest2's own worker
     # The lock stays, so nobody deploys over an unfinished deploy without looking.
     refused = deploy(sandbox_config)
     assert refused.returncode == 4
