@@ -291,6 +291,8 @@ def _show_journal(say: Say, item: journal.JournalLine | journal.HostEvent) -> No
     if isinstance(item, journal.HostEvent):
         say(item.host, f"journal: {item.message}")
         return
+    if journal.is_banner(item.message):
+        return
     say(item.host, f"  | {item.unit}: {item.message}")
     hint = journal.hint_for(item.message)
     if hint and item.priority <= 4 or hint and "Error" in item.message:

@@ -46,6 +46,16 @@ HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+_BANNER = re.compile(r"^(\s|-|\*|\[tasks\]|\[queues\]|\[config\]|LocalTime ->|Configuration ->|celery beat v)")
+_TRACE = re.compile(r'File "|Error|Exception|Traceback|refused|denied')
+
+
+def is_banner(message: str) -> bool:
+    """A line of Celery's start-up banner (versions, queues, task list): noise while deploying.
+    Traceback lines, which also start with spaces, are never banner."""
+    return not message.strip() or (bool(_BANNER.match(message)) and not _TRACE.search(message))
+
+
 def hint_for(message: str) -> str | None:
     for pattern, hint in HINTS:
         if pattern.search(message):
