@@ -46,7 +46,7 @@ HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-_BANNER = re.compile(r"^(\s|-|\*|\[tasks\]|\[queues\]|\[config\]|LocalTime ->|Configuration ->|celery beat v)")
+_BANNER = re.compile(r"^(\s|-|_|\*|\[tasks\]|\[queues\]|\[config\]|LocalTime ->|Configuration ->|celery beat v)")
 _TRACE = re.compile(r'File "|Error|Exception|Traceback|refused|denied')
 
 
