@@ -1,36 +1,12 @@
 """`fab check`: every failing check names its cause and its fix, from recorded probe output."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from deploy_kit import checks, config, hostfacts, units
 
-STAGE = """
-[stages.prod]
-[[stages.prod.hosts]]
-name = "web1"
-address = "10.0.0.5"
-roles = ["worker", "beat", "migrate"]
-[[stages.prod.hosts]]
-name = "web2"
-address = "10.0.0.6"
-[stages.prod.app]
-name = "shop"
-repo = "git@example.com:acme/shop.git"
-celery_app = "shop"
-[[stages.prod.workers]]
-name = "default"
-"""
-
-WORKER = "shop-worker-default.service"
-BEAT = "shop-beat.service"
-RELEASE = "/srv/shop/releases/2026-11-24-120000"
-
-
-def stage_of(text: str = STAGE) -> config.Stage:
-    return config.parse(text, Path("/x/hosts.toml")).stage("prod")
+from .samples import BEAT, RELEASE, STAGE, WORKER, stage_of  # noqa: F401
 
 
 def directory(owner: str) -> dict:

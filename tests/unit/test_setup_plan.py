@@ -1,34 +1,10 @@
 """`fab setup` planning: what a host needs, from what its probe saw (no host involved)."""
 
 import json
-from pathlib import Path
 
 from deploy_kit import config, envfile, hostfacts, setup, units
 
-STAGE = """
-[stages.prod]
-[[stages.prod.hosts]]
-name = "web1"
-address = "10.0.0.5"
-roles = ["worker", "beat", "migrate"]
-[[stages.prod.hosts]]
-name = "web2"
-address = "10.0.0.6"
-[stages.prod.app]
-name = "shop"
-repo = "git@example.com:acme/shop.git"
-celery_app = "shop"
-[[stages.prod.workers]]
-name = "default"
-"""
-
-WORKER = "shop-worker-default.service"
-BEAT = "shop-beat.service"
-RELEASE = "/srv/shop/releases/2026-11-24-120000"
-
-
-def stage_of() -> config.Stage:
-    return config.parse(STAGE, Path("/x/hosts.toml")).stage("prod")
+from .samples import BEAT, RELEASE, STAGE, WORKER, stage_of  # noqa: F401
 
 
 def directory(owner: str, group: str, mode: str = "0750") -> dict:
