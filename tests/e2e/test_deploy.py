@@ -173,6 +173,27 @@ def test_a_killed_laptop_cannot_leave_a_host_half_switched(stage, sandbox_config
     assert deploy(sandbox_config).returncode == 0  # and the next deploy puts every host in step
 
 
+def test_a_dropped_connection_during_the_cutover_only_pauses_the_watching(stage, sandbox_config):
+    import os
+    import subprocess
+
+    from .conftest import FAB, ROOT, in_container
+
+    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(sandbox_config))
+    proc = subprocess.Popen([str(FAB), "deploy", "--stage", TEST_SANDBOX], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "dktest2 switch: ok" in line:  # cut every SSH session of the deploy user on dktest2
+            in_container("dktest2", "pkill -f '[s]shd: deploy' || true")
+    assert proc.wait(timeout=600) == 0, "".join(lines)
+    output = "".join(lines)
+    assert "dktest2 lost the connection" in output and "dktest2 connection back" in output
+    assert current_release(stage, 1) == current_release(stage, 0)
+    assert "verified" in output
+
+
 def test_a_second_deploy_is_refused_while_the_lock_is_held(stage, sandbox_config):
     holder = {"who": "alice", "from": "alice-laptop", "action": "deploy", "ref": "main",
               "since": "2026-11-24T12:00:00+00:00"}
