@@ -221,7 +221,7 @@ class Sandbox:
         if hosts_dir.is_dir():  # hosts of a crashed `up` that never reached state.json
             for leftover in hosts_dir.iterdir():
                 machines.setdefault(leftover.name, Machine(leftover.name, "", "", self.bridge, leftover))
-        for name in _leftover_namespaces(self.name):
+        for name in _leftover_namespaces(self.name) + _leftover_cgroups(self.name):
             machines.setdefault(name, Machine(name, "", "", self.bridge, hosts_dir / name))
         errors: list[str] = []
         for machine in machines.values():
@@ -246,7 +246,7 @@ class Sandbox:
         return removed
 
     def _leftovers(self) -> bool:
-        return link_exists(self.bridge) or bool(_leftover_namespaces(self.name))
+        return link_exists(self.bridge) or bool(_leftover_namespaces(self.name) or _leftover_cgroups(self.name))
 
     # --- status -----------------------------------------------------------------------------------
 
@@ -269,6 +269,15 @@ class Sandbox:
 
         results = parallel.each(machines, probe, name=lambda m: m.name, what="sandbox status")
         return [results[m.name] for m in machines]
+
+
+def _leftover_cgroups(sandbox: str) -> list[str]:
+    pattern = re.compile(rf"^{re.escape(sandbox)}\d+$")
+    found = set()
+    for directory in Machine(sandbox, "", "", "", Path("/")).cgroups():
+        if directory.parent.is_dir():
+            found |= {p.name for p in directory.parent.iterdir() if p.is_dir() and pattern.match(p.name)}
+    return sorted(found)
 
 
 def _leftover_namespaces(sandbox: str) -> list[str]:

@@ -167,6 +167,9 @@ class Machine:
         pid = self.pid() or _find_nspawn(self.name)
         if pid is not None:
             _stop(pid, self.name)
+        # Whatever is still in the container's cgroups outlived its nspawn (a container whose
+        # shutdown hung, a crashed `up`): kill it, or it would run on unseen.
+        _kill_cgroup_members(self.cgroups())
         if _is_mounted(self.root):
             sh("umount", str(self.root), what=f"unmounting {self.root}", check=False)
             if _is_mounted(self.root):
@@ -202,15 +205,22 @@ def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def _remove_cgroup(directory: Path) -> None:
-    """Remove a cgroup tree bottom-up (cgroupfs directories go with rmdir once empty)."""
-    if not directory.is_dir():
-        return
-    for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+def _remove_cgroup(directory: Path, timeout: float = 10) -> None:
+    """Remove a cgroup tree bottom-up (cgroupfs directories go with rmdir once empty); the
+    container's last processes may take a moment to leave it, so retry for a while."""
+    deadline = time.monotonic() + timeout
+    while directory.is_dir():
+        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
+                            reverse=True):
+            with contextlib.suppress(OSError):
+                child.rmdir()
         with contextlib.suppress(OSError):
-            child.rmdir()
-    with contextlib.suppress(OSError):
-        directory.rmdir()
+            directory.rmdir()
+        if not directory.is_dir() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if directory.is_dir():
+        raise SandboxError(f"the cgroup {directory} could not be removed (processes still in it?)")
 
 
 def _wait_gone(link: str, timeout: float = 5) -> bool:
@@ -262,7 +272,9 @@ def _find_nspawn(machine: str) -> int | None:
 
 
 def _stop(pid: int, machine: str, timeout: float = 20) -> None:
-    """SIGTERM asks nspawn to power the container off cleanly; SIGKILL if it hangs."""
+    """SIGTERM asks nspawn to power the container off cleanly; if that hangs, SIGKILL the
+    container's init (which ends its whole PID namespace), then nspawn."""
+    init = _children(pid)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -274,11 +286,40 @@ def _stop(pid: int, machine: str, timeout: float = 20) -> None:
             return
         _reap(pid)
         time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL) if _pgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+    for child in init:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     for _ in range(50):
+        _reap(pid)
         if not _is_nspawn_of(pid, machine):
             return
         time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_cgroup_members(directories: list[Path], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = set()
+        for directory in directories:
+            if directory.is_dir():
+                for procs in directory.rglob("cgroup.procs"):
+                    with contextlib.suppress(OSError, ValueError):
+                        members |= {int(p) for p in procs.read_text().split()}
+        if not members:
+            return
+        for member in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(member, signal.SIGKILL)
+        time.sleep(0.2)
 
 
 def _reap(pid: int) -> None:
@@ -286,8 +327,3 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None

@@ -1,6 +1,7 @@
 """`sandbox.up` and `sandbox.down` as a user runs them: down leaves nothing behind."""
 
 import os
+import subprocess
 from pathlib import Path
 
 from .conftest import fab
@@ -29,6 +30,11 @@ def _traces(name: str) -> dict[str, list[str]]:
         "state": [str(p) for p in Path("/var/lib/deploy-kit/sandbox").glob(f"{name}/*")],
         "cgroups": [str(p) for root in ("unified", "systemd", "")
                     for p in Path("/sys/fs/cgroup", root, "deploy-kit").glob(f"{name}*")],
+        # every process of the containers, whoever its parent is now (an orphaned init counts)
+        # (zombies are gone already; only PID 1 can reap those of processes it inherited)
+        "container processes": [line for line in subprocess.run(
+            ["ps", "-eo", "pid,stat,comm,cgroup"], capture_output=True, text=True).stdout.splitlines()
+            if f"deploy-kit/{name}" in line and line.split()[1][0] != "Z"],
     }
 
 
@@ -53,6 +59,6 @@ def test_up_then_down_leaves_nothing_behind(tmp_path):
     assert down.returncode == 0, down.stderr
     assert "is down" in down.stdout
     assert _traces(NAME) == {"processes": [], "mounts": [], "namespaces": [], "links": [], "state": [],
-                             "cgroups": []}
+                             "cgroups": [], "container processes": []}
     again = fab("sandbox.down", "--stage", NAME, config_file=config_file, check=True)
     assert "nothing to remove" in again.stdout
