@@ -143,7 +143,7 @@ def _finish(session: Session, stage: Stage, record: dict[str, object], current: 
     session.each(one, what="finishing")
 
 
-def _current_release(facts: HostFacts) -> str | None:
+def current_release(facts: HostFacts) -> str | None:
     current = facts.path("current")
     if current is None or current.target is None or not current.resolves:
         return None
@@ -311,7 +311,7 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
         facts = _lock_and_probe(session, stage, lock_info("deploy", ref), outcome, check=True)
         record: dict[str, object] = {"action": "deploy", "ref": ref, "who": getpass.getuser(),
                                      "from": socket.gethostname(), "when": now.isoformat(timespec="seconds")}
-        current = {h: _current_release(f) for h, f in facts.items()}
+        current = {h: current_release(f) for h, f in facts.items()}
         try:
             failed = [(h, c) for h in stage.hosts for c in checks.evaluate(stage, h, facts[h.name]) if c.failed]
             if failed:
@@ -405,7 +405,7 @@ def _live(results: dict[str, dict[str, object]], current: dict[str, str | None])
 
 
 def _reuses_env(facts: HostFacts, source: release.Source) -> bool:
-    current = _current_release(facts)
+    current = current_release(facts)
     if current is None:
         return False
     info = next((r for r in facts.releases if r.name == current), None)
@@ -429,7 +429,7 @@ def _discard(session: Session, stage: Stage, name: str, built_on: list[str]) -> 
 def _migrate(remote: RemoteHost, stage: Stage, name: str) -> None:
     app = stage.app
     directory = app.releases_dir / name
-    props = " ".join(f"-p {q(p)}" for p in units.service_environment(stage) if not p.startswith("WorkingDirectory="))
+    props = units.run_as_service_options(stage)
     script = (f"systemd-run --quiet --wait --pipe --collect --service-type=exec {props} "
               f"-p WorkingDirectory={q(str(directory))} -- {q(str(directory / units.VENV / 'bin/python'))} "
               "manage.py migrate --noinput 2>&1\n")
@@ -523,7 +523,7 @@ def rollback(stage: Stage, *, to: str | None, say: Say) -> Outcome:
     started = time.monotonic()
     with Session(stage) as session:
         facts = _lock_and_probe(session, stage, lock_info("rollback", to or "previous"), outcome, check=False)
-        current = {h: _current_release(f) for h, f in facts.items()}
+        current = {h: current_release(f) for h, f in facts.items()}
         try:
             targets = {h: releases.rollback_target(f.releases, current[h], to) for h, f in facts.items()}
         except DeployKitError:
@@ -579,7 +579,7 @@ def plan(stage: Stage, *, ref: str | None, now: datetime | None = None) -> tuple
     app = stage.app
     lock_dir = release.state_dir(app) / "lock"
     steps: list[PlannedStep] = []
-    props = " ".join(f"-p {q(p)}" for p in units.service_environment(stage) if not p.startswith("WorkingDirectory="))
+    props = units.run_as_service_options(stage)
     beat_last = sorted(stage.hosts, key=lambda h: bool(stage.beat and stage.beat.host == h.name))
     for host in beat_last:
         name = host.name

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from deploy_kit import hostfacts
 from deploy_kit.config import Stage
-from deploy_kit.deploy import _current_release, unlock
+from deploy_kit.deploy import current_release, unlock
 from deploy_kit.release import state_dir
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost, quote
@@ -36,7 +36,7 @@ def release_rows(stage: Stage) -> dict[str, list[tuple[str, ...]]]:
     rows: dict[str, list[tuple[str, ...]]] = {}
     for host in stage.hosts:
         f = facts[host.name]
-        current = _current_release(f)
+        current = current_release(f)
         rows[host.name] = [
             (r.name, r.revision.get("sha", "")[:10], r.revision.get("ref", ""), age(r.revision.get("when", "")),
              "yes" if r.name == current else "", "BAD" if r.bad else ("half-built" if r.building else ""))

@@ -219,8 +219,7 @@ def build_script(stage: Stage, source: Source, wheels_sent: bool = True, python_
     building = releases / f".{source.name}.building"
     cache = state_dir(app) / "wheels"
     pip_source = f"--no-index --find-links {q(str(cache))}" if app.install == "wheels" else ""
-    props = " ".join(f"-p {q(p)}" for p in units.service_environment(stage)
-                     if not p.startswith("WorkingDirectory="))
+    props = units.run_as_service_options(stage)
     return f"""set -euo pipefail
 stage_dir=$1
 final={q(str(final))}

@@ -17,6 +17,7 @@ and systemd documentation, plus the hardening that rates them "OK" in
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -107,6 +108,13 @@ def service_environment(stage: Stage) -> tuple[str, ...]:
         f"LimitNOFILE={stage.systemd.limit_nofile}",
         *HARDENING,
     )
+
+
+def run_as_service_options(stage: Stage) -> str:
+    """`systemd-run` options (quoted) giving a command the services' user, env file and sandbox;
+    the caller adds WorkingDirectory=, which differs from the unit's for a release not yet live."""
+    return " ".join(f"-p {shlex.quote(p)}" for p in service_environment(stage)
+                    if not p.startswith("WorkingDirectory="))
 
 
 def _render(stage: Stage, description: str, identifier: str, exec_start: str, stop_timeout: int) -> str:

@@ -3,6 +3,7 @@
 from invoke import task
 
 from deploy_kit import inventory, ui
+from deploy_kit.errors import HostError
 
 from ._stage import STAGE_HELP, load_stage
 
@@ -30,5 +31,4 @@ def hosts(c, stage=None):
                                rows))
         failed = [r.host.name for r in reports if r.facts is None]
         if failed:
-            from deploy_kit.errors import HostError
             raise HostError(", ".join(failed), "could not be reached (see the table above)")

@@ -3,16 +3,19 @@
 from invoke import task
 
 from deploy_kit import config, ui
+from deploy_kit.errors import UsageError
 from deploy_kit.sandbox import DEFAULT_NAME, Sandbox
 
 STAGE_HELP = f"name of the sandbox and of the stage it writes (default: {DEFAULT_NAME})"
 
 
 @task(help={"hosts": "how many hosts to boot (default: 1)", "stage": STAGE_HELP})
-def up(c, hosts=1, stage=DEFAULT_NAME):
+def up(c, hosts="1", stage=DEFAULT_NAME):
     """Boot fresh sandbox hosts and write their stage into hosts.toml."""
     console = ui.make_console()
     with ui.user_errors():
+        if not str(hosts).isdigit():  # parsed here, so a typo gets a message and not a traceback
+            raise UsageError(f"--hosts takes a number of hosts, got {hosts!r}")
         path = config.config_path()
         booted = Sandbox(stage).up(int(hosts), path, ui.sayer(console))
         console.print(ui.table(f"sandbox {stage}", ("host", "address", "ssh user", "roles"),

@@ -102,7 +102,7 @@ def call_task(stage, index: int, task: str, args: list | None = None, timeout: i
     """Send a task from the host, as the service would, and return its result's repr."""
     code = ("import json, sys\nfrom exampleapp.celery import app\n"
             f"print(repr(app.send_task({task!r}, args={args or []!r}, queue={queue!r}).get(timeout={timeout})))\n")
-    props = " ".join(f"-p {quote(p)}" for p in units.service_environment(stage))
+    props = units.run_as_service_options(stage) + f" -p WorkingDirectory={stage.app.current_link}"
     return on_host(stage, index, f"systemd-run --quiet --wait --pipe --collect {props} -- "
                    f"{units.python(stage.app)} -c {quote(code)}\n").strip()
 

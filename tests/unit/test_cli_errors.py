@@ -72,3 +72,10 @@ def test_every_exit_code_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for code, meaning in EXIT_CODES.items():
         assert f"| {code} |" in readme, f"exit code {code} ({meaning}) is not in the README"
+
+
+def test_a_non_number_of_sandbox_hosts_is_a_usage_error(tmp_path):
+    proc = fab("sandbox.up", "--hosts", "two", config_file=tmp_path / "hosts.toml")
+    assert proc.returncode == 2
+    assert "--hosts takes a number of hosts, got 'two'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "hosts.toml").exists()
