@@ -1,0 +1,199 @@
+"""The typed contracts between the control machine and the programs that run on hosts.
+
+Each file or line the two sides exchange has one definition here, with one parser, used on
+both sides: the cutover state file, the deploy lock's holder, the outcome of a release build
+and the history line. Statuses are enums, never bare strings. Runs on hosts too: Python 3.8+,
+stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `data` that are fields of dataclass `cls` (newer writers may add keys)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _load(text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class CutoverStatus(str, Enum):
+    """How a host's cutover stands, as its state file (or the control machine) says."""
+
+    RUNNING = "running"  # the cutover program is at work
+    DONE = "done"  # the host runs the target release, verified
+    ROLLED_BACK = "rolled_back"  # a deploy failed; the host is back on the previous release, verified
+    FELL_BACK = "fell_back"  # a rollback failed; the host stayed on the release it ran, verified
+    ROLLBACK_FAILED = "rollback_failed"  # neither the target nor the previous release could be verified
+    UNKNOWN = "unknown"  # the control machine lost track: the truth is on the host
+    NOT_STARTED = "not_started"  # nothing was started on the host (known for certain)
+
+    @property
+    def settled(self) -> bool:
+        """The host runs a known, verified release (or was never touched)."""
+        return self in (CutoverStatus.DONE, CutoverStatus.ROLLED_BACK, CutoverStatus.FELL_BACK,
+                        CutoverStatus.NOT_STARTED)
+
+    @property
+    def finished(self) -> bool:
+        """The cutover program wrote its last word."""
+        return self not in (CutoverStatus.RUNNING, CutoverStatus.UNKNOWN, CutoverStatus.NOT_STARTED)
+
+
+class Mode(str, Enum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+
+
+@dataclass
+class Step:
+    """One step of a cutover: None in `ok` while it runs."""
+
+    name: str
+    started: float
+    ended: float | None = None
+    ok: bool | None = None
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return round((self.ended or self.started) - self.started, 2)
+
+
+@dataclass
+class CutoverState:
+    """The state file `deploy_to/.deploy-kit/cutover.json`, rewritten after every step."""
+
+    id: str
+    mode: Mode
+    target: str
+    previous: str | None
+    status: CutoverStatus = CutoverStatus.RUNNING
+    step: str = ""
+    steps: list[Step] = field(default_factory=list)
+    journal: list[str] = field(default_factory=list)
+    started: float = 0.0
+    pid: int = 0
+    live: str | None = None  # the release `current` points to at the end ("" = none)
+    failure: str = ""  # why the forward pass failed
+    rollback_failure: str = ""  # why the way back failed too
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["mode"], data["status"] = self.mode.value, self.status.value
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> CutoverState:
+        data = _known(cls, _load(text))
+        data["mode"] = Mode(data["mode"])
+        data["status"] = CutoverStatus(data.get("status", "running"))
+        data["steps"] = [Step(**_known(Step, s)) for s in data.get("steps", [])]
+        return cls(**data)
+
+
+@dataclass
+class LockHolder:
+    """Who holds an app's deploy lock (`deploy_to/.deploy-kit/lock/holder.json`).
+
+    `token` is unique to one run: a run releases the lock only while it still holds that
+    token, so a run that stalled and resumed never removes a newer holder's lock."""
+
+    who: str
+    host: str  # the machine the deploy runs from
+    action: str
+    ref: str
+    since: str
+    token: str = ""
+
+    def describe(self) -> str:
+        return f"held by {self.who} from {self.host} since {self.since} ({self.action} of {self.ref})"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LockHolder:
+        data = _load(text)
+        if "host" not in data and "from" in data:  # holder files written before the token existed
+            data["host"] = data["from"]
+        data = _known(cls, data)
+        for name in ("who", "host", "action", "ref", "since"):
+            data.setdefault(name, "?")
+        return cls(**data)
+
+    @classmethod
+    def unreadable(cls) -> LockHolder:
+        return cls(who="unknown (no readable holder file)", host="?", action="?", ref="?", since="?")
+
+
+class BuildStatus(str, Enum):
+    BUILT = "built"
+    EXISTS = "exists"  # a release of that name is already on the host
+    NEEDS_WHEELS = "needs_wheels"  # the environment could not be reused and no wheels came with it
+    MISSING_DISTRIBUTION = "missing_distribution"  # pip wants a distribution that was not sent
+    CHECK_FAILED = "check_failed"  # the release does not pass its check as the service
+    FAILED = "failed"
+
+
+@dataclass
+class BuildOutcome:
+    """What the build program on a host printed as its last line."""
+
+    status: BuildStatus
+    reused_env: bool = False
+    missing: str = ""  # the distribution pip could not find (MISSING_DISTRIBUTION)
+    detail: str = ""  # the tail of the failing command's output (secrets masked)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildOutcome:
+        data = _known(cls, _load(text))
+        data["status"] = BuildStatus(data["status"])
+        return cls(**data)
+
+
+@dataclass
+class HistoryLine:
+    """One line of `deploy_to/.deploy-kit/history.jsonl`: one deploy or rollback on one host."""
+
+    action: str
+    result: str
+    when: str
+    who: str
+    host: str = ""
+    release: str = ""
+    sha: str = ""
+    ref: str = ""
+    origin: str = ""  # the machine the deploy ran from
+    from_release: str | None = None
+    seconds: float = 0.0
+    durations: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> HistoryLine:
+        data = _load(text)
+        if "origin" not in data and "from" in data:  # lines written before this definition
+            data["origin"] = data["from"]
+        data = _known(cls, data)
+        for name in ("action", "result", "when", "who"):
+            data.setdefault(name, "")
+        return cls(**data)
