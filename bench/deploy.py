@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy_kit import config, deploy, ssh  # noqa: E402
+from deploy_kit import config, lifecycle, ssh  # noqa: E402
 
 calls: Counter[str] = Counter()
 polls: Counter[str] = Counter()
@@ -53,7 +53,7 @@ def main() -> int:
     for run in range(1, args.runs + 1):
         calls.clear(), polls.clear(), sent.clear()
         started = time.monotonic()
-        outcome = deploy.deploy(stage, ref=None, say=lambda host, message: None)
+        outcome = lifecycle.deploy(stage, ref=None, say=lambda host, message: None)
         wall = time.monotonic() - started
         walls.append(wall)
         print(f"run {run}: {outcome.release} in {wall:.1f} s")

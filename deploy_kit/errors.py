@@ -12,7 +12,11 @@ traceback:
     │   ├── SudoError           the SSH user cannot sudo without a password
     │   └── RemoteCommandError  a remote command exited non-zero (host, command, code, output tail)
     ├── HostsFailed             several hosts failed; lists each host's outcome; exit code 7
+    ├── ReleaseError            the release could not be made here (git); exit code 9
+    │   └── WheelError          the wheels for the hosts could not be fetched
     ├── PreflightFailed         a `fab check` check failed; nothing was changed; exit code 3
+    ├── Locked                  another deploy or rollback holds the lock; exit code 4
+    ├── DeployFailed            the cutover failed; exit code 5 (every host back) or 6 (not)
     └── SandboxError            the sandbox hosts could not be booted or torn down; exit code 8
 
 Exit codes reserved for later phases are listed in EXIT_CODES so that the README
@@ -32,6 +36,7 @@ EXIT_ROLLED_BACK = 5
 EXIT_ROLLBACK_FAILED = 6
 EXIT_HOST = 7
 EXIT_SANDBOX = 8
+EXIT_RELEASE = 9
 
 EXIT_CODES: Mapping[int, str] = {
     EXIT_OK: "success",
@@ -43,6 +48,7 @@ EXIT_CODES: Mapping[int, str] = {
     EXIT_ROLLBACK_FAILED: "the deploy failed and the rollback failed too: act now",
     EXIT_HOST: "a host could not be reached or a remote command failed",
     EXIT_SANDBOX: "the sandbox hosts could not be booted or torn down",
+    EXIT_RELEASE: "the release could not be made on this machine (git, wheels); nothing was changed",
 }
 
 
@@ -125,6 +131,32 @@ class PreflightFailed(DeployKitError):
     """A preflight check failed on some host; nothing was changed."""
 
     exit_code = EXIT_PREFLIGHT
+
+
+class ReleaseError(DeployKitError):
+    """The release could not be made from the repository (git, wheel download); nothing changed."""
+
+    exit_code = EXIT_RELEASE
+
+
+class WheelError(ReleaseError):
+    """The wheels for the hosts could not be fetched."""
+
+
+class Locked(DeployKitError):
+    """Another deploy or rollback holds the lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class DeployFailed(DeployKitError):
+    """The cutover failed; `rolled_back` says whether every host is back where it was (exit 5) or
+    not (exit 6: act now)."""
+
+    def __init__(self, message: str, rolled_back: bool):
+        super().__init__(message)
+        self.rolled_back = rolled_back
+        self.exit_code = EXIT_ROLLED_BACK if rolled_back else EXIT_ROLLBACK_FAILED
 
 
 class SandboxError(DeployKitError):

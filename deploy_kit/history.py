@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from deploy_kit import hostfacts
 from deploy_kit.config import Stage
-from deploy_kit.deploy import current_release, unlock
+from deploy_kit.plan import current_release
 from deploy_kit.release import state_dir
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost, quote
@@ -64,5 +64,8 @@ def lock_holders(stage: Stage) -> dict[str, dict[str, str]]:
 
 
 def break_lock(stage: Stage, hosts: list[str]) -> None:
+    """Remove the lock whoever holds it (`fab unlock`, after the user confirmed)."""
+    script = f"rm -rf {quote(state_dir(stage.app) / 'lock')}\n"
     with Session(stage) as session:
-        unlock(session, stage, hosts)
+        session.each(lambda r: r.run_script(script, sudo=True, what="breaking the lock") if r.name in hosts
+                     else None, what="breaking the lock")

@@ -108,9 +108,9 @@ def params(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = 
     }
 
 
-def program(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = None) -> str:
+def program(params: dict[str, Any]) -> str:
     source = resources.files("deploy_kit.remote").joinpath("hostprobe.py").read_text()
-    return f"{source}\nmain(json.loads({json.dumps(params(stage, host, check, lock))!r}))\n"
+    return f"{source}\nmain(json.loads({json.dumps(params)!r}))\n"
 
 
 def parse(output: str) -> HostFacts:
@@ -147,7 +147,11 @@ def parse(output: str) -> HostFacts:
 
 def gather(remote: RemoteHost, stage: Stage, *, check: bool, lock: dict[str, str] | None = None) -> HostFacts:
     """Probe the host; with `lock`, first take the app's deploy lock there (same round trip)."""
-    result = remote.run_python(program(stage, remote.host, check, lock), str(stage.app.python), sudo=True,
+    return probe(remote, params(stage, remote.host, check, lock))
+
+
+def probe(remote: RemoteHost, probe_params: dict[str, Any]) -> HostFacts:
+    result = remote.run_python(program(probe_params), probe_params["python"], sudo=True,
                                what="probing the host", timeout=180)
     try:
         return parse(result.stdout)

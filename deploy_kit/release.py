@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from deploy_kit import units, wheels
 from deploy_kit.config import App, Stage
-from deploy_kit.errors import DeployKitError, HostError, RemoteCommandError, UsageError
+from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError, UsageError
 from deploy_kit.ssh import RemoteHost
 
 NAME_FORMAT = "%Y-%m-%d-%H%M%S"
@@ -38,10 +38,6 @@ _NAME = re.compile(r"^\d{4}-\d{2}-\d{2}-\d{6}$")
 MISSING_MARKER = "DEPLOY_KIT_MISSING_DISTRIBUTION"
 NEEDS_WHEELS = "DEPLOY_KIT_NEEDS_WHEELS"
 q = shlex.quote
-
-
-class ReleaseError(DeployKitError):
-    """The release could not be made from the repository."""
 
 
 def release_name(now: datetime) -> str:

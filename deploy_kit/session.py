@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from deploy_kit import parallel
@@ -72,8 +72,11 @@ class Session:
         if old is not None:
             old.close()
 
-    def each(self, work: Callable[[RemoteHost], Result], *, what: str) -> dict[str, Result]:
-        """`work(remote)` on every reachable host in parallel; HostsFailed if any failed."""
-        reachable = [self.remotes[h.name] for h in self.hosts if h.name in self.remotes]
+    def each(self, work: Callable[[RemoteHost], Result], *, what: str,
+             only: Iterable[str] | None = None) -> dict[str, Result]:
+        """`work(remote)` on every reachable host (or those of `only`) in parallel; the one host's
+        error, or HostsFailed naming each, if any failed."""
+        chosen = set(only) if only is not None else {h.name for h in self.hosts}
+        reachable = [self.remotes[h.name] for h in self.hosts if h.name in self.remotes and h.name in chosen]
         return parallel.each(reachable, work, name=lambda r: r.name, what=what,
                              limit=self.stage.parallel)

@@ -18,10 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from deploy_kit.checks import HostChecks
-from deploy_kit.deploy import Outcome
 from deploy_kit.envfile import EditResult
 from deploy_kit.errors import DeployKitError
 from deploy_kit.journal import HostEvent, JournalLine, hint_for
+from deploy_kit.runner import Outcome
 
 __all__ = ["escape", "indent", "make_console", "sayer", "table", "user_errors"]
 

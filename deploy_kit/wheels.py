@@ -12,11 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy_kit.errors import DeployKitError
-
-
-class WheelError(DeployKitError):
-    """The wheels for the hosts could not be fetched."""
+from deploy_kit.errors import WheelError
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ import sys
 
 from invoke import task
 
-from deploy_kit import deploy as deploy_lib
-from deploy_kit import history, ui
+from deploy_kit import history, lifecycle, ui
 from deploy_kit.errors import UsageError
 
 from ._stage import STAGE_HELP, load_stage
@@ -19,28 +18,34 @@ def deploy(c, stage=None, ref=None, plan=False):
     with ui.user_errors():
         chosen = load_stage(stage)
         if plan:
-            source, steps = deploy_lib.plan(chosen, ref=ref)
-            console.print(f"plan: deploy {source.ref} ({source.sha[:10]}) as release {source.name} to stage "
-                          f"{chosen.name}; nothing is run", markup=False)
-            for step in steps:
-                console.print(f"[bold]{step.host}[/] {step.phase}: {ui.escape(step.description)}")
-                if step.command:
-                    console.print(ui.indent(step.command), markup=False, highlight=False)
+            the_plan = lifecycle.plan(chosen, ref=ref, say=lambda host, message: None)
+            console.print(f"plan: deploy {ref or chosen.app.ref} as release {the_plan.release} to stage "
+                          f"{chosen.name}; nothing is run (these are the steps the deploy runs)", markup=False)
+            for line in the_plan.render():
+                console.print(line, markup=False, highlight=False)
             return
         with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
-            outcome = deploy_lib.deploy(chosen, ref=ref, say=display.say)
+            outcome = lifecycle.deploy(chosen, ref=ref, say=display.say)
         console.print(ui.timings_table(outcome))
         console.print(f"deployed {outcome.release} ({outcome.sha[:10]}) to stage {chosen.name}: verified")
 
 
-@task(help={"stage": STAGE_HELP, "to": "release to put back (default: the previous good one)"})
-def rollback(c, stage=None, to=None):
+@task(help={"stage": STAGE_HELP, "to": "release to put back (default: the previous good one)",
+            "plan": "print every step and command per host, run nothing"})
+def rollback(c, stage=None, to=None, plan=False):
     """Put the previous good release (or --to RELEASE) back: switch, restart, verify, record."""
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
+        if plan:
+            the_plan = lifecycle.rollback_plan(chosen, to=to, say=lambda host, message: None)
+            console.print(f"plan: roll back stage {chosen.name} to {the_plan.release}; nothing is run (these are "
+                          "the steps the rollback runs)", markup=False)
+            for line in the_plan.render():
+                console.print(line, markup=False, highlight=False)
+            return
         with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
-            outcome = deploy_lib.rollback(chosen, to=to, say=display.say)
+            outcome = lifecycle.rollback(chosen, to=to, say=display.say)
         console.print(ui.timings_table(outcome))
         console.print(f"rolled back stage {chosen.name} to {outcome.release}: verified")
 

@@ -63,6 +63,27 @@ except Exception as exc:
 '''
 
 
+def steps(params: dict, hostname: str = "") -> list:
+    """The (name, description) of each step a cutover with these params runs when nothing fails;
+    `fab deploy --plan` prints them."""
+    workers = [w["unit"] for w in params["workers"]]
+    queues = [params["verify_queue"].replace("{service}", w["service"]).replace("{host}", hostname or "{host}")
+              for w in params["workers"]]
+    target, verify = params["target"], params["verify"]
+    bad = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
+    found = [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
+             ("restart", f"systemctl restart {' '.join(workers)} (warm shutdown: running tasks finish)"),
+             ("wait", f"until each worker runs from releases/{target} and does not crash-loop"),
+             ("verify", f"{verify['task']} must complete within {verify['timeout']}s on "
+                        f"{', '.join(queues) or 'no worker here'}")]
+    if params.get("beat_unit"):
+        found += [("restart beat", f"systemctl restart {params['beat_unit']}, after the workers"),
+                  ("wait for beat", f"until Beat runs from releases/{target}")]
+    found.append(("on failure", f"switch back to {params.get('previous') or 'no release'}, restart, "
+                                f"verify it{bad}"))
+    return found
+
+
 class StepFailed(Exception):
     pass
 
@@ -254,8 +275,8 @@ class Cutover:
     def bring_up(self, release: str, phase: str) -> None:
         workers = [w["unit"] for w in self.p["workers"]]
         self.step("switch" + phase, self.switch, release)
-        self.step("restart workers" + phase, self.restart, workers)
-        self.step("wait for workers" + phase, self.wait_running_from, workers, release)
+        self.step("restart" + phase, self.restart, workers)
+        self.step("wait" + phase, self.wait_running_from, workers, release)
         self.step("verify" + phase, self.verify, release)
         if self.p.get("beat_unit"):
             self.step("restart beat" + phase, self.restart, [self.p["beat_unit"]])

@@ -1,0 +1,179 @@
+"""`fab deploy` and `fab rollback`, phase by phase: this module is the whole flow.
+
+    deploy                                           rollback
+    lock+check  lock every host; every check probe    lock+check  lock every host; read releases
+    release     pack once here; build on each host
+    migrate     once, on the migrate host
+    cutover     every host at once, detached          cutover     every host at once, detached
+                (switch, restart, verify, Beat);
+                if one fails, the others go back
+    finish      history, cleanup, unlock              finish      history, unlock
+
+A failure before the cutover changes nothing that runs (undo: discard the release, record,
+unlock). Each phase is a list of plan steps (`plan.py`) that the runner executes; `--plan`
+prints the same steps, built from a read-only probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from datetime import datetime
+
+from deploy_kit import checks, outcome
+from deploy_kit import plan as plans
+from deploy_kit.config import Stage
+from deploy_kit.errors import DeployKitError, HostsFailed, Locked, PreflightFailed
+from deploy_kit.hostfacts import HostFacts
+from deploy_kit.plan import Phase, Plan, Script, Step
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, LockHolder, Mode
+from deploy_kit.runner import Outcome, Run, Say
+
+
+def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Outcome:
+    run = Run(stage, Mode.DEPLOY, say, ref=ref or stage.app.ref, now=now)
+    with run.connected():
+        facts = lock_and_check(run, check=True)
+        built: list[str] = []
+        try:
+            preflight(run, facts)
+            wheels = run.pack(facts, plans.reuses_env)
+            the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels)  # type: ignore[arg-type]
+            built = list(run.execute(the_plan.phase(Phase.RELEASE), what="building the release"))
+            run.execute(the_plan.phase(Phase.MIGRATE))
+        except BaseException as exc:
+            undo(run, facts, built if not isinstance(exc, HostsFailed) else exc.succeeded, exc)
+            raise
+        results = run.cutover(the_plan.phase(Phase.CUTOVER))
+        if not outcome.verdict(Mode.DEPLOY, results).ok:
+            results.update(roll_back(run, the_plan, results))
+        return finish(run, the_plan, results, facts)
+
+
+def rollback(stage: Stage, *, to: str | None, say: Say) -> Outcome:
+    run = Run(stage, Mode.ROLLBACK, say, ref=to or "previous")
+    with run.connected():
+        facts = lock_and_check(run, check=False)
+        try:
+            the_plan = plans.rollback(stage, facts, run.run_id, to)
+        except BaseException:
+            release_locks(run)
+            raise
+        for step in the_plan.phase(Phase.CUTOVER):
+            leaving, target = step.action.params["previous"], step.action.params["target"]  # type: ignore[union-attr]
+            say(step.host, f"rolling back from {leaving} to {target}")
+            warning = plans.migration_warning(facts[step.host], leaving, target)
+            if warning:
+                run.outcome.notes.append(f"{step.host}: {warning}")
+                say(step.host, f"warning: {warning}")
+        run.outcome.release = run.history.release = the_plan.release
+        run.history.from_release = plans.current_release(next(iter(facts.values())))
+        return finish(run, the_plan, run.cutover(the_plan.phase(Phase.CUTOVER)), facts)
+
+
+def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Plan:
+    """What `fab deploy` would run, from a read-only probe of every host; nothing is changed."""
+    run = Run(stage, Mode.DEPLOY, say, ref=ref or stage.app.ref, now=now)
+    with run.connected():
+        facts = run.facts = run.execute(plans.lock_steps(stage, None, check=True), what="probing hosts")
+        wheels = run.pack(facts, plans.reuses_env)
+        the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels)  # type: ignore[arg-type]
+    lock = plans.lock_steps(stage, run.holder, check=True)
+    return Plan(the_plan.mode, the_plan.release, (*lock, *the_plan.steps), the_plan.on_failure)
+
+
+def rollback_plan(stage: Stage, *, to: str | None, say: Say) -> Plan:
+    """What `fab rollback` would run, from a read-only probe of every host; nothing is changed."""
+    run = Run(stage, Mode.ROLLBACK, say, ref=to or "previous")
+    with run.connected():
+        facts = run.execute(plans.lock_steps(stage, None, check=False), what="probing hosts")
+    the_plan = plans.rollback(stage, facts, run.run_id, to)
+    lock = plans.lock_steps(stage, run.holder, check=False)
+    return Plan(the_plan.mode, the_plan.release, (*lock, *the_plan.steps), the_plan.on_failure)
+
+
+# --- the phases' edges: the lock, the checks, the one failure path -------------------------
+
+
+def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
+    """Take the lock on every host and probe it (one round trip); no lock of ours survives a failure."""
+    try:
+        facts = run.execute(plans.lock_steps(run.stage, run.holder, check=check), what="locking and checking")
+    except BaseException:
+        release_locks(run)
+        raise
+    held = {h: f.lock.holder for h, f in facts.items() if f.lock and not f.lock.acquired}
+    if held:
+        release_locks(run)
+        lines = [f"  {host}: {LockHolder.from_json(json.dumps(h)).describe()}" for host, h in held.items()]
+        raise Locked(f"another deploy or rollback holds the lock of {run.stage.app.name}:\n" + "\n".join(lines)
+                     + f"\nWait for it, or if it is dead: `fab unlock --stage {run.stage.name}`")
+    run.facts = facts
+    return facts
+
+
+def preflight(run: Run, facts: Mapping[str, HostFacts]) -> None:
+    failed = [(h, c) for h in run.stage.hosts for c in checks.evaluate(run.stage, h, facts[h.name]) if c.failed]
+    if failed:
+        raise PreflightFailed("preflight failed, nothing was changed:\n" + "\n".join(
+            f"  {h.name}: {c.name}: {c.detail} (fix: {c.fix})" for h, c in failed))
+    run.say("", "preflight passed on every host")
+
+
+def release_locks(run: Run) -> None:
+    """Best effort: the lock is removed only where it still carries this run's token."""
+    with contextlib.suppress(DeployKitError):
+        run.execute(plans.finish_steps(run.stage, [h.name for h in run.stage.hosts], history=False),
+                    what="releasing the lock")
+
+
+def undo(run: Run, facts: Mapping[str, HostFacts], built: list[str], exc: BaseException) -> None:
+    """Nothing was switched: discard the release, record why, release the lock."""
+    run.history.result = "preflight failed" if isinstance(exc, PreflightFailed) else "failed"
+    run.history.error = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    steps: list[Step] = []
+    if run.source is not None:
+        steps += [Step(h, Phase.UNDO, "discard the release", Script(plans.discard_script(
+            run.stage, run.source.name, h in built))) for h in facts]
+    steps += plans.finish_steps(run.stage, list(facts))
+    try:
+        run.execute(steps, what="undoing")
+    except DeployKitError:
+        release_locks(run)
+
+
+def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState]) -> dict[str, CutoverState]:
+    """A host failed: the hosts that switched go back too, so the stage runs one release."""
+    hosts = outcome.to_roll_back(results)
+    if hosts:
+        run.say("", f"rolling back {', '.join(hosts)} too, so every host runs the same release")
+    back: dict[str, CutoverState] = {}
+    for host, state in run.cutover([s for s in the_plan.on_failure
+                                    if s.phase == Phase.CUTOVER and s.host in hosts]).items():
+        back[host] = state
+        if state.status == CutoverStatus.DONE:
+            state.status = CutoverStatus.ROLLED_BACK
+    fresh = [s for s in the_plan.on_failure if s.phase == Phase.UNDO and s.host in hosts]
+    run.execute(fresh, what="returning to no release")
+    for step in fresh:
+        back[step.host] = CutoverState(**{**results[step.host].__dict__, "status": CutoverStatus.ROLLED_BACK,
+                                          "live": ""})
+    run.execute([s for s in the_plan.on_failure if s.phase == Phase.MARK_BAD], what="marking the release bad")
+    return back
+
+
+def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
+           facts: Mapping[str, HostFacts]) -> Outcome:
+    """Record, clean up (only after a success), unlock while every host's state is known."""
+    decided = outcome.verdict(run.mode, results)
+    run.outcome.result = "success" if decided.ok else "rolled back" if decided.consistent else "failed"
+    run.history.result = "success" if decided.ok else "failed"
+    run.history.seconds = run.seconds()
+    if decided.ok:
+        run.execute(the_plan.phase(Phase.FINISH), what="finishing")
+    else:
+        run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
+        before = {h: plans.current_release(f) for h, f in facts.items()}
+        raise outcome.failure(run.mode, results, the_plan.release, before)
+    return run.outcome

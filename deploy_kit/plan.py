@@ -1,0 +1,275 @@
+"""What a deploy or a rollback does on each host, as plain typed objects (pure).
+
+Built from the configuration plus what the read-only probe found on each host. `--plan`
+prints these very objects; the runner (`runner.py`) executes them and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from deploy_kit import hostfacts, releases, units
+from deploy_kit.config import Host, Stage
+from deploy_kit.hostfacts import HostFacts, ReleaseInfo
+from deploy_kit.release import Source, host_env_key, state_dir
+from deploy_kit.remote import cutover as cutover_program
+from deploy_kit.remote.contracts import Mode
+
+q = shlex.quote
+Line = tuple[str, str]  # (a step's name, or "" for a line of detail; text)
+
+
+class Phase(StrEnum):
+    LOCK = "lock+check"
+    RELEASE = "release"
+    MIGRATE = "migrate"
+    CUTOVER = "cutover"
+    FINISH = "finish"
+    UNDO = "undo"  # only when something failed: back to no release, discard a release
+    MARK_BAD = "mark bad"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The host probe (`remote/hostprobe.py`): takes the lock first when its params hold one."""
+
+    params: dict[str, Any]
+
+    def lines(self) -> list[Line]:
+        lock, check = self.params.get("lock"), self.params["check"]
+        return [*([("lock", f"mkdir {self.params['state_dir']}/lock (atomic), holder {lock['who']} from "
+                    f"{lock['host']}; refused while another run holds it")] if lock else []),
+                ("check", "every `fab check` probe, the broker and the Celery app as the service" if check
+                 else "read the releases and the units (no checks)"),
+                ("", "python3 - < deploy_kit/remote/hostprobe.py (as root; one round trip)")]
+
+
+@dataclass(frozen=True)
+class Build:
+    """Send the code (and the wheels the host lacks) and build releases/NAME there."""
+
+    release: str
+    reuse_env: bool
+    wheels: tuple[str, ...]
+    python: str  # the host's Python version, part of the environment's key
+
+    def lines(self) -> list[Line]:
+        env = "reuse the current release's environment (hard links)" if self.reuse_env else \
+            f"new environment from {len(self.wheels)} wheel(s): {', '.join(self.wheels) or 'none needed'}"
+        return [("", f"unpack, {env}"), ("", "release check as the service: manage.py check; import the Celery app"),
+                ("", f"rename .{self.release}.building to {self.release}")]
+
+
+@dataclass(frozen=True)
+class Script:
+    """A bash script run as root on the host, in one round trip (exactly this text)."""
+
+    text: str
+
+    def lines(self) -> list[Line]:
+        return [("", line) for line in self.text.rstrip("\n").splitlines()]
+
+
+@dataclass(frozen=True)
+class Cutover:
+    """The detached cutover program (`remote/cutover.py`) under systemd-run, followed from here."""
+
+    params: dict[str, Any]
+    hostname: str  # as the host's worker names its verification queue (the sandbox's is its name)
+
+    def lines(self) -> list[Line]:
+        return [("", f"systemd-run --unit={self.params['app']['name']}-cutover-{self.params['id']} python3 "
+                 "deploy_kit/remote/cutover.py (detached from SSH; progress in .deploy-kit/cutover.json)"),
+                *cutover_program.steps(self.params, self.hostname)]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Append the history line (written when it runs), remove old releases, release the lock."""
+
+    delete: tuple[str, ...] = ()
+    unlock: bool = True
+    history: bool = True
+
+    def lines(self) -> list[Line]:
+        return [*([("", "append the history line to .deploy-kit/history.jsonl")] if self.history else []),
+                *(("", f"rm -rf releases/{name}") for name in self.delete),
+                *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
+
+
+Action = Probe | Build | Script | Cutover | Finish
+
+
+@dataclass(frozen=True)
+class Step:
+    host: str
+    phase: Phase
+    summary: str
+    action: Action
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: Mode
+    release: str
+    steps: tuple[Step, ...]
+    on_failure: tuple[Step, ...] = field(default=())
+
+    def phase(self, phase: Phase) -> list[Step]:
+        return [s for s in self.steps if s.phase == phase]
+
+    def render(self) -> Iterable[str]:
+        for title, steps in (("", self.steps), ("only if the cutover fails: ", self.on_failure)):
+            for step in steps:
+                yield f"{step.host} {title}{step.phase}: {step.summary}"
+                for name, text in step.action.lines():
+                    yield f"{step.host} {name}: {text}" if name else f"    {text}"
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+def current_release(facts: HostFacts) -> str | None:
+    current = facts.path("current")
+    if current is None or current.target is None or not current.resolves:
+        return None
+    return current.target.rstrip("/").rsplit("/", 1)[-1]
+
+
+def lock_steps(stage: Stage, holder: dict[str, str] | None, *, check: bool) -> list[Step]:
+    what = "take the lock, then every `fab check` probe" if check else "take the lock, read the releases"
+    return [Step(h.name, Phase.LOCK, what if holder else "read-only probe",
+                 Probe(hostfacts.params(stage, h, check, holder))) for h in stage.hosts]
+
+
+def reuses_env(facts: HostFacts, source: Source) -> bool:
+    info = next((r for r in facts.releases if r.name == current_release(facts)), None)
+    return info is not None and info.env_key == host_env_key(source, facts.target.get("python", ""))
+
+
+def migrate_script(stage: Stage, release: str) -> str:
+    directory = stage.app.releases_dir / release
+    return (f"systemd-run --quiet --wait --pipe --collect --service-type=exec "
+            f"{units.run_as_service_options(stage)} -p WorkingDirectory={q(str(directory))} -- "
+            f"{q(str(directory / units.VENV / 'bin/python'))} manage.py migrate --noinput 2>&1\n")
+
+
+def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode,
+                   run_id: str) -> dict[str, Any]:
+    app = stage.app
+    workers = stage.workers_on(host)
+    return {
+        "id": run_id, "mode": mode.value, "target": target, "previous": previous,
+        "app": {"name": app.name, "celery_app": app.celery_app},
+        "releases_dir": str(app.releases_dir), "current": str(app.current_link),
+        "workers": [{"unit": w.unit(app), "service": w.name} for w in workers],
+        "beat_unit": stage.beat.unit(app) if stage.beat and stage.beat.host == host.name else None,
+        "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout},
+        "verify_queue": units.verify_queue("{service}", "{host}"),
+        "service_environment": list(units.service_environment(stage)),
+        "venv": units.VENV,
+        "stop_timeout": max([units.stop_timeout(stage, w) for w in workers] or [stage.systemd.stop_margin]),
+        "state_file": str(state_dir(app) / "cutover.json"),
+        "mark_bad_on_failure": mode == Mode.DEPLOY,
+    }
+
+
+def cutover_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
+                  run_id: str) -> list[Step]:
+    return [Step(h.name, Phase.CUTOVER, f"{mode.value} to {targets[h.name]} (from {previous.get(h.name)})",
+                 Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id), h.name))
+            for h in stage.hosts if h.name in targets]
+
+
+def cleanup(stage: Stage, facts: HostFacts, new: str) -> tuple[str, ...]:
+    """What cleanup deletes once `new` is live (never `current` nor the previous good one)."""
+    listing = list(facts.releases)
+    if new not in {r.name for r in listing}:
+        listing.append(ReleaseInfo(new, False, False, {}))
+    return tuple(releases.to_delete(listing, new, stage.app.keep_releases))
+
+
+def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tuple[str, ...]] | None = None,
+                 unlock: bool = True, history: bool = True) -> list[Step]:
+    summary = "record, clean up, unlock" if history else "release the lock"
+    return [Step(h, Phase.FINISH, summary, Finish((delete or {}).get(h, ()), unlock, history)) for h in hosts]
+
+
+def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id: str,
+           wheels: Mapping[str, tuple[str, ...]]) -> Plan:
+    """Everything after the lock and the checks, from what the probe found on each host."""
+    app = stage.app
+    current = {h: current_release(f) for h, f in facts.items()}
+    steps: list[Step] = []
+    for host in stage.hosts:
+        f = facts[host.name]
+        reuse = app.install == "wheels" and reuses_env(f, source)
+        steps.append(Step(host.name, Phase.RELEASE, f"build {app.releases_dir / source.name} from {source.ref} "
+                          f"at {source.sha[:10]} ({len(source.archive) // 1024} KiB of code)",
+                          Build(source.name, reuse, () if reuse else wheels.get(host.name, ()),
+                                f.target.get("python", ""))))
+    steps.append(Step(stage.migrate_host.name, Phase.MIGRATE, "migrations, once per stage, before the switch",
+                      Script(migrate_script(stage, source.name))))
+    targets = {h.name: source.name for h in stage.hosts}
+    steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id)
+    steps += finish_steps(stage, [h.name for h in stage.hosts],
+                          delete={h: cleanup(stage, f, source.name) for h, f in facts.items()})
+    back = {h: c for h, c in current.items() if c}
+    on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
+    on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release", Script(unswitch_script(stage, h)))
+                   for h, c in current.items() if not c]
+    on_failure += [Step(h.name, Phase.MARK_BAD, f"mark {source.name} bad",
+                        Script(mark_bad_script(stage, source.name))) for h in stage.hosts]
+    return Plan(Mode.DEPLOY, source.name, tuple(steps), tuple(on_failure))
+
+
+def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str | None) -> Plan:
+    current = {h: current_release(f) for h, f in facts.items()}
+    targets = {h: releases.rollback_target(f.releases, current[h], to) for h, f in facts.items()}
+    steps = cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)
+    steps += finish_steps(stage, [h.name for h in stage.hosts])
+    return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
+
+
+def migration_warning(facts: HostFacts, leaving: str | None, target: str) -> str:
+    """Migrations the release we leave has and the target lacks: they stay applied."""
+    by_name = {r.name: r for r in facts.releases}
+    left = set(by_name[leaving].revision.get("migrations", [])) if leaving in by_name else set()
+    kept = set(by_name[target].revision.get("migrations", [])) if target in by_name else set()
+    extra = sorted(left - kept)
+    if not extra:
+        return ""
+    return (f"{leaving} has migrations {target} lacks ({', '.join(extra[:5])}{'...' if len(extra) > 5 else ''}); "
+            "they stay applied (deploy-kit never reverses migrations): the old code must cope with the new schema")
+
+
+# --- the scripts of the failure path -------------------------------------------------------
+
+
+def discard_script(stage: Stage, release: str, built_here: bool) -> str:
+    """Remove a release that never went live: the complete one only where this run built it."""
+    doomed = [stage.app.releases_dir / f".{release}.building"] + ([stage.app.releases_dir / release]
+                                                                   if built_here else [])
+    return "rm -rf " + " ".join(q(str(p)) for p in doomed) + "\n"
+
+
+def mark_bad_script(stage: Stage, release: str) -> str:
+    marker = stage.app.releases_dir / release / ".deploy-kit"
+    return f"[ -d {q(str(marker.parent))} ] && install -d {q(str(marker))} && touch {q(str(marker / 'BAD'))} || true\n"
+
+
+def unswitch_script(stage: Stage, host: str) -> str:
+    names = " ".join(q(u) for u in units.units_for(stage, stage.host(host)))
+    return (f"systemctl stop {names}\n" if names else "") + f"rm -f {q(str(stage.app.current_link))}\n"
+
+
+def lock_release_script(stage: Stage, token: str) -> str:
+    """Remove the lock only while its holder file still carries this run's token (a fencing token)."""
+    lock = state_dir(stage.app) / "lock"
+    return (f"if grep -qF {q(json.dumps(token))} {q(str(lock / 'holder.json'))} 2>/dev/null; then "
+            f"rm -rf {q(str(lock))}; fi\n")

@@ -1,0 +1,170 @@
+"""The one runner: executes the steps of a plan over one connection per host, and nothing else.
+
+A `Run` is the context every phase needs (the stage, the connections, the run's id and lock
+token, the output, the timings); `execute()` runs a list of steps, the hosts in parallel and
+each host's steps in order, and keeps what it ran in `executed` (tests compare it with the plan).
+"""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from deploy_kit import follow, hostfacts, release, wheels
+from deploy_kit.config import Stage
+from deploy_kit.errors import HostError, RemoteCommandError
+from deploy_kit.hostfacts import HostFacts
+from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script, Step, lock_release_script
+from deploy_kit.remote.contracts import CutoverState, HistoryLine, Mode
+from deploy_kit.session import Session
+from deploy_kit.ssh import RemoteHost, quote
+
+CACHE_DIR = Path.home() / ".cache" / "deploy-kit"
+Say = Callable[[str, str], None]  # (host or "", message)
+
+
+@dataclass
+class Outcome:
+    """What the user is shown at the end: the release, its sha, seconds per step and host."""
+
+    release: str = ""
+    sha: str = ""
+    result: str = ""
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Run:
+    """One deploy or rollback: what every phase needs, in one place."""
+
+    def __init__(self, stage: Stage, mode: Mode, say: Say, *, ref: str, now: datetime | None = None):
+        self.stage, self.mode, self.say, self.ref = stage, mode, say, ref
+        self.now = now or datetime.now(UTC)
+        self.run_id = self.now.strftime("%Y%m%d%H%M%S")
+        self.token = secrets.token_hex(8)
+        self.holder = {"who": getpass.getuser(), "host": socket.gethostname(), "action": mode.value,
+                       "ref": ref, "since": self.now.isoformat(timespec="seconds"), "token": self.token}
+        self.history = HistoryLine(action=mode.value, result="", when=self.now.isoformat(timespec="seconds"),
+                                   who=getpass.getuser(), ref=ref, origin=socket.gethostname())
+        self.outcome = Outcome()
+        self.executed: list[Step] = []
+        self.started = time.monotonic()
+        self.session: Session | None = None
+        self.source: release.Source | None = None
+        self.houses: dict[str, wheels.Wheelhouse] = {}
+        self.facts: dict[str, HostFacts] = {}
+
+    @contextmanager
+    def connected(self) -> Iterator[Run]:
+        with Session(self.stage) as session:
+            self.session = session
+            yield self
+
+    # --- executing steps ----------------------------------------------------------------------
+
+    def execute(self, steps: Sequence[Step], *, what: str = "") -> dict[str, Any]:
+        """Run `steps`: hosts in parallel, each host's in order; each host's last result.
+        HostsFailed (or the one host's error) when any host failed."""
+        self.executed.extend(steps)
+        mine: dict[str, list[Step]] = {}
+        for step in steps:
+            mine.setdefault(step.host, []).append(step)
+
+        def one(remote: RemoteHost) -> Any:
+            result = None
+            for step in mine.get(remote.name, []):
+                started = time.monotonic()
+                result = self.perform(remote, step)
+                self.timed(remote.name, str(step.phase), started)
+            return result
+
+        assert self.session is not None
+        return self.session.each(one, what=what or (str(steps[0].phase) if steps else "nothing"), only=mine)
+
+    def perform(self, remote: RemoteHost, step: Step) -> Any:
+        action = step.action
+        if isinstance(action, Probe):
+            return hostfacts.probe(remote, action.params)
+        if isinstance(action, Build):
+            return self._build(remote, action)
+        if isinstance(action, Script):
+            return self._script(remote, step, action)
+        if isinstance(action, Cutover):
+            return follow.cutover(self, remote, action)
+        if isinstance(action, Finish):
+            return remote.run_script(self._finish_script(remote.name, action), sudo=True, what="finishing")
+        raise TypeError(f"no way to run {action!r}")
+
+    def timed(self, host: str, step: str, started: float) -> None:
+        self.outcome.timings.setdefault(host, {})[step] = round(time.monotonic() - started, 2)
+
+    def seconds(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    # --- what each kind of step does ----------------------------------------------------------
+
+    def pack(self, facts: dict[str, HostFacts], reuses: Callable[[HostFacts, release.Source], bool]
+             ) -> dict[str, tuple[str, ...]]:
+        """Pack the ref here, fetch the wheels the hosts lack; the wheel names each host would get."""
+        started = time.monotonic()
+        source = self.source = release.read_source(self.stage.app, self.ref, self.now, CACHE_DIR)
+        self.outcome.release, self.outcome.sha = source.name, source.sha
+        self.history.release, self.history.sha = source.name, source.sha
+        self.say("", f"release {source.name}: {self.ref} at {source.sha[:10]} ({len(source.archive) // 1024} "
+                     "KiB packed)")
+        sent: dict[str, tuple[str, ...]] = {}
+        for host, f in facts.items():
+            house = self.houses[host] = wheels.Wheelhouse(source.requirements, wheels.Target.from_facts(f.target),
+                                                         CACHE_DIR, source.constraints)
+            if self.stage.app.install == "wheels" and not reuses(f, source):
+                sent[host] = tuple(w.name for w in house.files() if w.name not in f.wheels)
+        self.timed("(local)", "pack+wheels", started)
+        return sent
+
+    def _build(self, remote: RemoteHost, action: Build) -> release.Built:
+        assert self.source is not None
+        facts = self.facts[remote.name]
+        built = release.build_on(remote, self.stage, self.source, self.houses[remote.name], set(facts.wheels),
+                                 send_wheels=self.stage.app.install == "wheels" and not action.reuse_env,
+                                 python_version=action.python)
+        env = "environment reused" if built.reused_env else "new environment"
+        self.say(remote.name, f"built {built.name} ({env}, {built.wheels_sent} wheel(s) sent, "
+                              f"{built.bytes_sent // 1024} KiB)")
+        return built
+
+    def _script(self, remote: RemoteHost, step: Step, action: Script) -> Any:
+        try:
+            result = remote.run_script(action.text, sudo=True, what=step.summary, timeout=1800)
+        except RemoteCommandError as exc:
+            if step.phase != Phase.MIGRATE:
+                raise
+            raise HostError(remote.name, "migrations failed; current is untouched on every host:\n"
+                            + "\n".join("    " + line for line in exc.output.strip().splitlines()[-20:])) from None
+        if step.phase == Phase.MIGRATE:
+            self.say(remote.name, "migrations applied")
+        return result
+
+    def _finish_script(self, host: str, action: Finish) -> str:
+        app = self.stage.app
+        lines = []
+        if action.history:
+            line = HistoryLine(**{**self.history.__dict__, "host": host, "seconds": self.seconds(),
+                                  "durations": self.outcome.timings.get(host, {})})
+            path = release.state_dir(app) / "history.jsonl"
+            lines.append(f"printf '%s\\n' {quote(line.to_json())} >> {quote(str(path))}")
+        lines += [f"rm -rf {quote(str(app.releases_dir / name))}" for name in action.delete]
+        if action.unlock:
+            lines.append(lock_release_script(self.stage, self.token).rstrip("\n"))
+        return "\n".join(lines) + "\n"
+
+    def cutover(self, steps: Sequence[Step]) -> dict[str, CutoverState]:
+        """Run cutover steps on their hosts at once; a host whose follower failed is UNKNOWN."""
+        return self.execute(steps, what="cutover")

@@ -1,0 +1,233 @@
+"""The lifecycle with a fake runner: the steps a deploy executes are the steps `--plan` prints,
+and every failure path does what the decision table says (no host needed)."""
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from deploy_kit import hostfacts, lifecycle, release
+from deploy_kit.errors import DeployFailed, Locked, PreflightFailed
+from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.runner import Run
+
+from .samples import stage_of
+from .test_checks import healthy
+
+NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
+NEW = "2026-11-24-123000"
+OLD = "2026-11-24-120000"
+
+
+class FakeSession:
+    def __init__(self, hosts):
+        self.hosts = hosts
+
+    def each(self, work, *, what, only=None):
+        from deploy_kit import parallel  # the real fan-out: one host's error, or HostsFailed naming each
+        chosen = [h for h in self.hosts if only is None or h.name in only]
+        return parallel.each(chosen, work, name=lambda h: h.name, what=what)
+
+    def remote(self, name):
+        return next(h for h in self.hosts if h.name == name)
+
+
+class FakeRun(Run):
+    """A Run whose steps are answered from canned host states instead of SSH."""
+
+    cutover_status: dict[str, CutoverStatus] = {}
+    rollback_status: dict[str, CutoverStatus] = {}
+    held: set[str] = set()
+    facts_override: dict[str, dict] = {}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token = "t0k3n"
+        self.holder["token"] = self.token
+        self.holder["since"] = NOW.isoformat(timespec="seconds")
+
+    def connected(self):
+        self.session = FakeSession(self.stage.hosts)
+        import contextlib
+        return contextlib.nullcontext(self)
+
+    def pack(self, facts, reuses):
+        self.source = release.Source(name=NEW, sha="f" * 40, ref=self.ref, archive=b"x" * 4096,
+                                     requirements="celery\n", revision={})
+        return {h: ("celery-5.5.0-py3-none-any.whl",) for h in facts}
+
+    def perform(self, remote, step):
+        action = step.action
+        if isinstance(action, Probe):
+            data = dict(healthy(self.stage, remote), **self.facts_override.get(remote.name, {}))
+            if action.params["lock"]:
+                holder = {"who": "bob", "from": "ci"} if remote.name in self.held else action.params["lock"]
+                data["lock"] = {"acquired": remote.name not in self.held, "holder": holder}
+            return hostfacts.parse(json.dumps(data))
+        if isinstance(action, Build):
+            return release.Built(remote.name, action.release, action.reuse_env, len(action.wheels), 1)
+        if isinstance(action, Cutover):
+            mode = Mode(action.params["mode"])
+            table = self.cutover_status if mode == Mode.DEPLOY else self.rollback_status
+            status = table.get(remote.name, CutoverStatus.DONE)
+            live = action.params["target"] if status == CutoverStatus.DONE else action.params["previous"]
+            return CutoverState(id=action.params["id"], mode=mode, target=action.params["target"],
+                                previous=action.params["previous"], status=status, live=live,
+                                failure="" if status == CutoverStatus.DONE else "verify failed")
+        return None
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    FakeRun.cutover_status, FakeRun.rollback_status, FakeRun.held, FakeRun.facts_override = {}, {}, set(), {}
+    runs = []
+
+    def make(*args, **kwargs):
+        run = FakeRun(*args, **kwargs)
+        runs.append(run)
+        return run
+
+    monkeypatch.setattr(lifecycle, "Run", make)
+    return runs
+
+
+def say(host, message):
+    pass
+
+
+def test_the_deploy_executes_exactly_the_plan(fake):
+    stage = stage_of()
+    printed = lifecycle.plan(stage, ref="main", say=say, now=NOW)
+    probe = fake[-1].executed
+    assert [s.phase for s in probe] == [Phase.LOCK, Phase.LOCK]  # --plan ran only the probe,
+    assert all(s.action.params["lock"] is None for s in probe)  # read-only: no lock taken
+    lifecycle.deploy(stage, ref="main", say=say, now=NOW)
+    assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
+    assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + [Phase.MIGRATE] + \
+        [Phase.CUTOVER] * 2 + [Phase.FINISH] * 2
+
+
+def test_the_plan_says_per_host_what_will_happen(fake):
+    stage = stage_of()
+    printed = "\n".join(lifecycle.plan(stage, ref="main", say=say).render())
+    for host in ("web1", "web2"):
+        for phase in ("lock", "check", "release", "switch", "restart", "verify", "finish"):
+            assert f"{host} {phase}:" in printed
+    assert printed.count("manage.py migrate") == 1
+    assert "deploy-kit.verify.default@web2" in printed
+    assert f"{NEW[:4]}" in printed and "celery-5.5.0-py3-none-any.whl" in printed
+    assert "shop-beat.service" in printed
+
+
+def test_a_failed_host_brings_the_other_back_and_exits_5(fake):
+    FakeRun.cutover_status = {"web2": CutoverStatus.ROLLED_BACK}
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert caught.value.exit_code == 5
+    run = fake[-1]
+    back = [s for s in run.executed if isinstance(s.action, Cutover) and s.action.params["mode"] == "rollback"]
+    assert [(s.host, s.action.params["target"], s.action.params["previous"]) for s in back] == [("web1", OLD, NEW)]
+    assert {s.host for s in run.executed if s.phase == Phase.MARK_BAD} == {"web1", "web2"}
+    finish = [s.action for s in run.executed if s.phase == Phase.FINISH]
+    assert finish and all(f.unlock and not f.delete for f in finish)  # no cleanup after a failure
+    assert "web1: back on" in str(caught.value) and "web2: back on" in str(caught.value)
+
+
+def test_an_unknown_host_keeps_the_lock_and_exits_6(fake):
+    FakeRun.cutover_status = {"web2": CutoverStatus.UNKNOWN}
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert caught.value.exit_code == 6
+    finish = [s.action for s in fake[-1].executed if s.phase == Phase.FINISH]
+    assert finish and not any(f.unlock for f in finish)
+    assert "fab unlock" in str(caught.value) and "STATE UNKNOWN" in str(caught.value)
+
+
+def test_a_failed_way_back_is_exit_6(fake):
+    FakeRun.cutover_status = {"web2": CutoverStatus.ROLLED_BACK}
+    FakeRun.rollback_status = {"web1": CutoverStatus.ROLLBACK_FAILED}
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert caught.value.exit_code == 6
+
+
+def test_a_failed_preflight_changes_nothing_and_releases_the_lock(fake):
+    FakeRun.facts_override = {"web2": {"broker": {"ok": False, "detail": "connection refused"}}}
+    with pytest.raises(PreflightFailed) as caught:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert "web2" in str(caught.value) and "connection refused" in str(caught.value)
+    run = fake[-1]
+    assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.FINISH}
+    assert all(s.action == Finish(unlock=True, history=True) for s in run.executed if s.phase == Phase.FINISH)
+    assert run.history.result == "preflight failed"
+
+
+def test_a_lock_held_elsewhere_is_refused_and_ours_released(fake):
+    FakeRun.held = {"web2"}
+    with pytest.raises(Locked) as caught:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert caught.value.exit_code == 4 and "web2: held by bob from ci" in str(caught.value)
+    released = [s for s in fake[-1].executed if s.phase == Phase.FINISH]
+    assert {s.host for s in released} == {"web1", "web2"}
+    assert all(s.action == Finish(unlock=True, history=False) for s in released)
+
+
+def test_a_first_deploy_that_fails_returns_to_no_release(fake):
+    FakeRun.facts_override = {h: {"paths": dict(healthy(stage_of(), stage_of().host(h))["paths"], current=None),
+                                  "release_python": False, "release_runs": None, "app_import": None}
+                              for h in ("web1", "web2")}
+    FakeRun.cutover_status = {"web2": CutoverStatus.ROLLED_BACK}
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    undone = [s for s in fake[-1].executed if s.phase == Phase.UNDO]
+    assert [s.host for s in undone] == ["web1"] and isinstance(undone[0].action, Script)
+    assert "rm -f /srv/shop/current" in undone[0].action.text
+    assert caught.value.exit_code == 5
+
+
+def test_rollback_goes_to_the_previous_good_release(fake):
+    FakeRun.facts_override = {h: {"releases": [
+        {"name": OLD, "building": False, "bad": False, "revision": {}},
+        {"name": NEW, "building": False, "bad": False, "revision": {}}],
+        "paths": dict(healthy(stage_of(), stage_of().host(h))["paths"],
+                      current={"type": "link", "owner": "root", "group": "root", "mode": "0777",
+                               "target": f"releases/{NEW}", "resolves": True})} for h in ("web1", "web2")}
+    result = lifecycle.rollback(stage_of(), to=None, say=say)
+    assert result.release == OLD
+    cut = [s for s in fake[-1].executed if s.phase == Phase.CUTOVER]
+    assert {(s.action.params["target"], s.action.params["previous"], s.action.params["mode"]) for s in cut} == \
+        {(OLD, NEW, "rollback")}
+
+
+def test_the_rollback_executes_exactly_its_plan(fake):
+    FakeRun.facts_override = {h: {"releases": [
+        {"name": OLD, "building": False, "bad": False, "revision": {}},
+        {"name": NEW, "building": False, "bad": False, "revision": {}}],
+        "paths": dict(healthy(stage_of(), stage_of().host(h))["paths"],
+                      current={"type": "link", "owner": "root", "group": "root", "mode": "0777",
+                               "target": f"releases/{NEW}", "resolves": True})} for h in ("web1", "web2")}
+    printed = lifecycle.rollback_plan(stage_of(), to=None, say=say)
+    lifecycle.rollback(stage_of(), to=None, say=say)
+    executed = fake[-1].executed
+    assert [(s.host, s.phase) for s in executed] == [(s.host, s.phase) for s in printed.steps]
+    assert executed[2:] == list(printed.steps[2:]) or all(  # the cutover's id is the run's own timestamp
+        a.host == b.host and a.phase == b.phase for a, b in zip(executed, printed.steps, strict=True))
+
+
+def test_a_failed_migration_discards_the_release_everywhere_and_unlocks(fake, monkeypatch):
+    from deploy_kit.errors import HostError
+
+    def perform(self, remote, step):
+        if step.phase == Phase.MIGRATE:
+            raise HostError(remote.name, "migrations failed; current is untouched on every host")
+        return FakeRun.perform_canned(self, remote, step)
+
+    monkeypatch.setattr(FakeRun, "perform_canned", FakeRun.perform, raising=False)
+    monkeypatch.setattr(FakeRun, "perform", perform)
+    with pytest.raises(HostError):
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    undone = [s for s in fake[-1].executed if s.phase == Phase.UNDO]
+    assert {s.host for s in undone} == {"web1", "web2"}
+    assert all(f"/srv/shop/releases/{NEW}" in s.action.text.split() for s in undone)  # built here: removed
+    assert [s.action for s in fake[-1].executed if s.phase == Phase.FINISH] == [Finish()] * 2
