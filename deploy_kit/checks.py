@@ -176,6 +176,7 @@ def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
                           "or the code"))
 
     rows.append(_units_check(stage, host, facts, setup_fix))
+    rows.append(_workers_check(stage, host, facts, setup_fix))
     rows.append(_beat_check(stage, host, facts, setup_fix))
     rows.append(_stop_timeout_check(stage, host, facts, setup_fix))
 
@@ -194,7 +195,7 @@ def _units_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> 
         return _skip("units", "no services on this host")
     missing = [n for n in wanted if n not in facts.units]
     differ = [n for n in wanted if n in facts.units and facts.units[n] != wanted[n].content]
-    stale = [n for n in wanted if facts.loaded.get(n, {}).get("NeedDaemonReload") == "yes"]
+    stale = [n for n in wanted if facts.loaded.get(_live(n, facts), {}).get("NeedDaemonReload") == "yes"]
     if missing:
         return _fail("units", f"not installed: {', '.join(missing)}", setup_fix)
     if differ:
@@ -204,6 +205,45 @@ def _units_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> 
         return _fail("units", f"changed on disk but not reloaded: {', '.join(stale)}",
                      "run `systemctl daemon-reload` on the host, or " + setup_fix)
     return _ok("units", f"{len(wanted)} installed, as rendered")
+
+
+def _live(unit: str, facts: HostFacts) -> str:
+    """A template's live unit is the current release's instance; any other unit is itself."""
+    current = facts.path("current")
+    if "@." not in unit or current is None or current.target is None:
+        return unit
+    return unit.replace("@.", f"@{current.target.rstrip('/').rsplit('/', 1)[-1]}.")
+
+
+def _workers_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> Check:
+    """Exactly the current release's instance of each worker service runs and starts at boot."""
+    workers = stage.workers_on(host)
+    current = facts.path("current")
+    if not workers:
+        return _skip("workers", "no worker services on this host")
+    if current is None or not current.resolves:
+        return _skip("workers", "no release yet")
+    problems, fine = [], []
+    for worker in workers:
+        legacy = facts.unit_state.get(worker.legacy_unit(stage.app), {})
+        if legacy.get("active") == "active":
+            fine.append(f"{worker.legacy_unit(stage.app)} (the next deploy hands it over to an instance)")
+            continue
+        want = _live(worker.unit(stage.app), facts)
+        state = facts.instances.get(want, {})
+        if not state.get("enabled"):
+            problems.append(f"{want} is not enabled: it will not start at boot")
+        elif state.get("active") != "active":
+            problems.append(f"{want} is not running ({state.get('active', 'inactive')})")
+        others = [u for u, s in facts.instances.items() if s.get("enabled") and u != want
+                  and u.startswith(worker.unit(stage.app).split("@")[0] + "@")]
+        if others:
+            problems.append(f"{', '.join(others)} also start at boot: an older release would serve too")
+        if state.get("enabled") and state.get("active") == "active" and not others:
+            fine.append(want)
+    if problems:
+        return _fail("workers", "; ".join(problems), setup_fix)
+    return _ok("workers", "running and enabled at boot: " + ", ".join(fine))
 
 
 def _beat_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> Check:
@@ -228,12 +268,12 @@ def _beat_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> C
 def _stop_timeout_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> Check:
     too_low = []
     for worker in stage.workers_on(host):
-        loaded = facts.loaded.get(worker.unit(stage.app), {})
+        loaded = facts.loaded.get(_live(worker.unit(stage.app), facts), {})
         if loaded.get("LoadState") != "loaded":
             continue
         seconds = parse_timespan(loaded.get("TimeoutStopUSec", ""))
         if seconds is not None and seconds < worker.time_limit:
-            too_low.append(f"{worker.unit(stage.app)} stops after {seconds:.0f} s but its tasks may run "
+            too_low.append(f"{_live(worker.unit(stage.app), facts)} stops after {seconds:.0f} s but its tasks may run "
                            f"{worker.time_limit} s")
     if too_low:
         return _fail("stop timeout", "; ".join(too_low) + " (running tasks would be killed)", setup_fix)

@@ -96,8 +96,19 @@ class WorkerService:
     concurrency: int = 2
     time_limit: int = 300
     loglevel: str = "INFO"
+    handover: bool = True  # False: restart in place (one worker at a time, the queue waits)
+    mingle: bool = True  # False: skip the ~1 s start-up sync with other workers (revoked ids)
+    gossip: bool = True  # False: do not follow other workers' events
 
     def unit(self, app: App) -> str:
+        """The template unit; each release runs as its instance (`instance()`)."""
+        return f"{app.name}-worker-{self.name}@.service"
+
+    def instance(self, app: App, release: str) -> str:
+        return f"{app.name}-worker-{self.name}@{release}.service"
+
+    def legacy_unit(self, app: App) -> str:
+        """The plain unit of deploy-kit before handovers: retired by the next deploy."""
         return f"{app.name}-worker-{self.name}.service"
 
 
@@ -114,6 +125,7 @@ class Beat:
 class Verify:
     task: str = "celery.accumulate"
     timeout: float = 60.0
+    watch: float = 3.0  # seconds a new worker must run on the real queues before the old one drains
 
 
 @dataclass(frozen=True)
@@ -598,6 +610,9 @@ class _Loader:
             time_limit = t.get("time_limit", int, 300, check=_positive)
             loglevel = t.get("loglevel", str, "INFO", check=_loglevel)
             on = t.get("hosts", list, default_hosts, check=_string_list("host"))
+            handover = t.get("handover", bool, True)
+            mingle = t.get("mingle", bool, True)
+            gossip = t.get("gossip", bool, True)
             t.unknown_keys()
             if name is not None:
                 if name in seen:
@@ -618,11 +633,12 @@ class _Loader:
                                           f"{stage!r} has the 'worker' role. Fix: give a host "
                                           "roles = [\"worker\"] or list hosts = [...] here")
                         on = None
-            if None in (name, queues, concurrency, time_limit, loglevel, on):
+            if None in (name, queues, concurrency, time_limit, loglevel, on, handover, mingle, gossip):
                 continue
             services.append(WorkerService(name=name, queues=tuple(queues), hosts=tuple(on),
                                           concurrency=concurrency, time_limit=time_limit,
-                                          loglevel=loglevel.upper()))
+                                          loglevel=loglevel.upper(), handover=handover, mingle=mingle,
+                                          gossip=gossip))
         return tuple(services) if len(services) == len(raw) else None
 
     def beat(self, stage: str, t: _Table | None, hosts: tuple[Host, ...] | None) -> Beat | None:
@@ -643,10 +659,11 @@ class _Loader:
             return None
         task = t.get("task", str, "celery.accumulate", check=_module)
         timeout = t.get("timeout", (int, float), 60.0, check=_positive)
+        watch = t.get("watch", (int, float), 3.0, check=_positive)
         t.unknown_keys()
-        if None in (task, timeout):
+        if None in (task, timeout, watch):
             return None
-        return Verify(task=task, timeout=float(timeout))
+        return Verify(task=task, timeout=float(timeout), watch=float(watch))
 
     def systemd(self, t: _Table | None) -> SystemdSettings | None:
         if t is None:

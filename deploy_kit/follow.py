@@ -8,9 +8,9 @@ reconnects and goes on; what cannot be read is UNKNOWN, never guessed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from deploy_kit import journal, units
+from deploy_kit import journal
 from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployKitError, HostError, RemoteCommandError
 from deploy_kit.plan import Cutover
@@ -25,12 +25,13 @@ S = CutoverStatus
 STARTUP_GRACE = 15  # seconds a started cutover may take to write its first state
 
 
-def budget(params: dict[str, object], workers: int, longest_stop: float, verify_timeout: float) -> float:
-    """How long a cutover can take at worst: forward and back, each with a restart of every unit
-    (warm shutdown: the longest task), a start-up wait and a verification per worker."""
-    one_pass = longest_stop + 120 + (verify_timeout + 30) * (workers + 1)
-    if params.get("beat_unit"):
-        one_pass += 60 + verify_timeout  # Beat's restart and its wait
+def budget(params: dict[str, Any]) -> float:
+    """How long a cutover can take at worst: forward and back, each with a stop of the old units
+    (a restart in place waits for the longest task), the agent's start, a verification per
+    worker, the remote-control calls and the watch."""
+    verify = float(params["verify"]["timeout"])
+    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(params["workers"]) + 1) + \
+        float(params["watch"])
     return 2 * one_pass + 60
 
 
@@ -50,13 +51,15 @@ def _launch_script(params: dict[str, object], unit: str, app_name: str, python: 
 def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
     stage, params = run.stage, action.params
     unit = f"{stage.app.name}-cutover-{params['id']}"
-    watched = list(units.units_for(stage, remote.host))
+    if params["phase"] == "beat":
+        watched = [str(params["beat_unit"])]
+    else:
+        watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"])]
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
     if not watched:
         return CutoverState(**{**blank.__dict__, "status": S.DONE})  # nothing runs here to switch
-    workers = len(stage.workers_on(remote.host))
-    limit = budget(params, workers, float(params["stop_timeout"]), stage.verify.timeout)  # type: ignore[arg-type]
+    limit = budget(params)
     with journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)):
         try:
             remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),

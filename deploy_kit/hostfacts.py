@@ -62,6 +62,7 @@ class HostFacts:
     releases: tuple[ReleaseInfo, ...] = ()
     wheels: frozenset[str] = frozenset()
     lock: LockState | None = None
+    instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # unit -> {active, enabled}
     # Only filled by a probe made for `fab check`:
     readable: dict[str, bool] = field(default_factory=dict)
     env_keys: tuple[str, ...] = ()
@@ -132,6 +133,7 @@ def parse(output: str) -> HostFacts:
                        for r in data.get("releases", [])),
         wheels=frozenset(data.get("wheels", [])),
         lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,
+        instances=data.get("instances", {}),
         readable=data.get("readable", {}),
         env_keys=tuple(data.get("env_keys", ())),
         disk_free_kb=int(data.get("disk_free_kb", 0)),

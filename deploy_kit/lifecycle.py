@@ -4,9 +4,11 @@
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
     release     pack once here; build on each host
     migrate     once, on the migrate host
-    cutover     every host at once, detached          cutover     every host at once, detached
-                (switch, restart, verify, Beat);
-                if one fails, the others go back
+    cutover     every host at once, detached:         beat        Beat first, on its host
+                the new release's workers prove       cutover     the workers hand back on
+                themselves, then take over; if one                every host at once
+                host fails, the others hand back
+    beat        Beat, on its host, after every host
     finish      history, cleanup, unlock              finish      history, unlock
 
 A failure before the cutover changes nothing that runs (undo: discard the release, record,
@@ -46,8 +48,9 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             undo(run, facts, built if not isinstance(exc, HostsFailed) else exc.succeeded, exc)
             raise
         results = run.cutover(the_plan.phase(Phase.CUTOVER))
-        if not outcome.verdict(Mode.DEPLOY, results).ok:
-            results.update(roll_back(run, the_plan, results))
+        beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
+        if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
+            results = roll_back(run, the_plan, results, beat)
         return finish(run, the_plan, results, facts)
 
 
@@ -69,7 +72,10 @@ def rollback(stage: Stage, *, to: str | None, say: Say) -> Outcome:
                 say(step.host, f"warning: {warning}")
         run.outcome.release = run.history.release = the_plan.release
         run.history.from_release = plans.current_release(next(iter(facts.values())))
-        return finish(run, the_plan, run.cutover(the_plan.phase(Phase.CUTOVER)), facts)
+        beat = run.cutover(the_plan.phase(Phase.BEAT))
+        if outcome.verdict(Mode.ROLLBACK, beat).ok:
+            beat.update(run.cutover(the_plan.phase(Phase.CUTOVER)))
+        return finish(run, the_plan, beat, facts)
 
 
 def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Plan:
@@ -143,24 +149,29 @@ def undo(run: Run, facts: Mapping[str, HostFacts], built: list[str], exc: BaseEx
         release_locks(run)
 
 
-def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState]) -> dict[str, CutoverState]:
-    """A host failed: the hosts that switched go back too, so the stage runs one release."""
-    hosts = outcome.to_roll_back(results)
+def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
+              beat: Mapping[str, CutoverState]) -> dict[str, CutoverState]:
+    """A host failed (or Beat did): the hosts whose workers took over hand back too, so the stage
+    runs one release. Beat's own step already went back on its host."""
+    hosts = sorted(h for h, s in results.items() if s.status == CutoverStatus.DONE)
     if hosts:
-        run.say("", f"rolling back {', '.join(hosts)} too, so every host runs the same release")
-    back: dict[str, CutoverState] = {}
+        run.say("", f"handing {', '.join(hosts)} back too, so every host runs the same release")
+    final = dict(results)
     for host, state in run.cutover([s for s in the_plan.on_failure
                                     if s.phase == Phase.CUTOVER and s.host in hosts]).items():
-        back[host] = state
+        final[host] = state
         if state.status == CutoverStatus.DONE:
             state.status = CutoverStatus.ROLLED_BACK
     fresh = [s for s in the_plan.on_failure if s.phase == Phase.UNDO and s.host in hosts]
     run.execute(fresh, what="returning to no release")
     for step in fresh:
-        back[step.host] = CutoverState(**{**results[step.host].__dict__, "status": CutoverStatus.ROLLED_BACK,
-                                          "live": ""})
+        final[step.host] = CutoverState(**{**results[step.host].__dict__, "status": CutoverStatus.ROLLED_BACK,
+                                           "live": ""})
+    for host, state in beat.items():  # Beat that could not go back outweighs its workers' way back
+        if state.status not in (CutoverStatus.DONE, CutoverStatus.ROLLED_BACK):
+            final[host] = state
     run.execute([s for s in the_plan.on_failure if s.phase == Phase.MARK_BAD], what="marking the release bad")
-    return back
+    return final
 
 
 def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],

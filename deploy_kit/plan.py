@@ -29,6 +29,7 @@ class Phase(StrEnum):
     RELEASE = "release"
     MIGRATE = "migrate"
     CUTOVER = "cutover"
+    BEAT = "beat"
     FINISH = "finish"
     UNDO = "undo"  # only when something failed: back to no release, discard a release
     MARK_BAD = "mark bad"
@@ -159,31 +160,47 @@ def migrate_script(stage: Stage, release: str) -> str:
             f"{q(str(directory / units.VENV / 'bin/python'))} manage.py migrate --noinput 2>&1\n")
 
 
-def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode,
-                   run_id: str) -> dict[str, Any]:
+def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode, run_id: str,
+                   phase: str = "workers") -> dict[str, Any]:
+    """The cutover program's parameters: the workers' handover on a host, or Beat on its host."""
     app = stage.app
-    workers = stage.workers_on(host)
+    workers = stage.workers_on(host) if phase == "workers" else ()
     return {
-        "id": run_id, "mode": mode.value, "target": target, "previous": previous,
+        "id": run_id, "mode": mode.value, "phase": phase, "target": target, "previous": previous,
         "app": {"name": app.name, "celery_app": app.celery_app},
-        "releases_dir": str(app.releases_dir), "current": str(app.current_link),
-        "workers": [{"unit": w.unit(app), "service": w.name} for w in workers],
-        "beat_unit": stage.beat.unit(app) if stage.beat and stage.beat.host == host.name else None,
-        "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout},
-        "verify_queue": units.verify_queue("{service}", "{host}"),
+        "releases_dir": str(app.releases_dir), "current": str(app.current_link), "venv": units.VENV,
+        "workers": [{"service": w.name, "template": w.unit(app), "legacy": w.legacy_unit(app),
+                     "queues": list(w.queues), "handover": w.handover,
+                     "private_queue": units.private_queue(stage, w, "%i", "{host}")} for w in workers],
+        "beat_unit": stage.beat.unit(app) if phase == "beat" and stage.beat else None,
+        "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout}, "watch": stage.verify.watch,
         "service_environment": list(units.service_environment(stage)),
-        "venv": units.VENV,
         "stop_timeout": max([units.stop_timeout(stage, w) for w in workers] or [stage.systemd.stop_margin]),
         "state_file": str(state_dir(app) / "cutover.json"),
-        "mark_bad_on_failure": mode == Mode.DEPLOY,
+        "run_dir": str(units.RUN_DIR / app.name),
+        "mark_bad_on_failure": mode == Mode.DEPLOY and phase == "workers",
     }
 
 
 def cutover_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
                   run_id: str) -> list[Step]:
-    return [Step(h.name, Phase.CUTOVER, f"{mode.value} to {targets[h.name]} (from {previous.get(h.name)})",
+    """The workers' handover on every host of `targets` at once."""
+    return [Step(h.name, Phase.CUTOVER, f"{mode.value}: hand the workers over to {targets[h.name]} "
+                 f"(from {previous.get(h.name) or 'none'})",
                  Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id), h.name))
-            for h in stage.hosts if h.name in targets]
+            for h in stage.hosts if h.name in targets and stage.workers_on(h)]
+
+
+def beat_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
+               run_id: str) -> list[Step]:
+    """Beat on its one host: after every host's workers in a deploy, before them in a rollback."""
+    if stage.beat is None or stage.beat.host not in targets:
+        return []
+    host = stage.host(stage.beat.host)
+    when = "after every host's workers" if mode == Mode.DEPLOY else "first, so it sends no task the old release lacks"
+    return [Step(host.name, Phase.BEAT, f"Beat moves to {targets[host.name]}, {when}",
+                 Cutover(cutover_params(stage, host, targets[host.name], previous.get(host.name), mode,
+                                        run_id + "b", "beat"), host.name))]
 
 
 def cleanup(stage: Stage, facts: HostFacts, new: str) -> tuple[str, ...]:
@@ -217,12 +234,13 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                       Script(migrate_script(stage, source.name))))
     targets = {h.name: source.name for h in stage.hosts}
     steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id)
+    steps += beat_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts],
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()})
     back = {h: c for h, c in current.items() if c}
     on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
-    on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release", Script(unswitch_script(stage, h)))
-                   for h, c in current.items() if not c]
+    on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",
+                        Script(unswitch_script(stage, h, source.name))) for h, c in current.items() if not c]
     on_failure += [Step(h.name, Phase.MARK_BAD, f"mark {source.name} bad",
                         Script(mark_bad_script(stage, source.name))) for h in stage.hosts]
     return Plan(Mode.DEPLOY, source.name, tuple(steps), tuple(on_failure))
@@ -231,7 +249,8 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
 def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str | None) -> Plan:
     current = {h: current_release(f) for h, f in facts.items()}
     targets = {h: releases.rollback_target(f.releases, current[h], to) for h, f in facts.items()}
-    steps = cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)
+    steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
+    steps += cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts])
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 
@@ -263,9 +282,13 @@ def mark_bad_script(stage: Stage, release: str) -> str:
     return f"[ -d {q(str(marker.parent))} ] && install -d {q(str(marker))} && touch {q(str(marker / 'BAD'))} || true\n"
 
 
-def unswitch_script(stage: Stage, host: str) -> str:
-    names = " ".join(q(u) for u in units.units_for(stage, stage.host(host)))
-    return (f"systemctl stop {names}\n" if names else "") + f"rm -f {q(str(stage.app.current_link))}\n"
+def unswitch_script(stage: Stage, host: str, release: str) -> str:
+    """A first deploy that failed elsewhere: stop what it started here, leave no release live."""
+    on = stage.host(host)
+    names = [w.instance(stage.app, release) for w in stage.workers_on(on)]
+    names += [stage.beat.unit(stage.app)] if stage.beat and stage.beat.host == host else []
+    stop = f"systemctl disable --now --quiet {' '.join(q(n) for n in names)} || true\n" if names else ""
+    return stop + f"rm -f {q(str(stage.app.current_link))}\n"
 
 
 def lock_release_script(stage: Stage, token: str) -> str:

@@ -132,29 +132,41 @@ def plan_host(stage: Stage, host: Host, facts: HostFacts) -> HostPlan:
             changes.append(Change(f"replace unit {name} (differs from hosts.toml)",
                                   write_file_script(str(unit.path), unit.content),
                                   diff=unit_diff(name, installed, unit.content), needs_consent=True))
+    release = _current_release(facts)
+    legacy = {w.legacy_unit(app): w for w in stage.workers_on(host)}
     for name, installed in facts.units.items():
         if name in wanted:
             continue
         if not installed.startswith(units.MANAGED_MARKER):
             notes.append(f"{name} looks like this app's but was not made by deploy-kit; left alone")
             continue
+        if name in legacy and facts.unit_state.get(name, {}).get("active") == "active":
+            notes.append(f"{name} (restart in place) keeps serving until the next `fab deploy` hands its queues "
+                         f"over to {legacy[name].instance(app, '<release>')}")
+            continue
         reload_needed = True
         path = q(str(units.UNIT_DIR / name))
-        changes.append(Change(f"remove unit {name} (no longer in hosts.toml for this host)",
+        retired = name in legacy  # a plain unit of older deploy-kits that a handover already stopped
+        why = "retired by a handover" if retired else "no longer in hosts.toml for this host"
+        changes.append(Change(f"remove unit {name} ({why})",
                               f"systemctl disable --now --quiet {q(name)} || true\nrm -f {path}",
-                              diff=unit_diff(name, installed, ""), needs_consent=True))
+                              diff="" if retired else unit_diff(name, installed, ""), needs_consent=not retired))
     if reload_needed:
         changes.append(Change("reload systemd", "systemctl daemon-reload"))
-    to_enable = [n for n in wanted if facts.unit_state.get(n, {}).get("enabled") != "enabled"
-                 or n not in facts.units]
+    # What runs: the current release's instance of each worker service (none before a first
+    # deploy, and none while a plain unit of older deploy-kits still serves), and Beat.
+    serving = [w for w in stage.workers_on(host)
+               if facts.unit_state.get(w.legacy_unit(app), {}).get("active") != "active"]
+    running = {w.instance(app, release): w.unit(app) for w in serving} if release else {}
+    if stage.beat and stage.beat.host == host.name and release:
+        running[stage.beat.unit(app)] = stage.beat.unit(app)
+    to_enable = [n for n in running if not _enabled(facts, n)]
     if to_enable:
         changes.append(Change(f"enable {', '.join(to_enable)} at boot",
                               f"systemctl enable --quiet {' '.join(q(n) for n in to_enable)}"))
-    current = facts.path("current")
-    if current is not None and current.resolves:
-        changed = [n for n in wanted if facts.units.get(n) != wanted[n].content]
-        stopped = [n for n in wanted if n not in changed
-                   and facts.unit_state.get(n, {}).get("active") != "active"]
+    if release:
+        changed = [n for n, file in running.items() if facts.units.get(file) != wanted[file].content]
+        stopped = [n for n in running if n not in changed and _active(facts, n) != "active"]
         if changed:
             changes.append(Change(f"restart {', '.join(changed)} to apply the new unit",
                                   f"systemctl restart {' '.join(q(n) for n in changed)}"))
@@ -164,6 +176,25 @@ def plan_host(stage: Stage, host: Host, facts: HostFacts) -> HostPlan:
     elif wanted:
         notes.append("services start after the first release exists (`fab deploy`)")
     return HostPlan(host, tuple(changes), tuple(notes))
+
+
+def _current_release(facts: HostFacts) -> str | None:
+    current = facts.path("current")
+    if current is None or current.target is None or not current.resolves:
+        return None
+    return current.target.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _enabled(facts: HostFacts, unit: str) -> bool:
+    if "@" in unit:
+        return bool(facts.instances.get(unit, {}).get("enabled"))
+    return facts.unit_state.get(unit, {}).get("enabled") == "enabled" and unit in facts.units
+
+
+def _active(facts: HostFacts, unit: str) -> str:
+    if "@" in unit:
+        return str(facts.instances.get(unit, {}).get("active", "inactive"))
+    return facts.unit_state.get(unit, {}).get("active", "unknown")
 
 
 def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPlan], None],

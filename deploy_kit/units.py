@@ -1,12 +1,16 @@
 """The systemd units of an app, rendered from the configuration (pure: same config, same bytes).
 
-One unit per worker service (its own queues and node name, so each restarts and
-logs on its own) and one for Beat on its single host. They follow the Celery
-and systemd documentation, plus the hardening that rates them "OK" in
-`systemd-analyze security`:
+One template unit per worker service (`APP-worker-NAME@.service`) whose instances are
+releases: `APP-worker-NAME@2026-11-24-120000.service` runs that release's code from its own
+directory, whatever `current` says, so a deploy starts the new release's worker beside the
+old one and hands the queues over (`remote/cutover.py`). One plain unit for Beat on its single
+host, through `current`. They follow the Celery and systemd documentation, plus the hardening
+that rates them "OK" in `systemd-analyze security`:
 
-- Type=simple with the worker in the foreground; the release's own virtualenv,
-  reached through the `current` symlink, which systemd resolves at each start.
+- Type=simple with the worker in the foreground, from the release's own virtualenv.
+- An instance consumes its service's queues plus a private queue of its own; while it
+  proves itself during a handover, a file in /run narrows that to the private queue only
+  (gone at reboot, so an instance that boots consumes its real queues).
 - KillMode=mixed: only the main process gets SIGTERM and does a warm shutdown,
   so prefork children finish their tasks instead of dying with WorkerLostError.
 - TimeoutStopSec = the service's task time limit + a margin, so systemd never
@@ -79,10 +83,23 @@ def python(app: App) -> PurePosixPath:
     return app.current_link / VENV / "bin" / "python"
 
 
-def verify_queue(service: str, hostname: str) -> str:
-    """A queue only this service's worker on `hostname` consumes: `fab deploy` sends its
-    verification task there, so the answer proves that this very worker runs the new release."""
-    return f"deploy-kit.verify.{service}@{hostname}"
+RUN_DIR = PurePosixPath("/run/deploy-kit")
+
+
+def private_queue(stage: Stage, worker: WorkerService, release: str = "%i", hostname: str = "%H") -> str:
+    """A queue only one worker instance consumes (unique to app, stage, service, release and host):
+    a deploy sends its verification task there, so the answer proves that this very worker runs."""
+    return f"deploy-kit.{stage.app.name}.{stage.name}.{worker.name}.{release}@{hostname}"
+
+
+def node_name(worker: WorkerService, release: str = "%i", hostname: str = "%%h") -> str:
+    """Celery's node name of an instance: readable, and unique while two releases run side by side."""
+    return f"{worker.name}.{release}@{hostname}"
+
+
+def handover_file(app: App, worker: WorkerService, release: str = "%i") -> PurePosixPath:
+    """While it exists, the instance consumes its private queue only (see the module's docstring)."""
+    return RUN_DIR / app.name / f"{worker.name}@{release}.env"
 
 
 def beat_schedule(app: App) -> PurePosixPath:
@@ -117,8 +134,12 @@ def run_as_service_options(stage: Stage) -> str:
                     if not p.startswith("WorkingDirectory="))
 
 
-def _render(stage: Stage, description: str, identifier: str, exec_start: str, stop_timeout: int) -> str:
+def _render(stage: Stage, description: str, identifier: str, exec_start: str, stop_timeout: int,
+            directory: PurePosixPath | None = None, extra: tuple[str, ...] = ()) -> str:
     app = stage.app
+    directory = directory or app.current_link
+    environment = [f"WorkingDirectory={directory}" if p.startswith("WorkingDirectory=") else p
+                   for p in service_environment(stage)]
     dependencies = ["network-online.target"]
     if stage.systemd.broker_unit:
         dependencies.append(stage.systemd.broker_unit)
@@ -130,11 +151,12 @@ def _render(stage: Stage, description: str, identifier: str, exec_start: str, st
         "Documentation=https://docs.celeryq.dev/en/stable/userguide/daemonizing.html",
         f"Wants={' '.join(dependencies)}",
         f"After={' '.join(dependencies)}",
-        f"ConditionPathExists={app.current_link}",
+        f"ConditionPathExists={directory}",
         "",
         "[Service]",
         "Type=simple",
-        *service_environment(stage),
+        *environment,
+        *extra,
         f"ExecStart={exec_start}",
         "Restart=on-failure",
         "RestartSec=5",
@@ -150,18 +172,20 @@ def _render(stage: Stage, description: str, identifier: str, exec_start: str, st
 
 
 def worker_unit(stage: Stage, worker: WorkerService) -> Unit:
+    """The template unit of a worker service; `%i`, the instance, is a release name."""
     app = stage.app
-    name = worker.unit(app)
-    # `%%h` reaches Celery as `%h`, its own specifier for the host name; `%H` is systemd's, which
-    # names the node's private verification queue (Celery does not expand specifiers in -Q).
-    queues = ",".join([*worker.queues, verify_queue(worker.name, "%H")])
-    exec_start = (f"{python(app)} -m celery -A {app.celery_app} worker -n {worker.name}@%%h "
-                  f"-Q {queues} -c {worker.concurrency} --time-limit={worker.time_limit} "
-                  f"--loglevel={worker.loglevel}")
-    description = f"{app.name} Celery worker {worker.name!r} (queues: {', '.join(worker.queues)})"
-    content = _render(stage, description, name.removesuffix(".service"), exec_start,
-                      stop_timeout(stage, worker))
-    return Unit(name, content, service_environment(stage))
+    directory = app.releases_dir / "%i"
+    queues = ",".join([*worker.queues, private_queue(stage, worker)])
+    skip = "".join(f" --without-{name}" for name, on in (("mingle", worker.mingle), ("gossip", worker.gossip))
+                   if not on)
+    exec_start = (f"{directory / VENV / 'bin/python'} -m celery -A {app.celery_app} worker -n {node_name(worker)} "
+                  "-Q ${DEPLOY_KIT_QUEUES} "
+                  f"-c {worker.concurrency} --time-limit={worker.time_limit} --loglevel={worker.loglevel}{skip}")
+    description = f"{app.name} Celery worker {worker.name!r}, release %i (queues: {', '.join(worker.queues)})"
+    content = _render(stage, description, f"{app.name}-worker-{worker.name}", exec_start,
+                      stop_timeout(stage, worker), directory,
+                      (f"Environment=DEPLOY_KIT_QUEUES={queues}", f"EnvironmentFile=-{handover_file(app, worker)}"))
+    return Unit(worker.unit(app), content, service_environment(stage))
 
 
 def beat_unit(stage: Stage) -> Unit:

@@ -15,7 +15,7 @@ from importlib import resources
 from typing import Any
 
 # The modules a program may import; the loader adds them to sys.modules in this order.
-MODULES = ("contracts", "hostlib")
+MODULES = ("contracts", "hostlib", "celery_agent")
 
 _LOADER = '''import json, sys, types
 def _deploy_kit_load(sources):
@@ -25,6 +25,7 @@ def _deploy_kit_load(sources):
     for name, source in sources:
         module = types.ModuleType("deploy_kit.remote." + name)
         module.__file__ = "<deploy-kit %s>" % name
+        module.__source__ = source
         sys.modules[module.__name__] = module
         exec(compile(source, module.__file__, "exec"), module.__dict__)
         setattr(sys.modules["deploy_kit.remote"], name, module)

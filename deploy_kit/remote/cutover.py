@@ -1,16 +1,22 @@
-"""Runs ON a host, as root, detached from the SSH session (under `systemd-run`): the part of a
-deploy or rollback that must never stop half-way. Python 3.8+, stdlib only.
+"""Runs ON a host, as root, detached from SSH (under `systemd-run`): the part of a deploy or a
+rollback that must never stop half-way. Python 3.8+, stdlib only.
 
-    switch `current` to the target release (atomic rename of a new symlink)
-    restart the worker units (KillMode=mixed: warm shutdown, running tasks finish)
-    wait until each runs from the target release, then verify: a task sent to each worker's
-        private queue must be consumed and completed by that worker
-    restart Beat (on its host)
-    on any failure: switch back to the previous release, restart, verify it, mark the target bad
+Phase "workers" (every host at once): for each worker service, a handover
+    start    the target release's instance beside the one that runs, on its private queue only
+    verify   a real task sent to that private queue must complete (the old one serves meanwhile)
+    join     the new instance consumes the service's real queues too (remote control, confirmed)
+    watch    it must keep running for a few seconds
+    retire   the old instance stops taking tasks and drains in the background (warm shutdown)
+then `current` moves to the target (atomic rename) and the instance is enabled at boot.
+A service with `handover = false` restarts in place instead (stop the old, start the new).
 
-Progress goes to a JSON state file after every step, so the control machine can follow it
-(and a later run can read how it ended) even if the SSH connection or the laptop is gone.
-Whatever happens, the host ends on the verified target or back on the previous release.
+Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
+    switch `current`, restart Beat, wait until it runs from the target.
+
+Failure before the join: the new instance is killed at once (it held no user task); the old
+one never stopped. Failure during the watch: the new instance leaves the real queues and
+stops; a warm shutdown returns what it held to the queue. Either way the host runs what it
+ran, and a deploy marks the target bad. Progress goes to a JSON state file (`contracts`).
 """
 
 from __future__ import annotations
@@ -18,69 +24,41 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
 import time
 
-VERIFY_CODE = r'''
-import os, sys
-from urllib.parse import quote, unquote, urlsplit
-secrets = []
-try:
-    password = urlsplit(os.environ.get("CELERY_BROKER_URL", "")).password
-    if password:
-        secrets = [password, unquote(password), quote(unquote(password), safe="")]
-except ValueError:
-    pass
-def say(text):
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    print(text)
-from celery.app.utils import find_app
-app = find_app(sys.argv[1])
-try:
-    from celery.backends.base import DisabledBackend
-    if isinstance(app.backend, DisabledBackend):
-        say("fail the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can "
-              "see its verification task complete")
-        sys.exit(1)
-    nonce = "deploy-kit verify %s" % sys.argv[5]
-    echo = sys.argv[2] == "celery.accumulate"  # built in to every app: returns its arguments
-    result = app.send_task(sys.argv[2], args=[nonce] if echo else [], queue=sys.argv[3])
-    value = result.get(timeout=float(sys.argv[4]), propagate=True, disable_sync_subtasks=False)
-    if echo and list(value) != [nonce]:
-        say("fail celery.accumulate answered %r instead of echoing %r" % (value, nonce))
-        sys.exit(1)
-    say("ok %s" % ("echoed the nonce" if echo else repr(value)[:80]))
-except Exception as exc:
-    name = type(exc).__name__
-    if name == "TimeoutError":
-        say("fail no worker completed %s on queue %s within %ss" % (sys.argv[2], sys.argv[3], sys.argv[4]))
-    else:
-        say("fail %s: %s" % (name, exc))
-    sys.exit(1)
-'''
+from deploy_kit.remote import celery_agent
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode, Step
 
 
 def steps(params: dict, hostname: str = "") -> list:
-    """The (name, description) of each step a cutover with these params runs when nothing fails;
-    `fab deploy --plan` prints them."""
-    workers = [w["unit"] for w in params["workers"]]
-    queues = [params["verify_queue"].replace("{service}", w["service"]).replace("{host}", hostname or "{host}")
-              for w in params["workers"]]
-    target, verify = params["target"], params["verify"]
-    bad = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
-    found = [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
-             ("restart", f"systemctl restart {' '.join(workers)} (warm shutdown: running tasks finish)"),
-             ("wait", f"until each worker runs from releases/{target} and does not crash-loop"),
-             ("verify", f"{verify['task']} must complete within {verify['timeout']}s on "
-                        f"{', '.join(queues) or 'no worker here'}")]
-    if params.get("beat_unit"):
-        found += [("restart beat", f"systemctl restart {params['beat_unit']}, after the workers"),
-                  ("wait for beat", f"until Beat runs from releases/{target}")]
-    found.append(("on failure", f"switch back to {params.get('previous') or 'no release'}, restart, "
-                                f"verify it{bad}"))
+    """The (name, description) of each step these params run when nothing fails (`--plan`)."""
+    target = params["target"]
+    if params.get("phase") == "beat":
+        return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
+                ("restart beat", f"systemctl restart {params['beat_unit']}"),
+                ("wait for beat", f"until Beat runs from releases/{target}")]
+    found = []
+    for w in params["workers"]:
+        new = w["template"].replace("@.", f"@{target}.")
+        queue = w["private_queue"].replace("{host}", hostname or "{host}")
+        if w["handover"]:
+            found += [("start", f"{new} beside the running instance, consuming only {queue}"),
+                      ("verify", f"{params['verify']['task']} must complete on {queue} within "
+                                 f"{params['verify']['timeout']}s"),
+                      ("join", f"{new} consumes {', '.join(w['queues'])} too (confirmed)"),
+                      ("watch", f"{new} keeps running for {params['watch']}s"),
+                      ("retire", "the old instance stops taking tasks and drains in the background")]
+        else:
+            found += [("restart", f"stop the old instance (warm shutdown), start {new}"),
+                      ("verify", f"{params['verify']['task']} must complete on {queue} within "
+                                 f"{params['verify']['timeout']}s")]
+    found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
+    back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
+    found.append(("on failure", f"stop the new instances at once; the old ones keep serving{back}"))
     return found
 
 
@@ -88,26 +66,90 @@ class StepFailed(Exception):
     pass
 
 
+def run(argv: list, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+class Agent:
+    """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
+
+    def __init__(self, params: dict, release: str):
+        python = os.path.join(params["releases_dir"], release, params["venv"], "bin", "python")
+        props = []
+        for setting in params["service_environment"]:
+            if setting.startswith("WorkingDirectory="):
+                setting = "WorkingDirectory=" + os.path.join(params["releases_dir"], release)
+            props += ["-p", setting]
+        source = celery_agent_source()
+        self.proc = subprocess.Popen(
+            ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", *props, "--",
+             python, "-c", source, params["app"]["celery_app"]],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.ready: dict | None = None
+
+    def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
+        """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
+        fails, takes longer than `timeout`, or `alive()` names a reason to give up."""
+        if request is not None:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        deadline = time.time() + timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    err = self.proc.stderr.read().strip().splitlines()
+                    raise StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
+                answer = json.loads(line)
+                if not answer["ok"]:
+                    raise StepFailed(answer["detail"])
+                return answer["detail"]
+            reason = alive()
+            if reason:
+                raise StepFailed(reason)
+            if time.time() > deadline:
+                raise StepFailed(f"no answer within {timeout:.0f}s")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - it runs under systemd-run --collect; kill what is left
+            self.proc.kill()
+
+
+def celery_agent_source() -> str:
+    """The agent's text: shipped inside this program (deploy_kit.remote.program), or its file here."""
+    shipped = getattr(celery_agent, "__source__", None)
+    if shipped:
+        return shipped
+    with open(celery_agent.__file__) as handle:
+        return handle.read()
+
+
 class Cutover:
     def __init__(self, params: dict):
         self.p = params
-        self.started = time.time()
-        self.restarts_before: dict = {}
-        self.state = {
-            "id": params["id"], "mode": params["mode"], "target": params["target"],
-            "previous": params.get("previous"), "status": "running", "step": "",
-            "steps": [], "journal": [], "started": self.started, "pid": os.getpid(),
-        }
+        self.host = socket.gethostname()
+        self.state = CutoverState(id=params["id"], mode=Mode(params["mode"]), target=params["target"],
+                                  previous=params.get("previous"), started=time.time(), pid=os.getpid())
+        self.started_units: list = []  # new instances this run started (stopped again on failure)
+        self.stopped: list = []  # old units a restart in place stopped (started again on failure)
+        self.joined: list = []  # (worker, node) that joined the real queues
+        self.restarts: dict = {}
+        self.agent: Agent | None = None
 
     # --- state file ---------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Best effort: a full disk must not stop a rollback half-way."""
+        """Best effort: a full disk must not stop a rollback half-way (the follower then reports
+        the host's state as unknown)."""
         path = self.p["state_file"]
-        tmp = path + ".tmp"
+        tmp = f"{path}.{self.p['id']}.tmp"
         try:
             with open(tmp, "w") as handle:
-                json.dump(self.state, handle)
+                handle.write(self.state.to_json())
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -115,48 +157,28 @@ class Cutover:
             pass
 
     def step(self, name: str, action, *args):
-        entry = {"name": name, "started": time.time(), "ok": None, "detail": ""}
-        self.state["step"] = name
-        self.state["steps"].append(entry)
+        entry = Step(name=name, started=time.time())
+        self.state.step = name
+        self.state.steps.append(entry)
         self.save()
         try:
             detail = action(*args)
-            entry.update(ok=True, detail=detail or "")
+            entry.ok, entry.detail = True, detail or ""
             return detail
         except StepFailed as exc:
-            entry.update(ok=False, detail=str(exc))
+            entry.ok, entry.detail = False, str(exc)
             raise
         except Exception as exc:  # a bug or an unexpected host state: still end consistent
-            entry.update(ok=False, detail=f"{type(exc).__name__}: {exc}")
-            raise StepFailed(entry["detail"]) from exc
+            entry.ok, entry.detail = False, f"{type(exc).__name__}: {exc}"
+            raise StepFailed(entry.detail) from exc
         finally:
-            entry["ended"] = time.time()
+            entry.ended = time.time()
             self.save()
 
-    # --- actions ------------------------------------------------------------------------------
-
-    def release_dir(self, name: str) -> str:
-        return os.path.join(self.p["releases_dir"], name)
-
-    def switch(self, name: str) -> str:
-        target = self.release_dir(name)
-        if not os.path.isdir(target):
-            raise StepFailed(f"release {name} does not exist on this host")
-        current = self.p["current"]
-        tmp = current + ".deploy-kit-tmp"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(os.path.join("releases", name), tmp)
-        os.replace(tmp, current)  # rename(2): atomic, never a moment without `current`
-        return f"current -> releases/{name}"
-
-    def unlink_current(self) -> str:
-        if os.path.lexists(self.p["current"]):
-            os.unlink(self.p["current"])
-        return "no release left: current removed"
+    # --- systemd ------------------------------------------------------------------------------
 
     def systemctl(self, *args: str, timeout: float = 60) -> str:
-        proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=timeout)
+        proc = run(["systemctl", *args], timeout=timeout)
         if proc.returncode != 0:
             raise StepFailed("systemctl {}: {}".format(" ".join(args), (proc.stderr or proc.stdout).strip()))
         return proc.stdout
@@ -165,164 +187,263 @@ class Cutover:
         out = self.systemctl("show", unit, "-p", "MainPID,ActiveState,SubState,NRestarts")
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def restart(self, units: list) -> str:
-        if not units:
-            return "nothing to restart"
-        self.systemctl("restart", *units, timeout=self.p["stop_timeout"] + 120)
-        # A manual restart resets NRestarts; any automatic restart from now on is a crash
-        # (RestartSec=5 leaves no room for one before this read).
-        self.restarts_before.update({u: self.show(u).get("NRestarts", "0") for u in units})
-        return "restarted " + ", ".join(units)
-
-    def wait_running_from(self, units: list, name: str) -> str:
-        """Each unit active, its main process working in release `name`, not crash-looping."""
-        want = os.path.realpath(self.release_dir(name))
-        deadline = time.time() + self.p["verify"]["timeout"]
-        pending = list(units)
-        seen: dict = {}
-        while pending:
-            for unit in list(pending):
-                info = self.show(unit)
-                if info.get("NRestarts", "0") != self.restarts_before.get(unit, "0") or \
-                        info.get("ActiveState") == "failed":
-                    raise StepFailed("{} crashed after the restart ({}/{})".format(
-                        unit, info.get("ActiveState"), info.get("SubState")))
-                pid = info.get("MainPID", "0")
-                if info.get("ActiveState") == "active" and pid != "0":
-                    try:
-                        cwd = os.readlink(f"/proc/{pid}/cwd")
-                    except OSError:
-                        continue
-                    seen[unit] = cwd
-                    # Until systemd's child has set up the sandbox and exec'd, its cwd is not final.
-                    if os.path.realpath(cwd) == want:
-                        pending.remove(unit)
-            if pending and time.time() > deadline:
-                where = "; ".join(f"{u} runs from {seen.get(u, 'nowhere')}" for u in pending)
-                raise StepFailed(f"not running from {want} after {self.p['verify']['timeout']}s: {where}")
-            if pending:
-                time.sleep(0.2)
-        return "running from releases/{}: {}".format(name, ", ".join(units))
-
-    def crashed(self) -> str:
-        for unit, before in self.restarts_before.items():
+    def crashed(self, units: list) -> str:
+        for unit in units:
             info = self.show(unit)
-            if info.get("NRestarts", "0") != before or info.get("ActiveState") == "failed":
+            if info.get("ActiveState") in ("failed", "inactive") or info.get("SubState") == "auto-restart" or \
+                    info.get("NRestarts", "0") != self.restarts.get(unit, info.get("NRestarts", "0")):
                 return f"{unit} crashed ({info.get('ActiveState')}/{info.get('SubState')}); see its journal"
         return ""
 
-    def as_service(self, release: str, code: str, args: list, timeout: float) -> tuple:
-        directory = self.release_dir(release)
-        python = os.path.join(directory, self.p["venv"], "bin", "python")
-        props = []
-        for setting in self.p["service_environment"]:
-            if setting.startswith("WorkingDirectory="):
-                setting = "WorkingDirectory=" + directory
-            props += ["-p", setting]
-        argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec",
-                *props, "--", python, "-c", code, *args]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + timeout + 30
-        while proc.poll() is None:
-            crash = self.crashed()
-            if crash or time.time() > deadline:
-                proc.kill()
-                proc.communicate()
-                return False, crash or "timed out"
-            time.sleep(0.5)
-        out, err = proc.communicate()
-        lines = (out.strip() or err.strip() or "no output").splitlines()
-        text = lines[-1]
-        if text.startswith("ok "):
-            return True, text[3:]
-        return False, text[5:] if text.startswith("fail ") else text
+    def running(self, worker: dict) -> list:
+        """The worker's units that run now: its instances and the plain unit of older deploy-kits."""
+        pattern = worker["template"].replace("@.", "@*.")
+        out = self.systemctl("list-units", "--plain", "--no-legend", "--all", pattern, worker["legacy"])
+        found = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] in ("active", "activating", "reloading"):
+                found.append(parts[0])
+        return found
 
-    def verify(self, release: str) -> str:
-        host = socket.gethostname()
-        results = []
+    def instance(self, worker: dict, release: str) -> str:
+        return worker["template"].replace("@.", f"@{release}.")
+
+    def node(self, worker: dict, unit: str) -> str:
+        if unit == worker["legacy"]:
+            return f"{worker['service']}@{self.host}"
+        release = unit.split("@", 1)[1].rsplit(".service", 1)[0]
+        return f"{worker['service']}.{release}@{self.host}"
+
+    def handover_file(self, worker: dict, release: str) -> str:
+        return os.path.join(self.p["run_dir"], f"{worker['service']}@{release}.env")
+
+    # --- the steps ----------------------------------------------------------------------------
+
+    def start(self, release: str, workers: list) -> str:
+        units = []
+        os.makedirs(self.p["run_dir"], mode=0o755, exist_ok=True)
+        for worker in workers:
+            unit = self.instance(worker, release)
+            if worker["handover"]:
+                with open(self.handover_file(worker, release), "w") as handle:
+                    handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
+            else:
+                for old in self.running(worker):  # restart in place: the queue waits
+                    if old != unit:
+                        self.systemctl("stop", old, timeout=self.p["stop_timeout"] + 30)
+                        self.stopped.append(old)
+            self.systemctl("start", unit)  # Type=simple: returns once the process runs
+            self.started_units.append(unit)
+            units.append(unit)
+        self.agent = Agent(self.p, release)
+        self.restarts.update({u: self.show(u).get("NRestarts", "0") for u in units})
+        return "started " + ", ".join(units)
+
+    def private_queue(self, worker: dict, release: str) -> str:
+        return worker["private_queue"].replace("{host}", self.host).replace("%i", release)
+
+    def verify(self, release: str, workers: list) -> str:
+        assert self.agent is not None
+        timeout = float(self.p["verify"]["timeout"])
+        units = [self.instance(w, release) for w in workers]
+        self.agent.ask(None, timeout, alive=lambda: self.crashed(units))
+        done = []
+        for worker in workers:
+            nonce = f"deploy-kit verify {self.p['id']}-{self.host}-{worker['service']}"
+            done.append(worker["service"] + " " + self.agent.ask(
+                {"op": "verify", "task": self.p["verify"]["task"], "queue": self.private_queue(worker, release),
+                 "timeout": timeout, "nonce": nonce}, timeout + 10, alive=lambda: self.crashed(units)))
+        return "; ".join(done)
+
+    def join(self, release: str, workers: list) -> str:
+        assert self.agent is not None
+        for worker in workers:
+            if not worker["handover"]:
+                continue
+            node = self.node(worker, self.instance(worker, release))
+            for queue in worker["queues"]:
+                self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, 30)
+            self.joined.append((worker, node))
+            # From now on a restart of the instance (crash, reboot) consumes the real queues.
+            os.unlink(self.handover_file(worker, release))
+        return "joined " + ", ".join(node for _, node in self.joined)
+
+    def watch(self, release: str, workers: list) -> str:
+        units = [self.instance(w, release) for w in workers if w["handover"]]
+        deadline = time.time() + float(self.p["watch"])
+        while time.time() < deadline:
+            crash = self.crashed(units)
+            if crash:
+                raise StepFailed(crash)
+            time.sleep(0.3)
+        return f"ran {self.p['watch']}s on the real queues without a crash"
+
+    def retire(self, release: str, workers: list) -> str:
+        assert self.agent is not None
+        retired = []
+        for worker in workers:
+            for old in self.running(worker):
+                if old == self.instance(worker, release):
+                    continue
+                for queue in worker["queues"]:  # best effort: the warm shutdown stops consuming anyway
+                    try:
+                        self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": self.node(worker, old)}, 15)
+                    except StepFailed:
+                        break
+                self.systemctl("stop", "--no-block", old)  # drains in the background
+                self.systemctl("disable", "--quiet", old)
+                retired.append(old)
+        return "draining " + (", ".join(retired) or "nothing (no older instance ran)")
+
+    def switch(self, name: str) -> str:
+        target = os.path.join(self.p["releases_dir"], name)
+        if not os.path.isdir(target):
+            raise StepFailed(f"release {name} does not exist on this host")
+        current = self.p["current"]
+        tmp = f"{current}.deploy-kit-tmp"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.path.join("releases", name), tmp)
+        os.replace(tmp, current)  # rename(2): atomic, never a moment without `current`
+        return f"current -> releases/{name}"
+
+    def enable(self, release: str, workers: list) -> str:
+        units = [self.instance(w, release) for w in workers]
+        if units:
+            self.systemctl("enable", "--quiet", *units)
+        return self.switch(release)
+
+    def wait_beat(self, release: str) -> str:
+        unit = self.p["beat_unit"]
+        want = os.path.realpath(os.path.join(self.p["releases_dir"], release))
+        deadline = time.time() + float(self.p["verify"]["timeout"])
+        while time.time() < deadline:
+            info = self.show(unit)
+            if info.get("ActiveState") == "failed":
+                raise StepFailed(f"{unit} failed to start; see its journal")
+            pid = info.get("MainPID", "0")
+            if info.get("ActiveState") == "active" and pid != "0":
+                try:
+                    if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == want:
+                        return f"Beat runs from releases/{release}"
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        raise StepFailed(f"Beat does not run from releases/{release} after {self.p['verify']['timeout']}s")
+
+    # --- giving back --------------------------------------------------------------------------
+
+    def give_back(self) -> str:
+        """Stop what this run started; the old instances never stopped serving."""
+        for worker, node in self.joined:
+            for queue in worker["queues"]:
+                try:
+                    self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": node}, 15)
+                except (StepFailed, AttributeError):
+                    break
+        stopped = []
+        for unit in self.started_units:
+            worker = next(w for w in self.p["workers"] if self.instance(w, self.p["target"]) == unit)
+            joined = any(w is worker for w, _ in self.joined)
+            if worker["handover"] and not joined:  # it held no user task: at once, whatever TimeoutStopSec says
+                run(["systemctl", "kill", "--signal=SIGKILL", unit])
+                run(["systemctl", "stop", unit], timeout=30)
+            else:  # it may hold user tasks: a warm shutdown returns what it reserved to the queue
+                self.systemctl("stop", "--no-block", unit)
+            run(["systemctl", "reset-failed", unit])
+            stopped.append(unit)
         for worker in self.p["workers"]:
-            queue = self.p["verify_queue"].replace("{service}", worker["service"]).replace("{host}", host)
-            ok, detail = self.as_service(release, VERIFY_CODE, [
-                self.p["app"]["celery_app"], self.p["verify"]["task"], queue,
-                str(self.p["verify"]["timeout"]), f"{self.p['id']}-{host}-{worker['service']}"],
-                self.p["verify"]["timeout"])
-            if not ok:
-                raise StepFailed("{}: {}".format(worker["unit"], detail))
-            results.append("{} answered {}".format(worker["service"], detail))
-        return "; ".join(results) or "no workers on this host"
+            path = self.handover_file(worker, self.p["target"])
+            if os.path.exists(path):
+                os.unlink(path)
+        for old in self.stopped:  # a restart in place stopped it: it serves again
+            self.systemctl("start", old)
+        return "stopped " + (", ".join(stopped) or "nothing") + \
+            ("; started " + ", ".join(self.stopped) if self.stopped else "")
 
     def mark_bad(self, name: str) -> str:
-        marker = os.path.join(self.release_dir(name), ".deploy-kit", "BAD")
+        marker = os.path.join(self.p["releases_dir"], name, ".deploy-kit", "BAD")
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker, "w") as handle:
-            json.dump({"when": time.time(), "id": self.p["id"], "reason": self.state.get("failure", "")}, handle)
+            json.dump({"when": time.time(), "id": self.p["id"], "reason": self.state.failure}, handle)
         return f"release {name} marked bad"
 
-    def all_units(self) -> list:
-        beat = [self.p["beat_unit"]] if self.p.get("beat_unit") else []
-        return [w["unit"] for w in self.p["workers"]] + beat
-
     def journal(self) -> list:
-        argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", "60", "--since",
-                f"@{int(self.started)}"]
-        for unit in self.all_units():
+        units = [w["template"].replace("@.", "@*.") for w in self.p["workers"]]
+        units += [self.p["beat_unit"]] if self.p.get("beat_unit") else []
+        argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", "60", "--since", f"@{int(self.state.started)}"]
+        for unit in units:
             argv += ["-u", unit]
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        return proc.stdout.splitlines()[-60:]
-
-    # --- the sequence -------------------------------------------------------------------------
-
-    def bring_up(self, release: str, phase: str) -> None:
-        workers = [w["unit"] for w in self.p["workers"]]
-        self.step("switch" + phase, self.switch, release)
-        self.step("restart" + phase, self.restart, workers)
-        self.step("wait" + phase, self.wait_running_from, workers, release)
-        self.step("verify" + phase, self.verify, release)
-        if self.p.get("beat_unit"):
-            self.step("restart beat" + phase, self.restart, [self.p["beat_unit"]])
-            self.step("wait for beat" + phase, self.wait_running_from, [self.p["beat_unit"]], release)
+        return run(argv).stdout.splitlines()[-60:]
 
     def live(self) -> str:
-        """The release `current` points to now (what the host really runs after a restart)."""
         try:
             return os.path.basename(os.readlink(self.p["current"]))
         except OSError:
             return ""
 
+    # --- the sequence -------------------------------------------------------------------------
+
+    def forward(self) -> None:
+        target, workers = self.p["target"], self.p["workers"]
+        if self.p.get("phase") == "beat":
+            self.step("switch", self.switch, target)
+            self.step("restart beat", self.systemctl, "restart", self.p["beat_unit"])
+            self.step("wait for beat", self.wait_beat, target)
+            return
+        self.step("start", self.start, target, workers)
+        self.step("verify", self.verify, target, workers)
+        self.step("join", self.join, target, workers)
+        self.step("watch", self.watch, target, workers)
+        self.step("retire", self.retire, target, workers)
+        self.step("switch", self.enable, target, workers)
+
+    def backward(self) -> None:
+        previous = self.p.get("previous")
+        if self.p.get("phase") == "beat":
+            if previous:
+                self.step("switch back", self.switch, previous)
+                self.step("restart beat (back)", self.systemctl, "restart", self.p["beat_unit"])
+                self.step("wait for beat (back)", self.wait_beat, previous)
+            return
+        self.step("give back", self.give_back)
+
     def run(self) -> int:
         self.save()
         try:
-            self.bring_up(self.p["target"], "")
-            self.state.update(status="done", live=self.live())
+            self.forward()
+            self.state.status, self.state.live = CutoverStatus.DONE, self.live()
+        except Exception as exc:  # StepFailed, or anything unexpected: the host must still end consistent
+            self.state.failure = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+        if self.state.status == CutoverStatus.DONE:
+            self.close_agent()
             self.save()
             return 0
-        except Exception as exc:  # StepFailed, or anything unexpected: the host must still end consistent
-            self.state["failure"] = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
-        try:
-            self.state["journal"] = self.journal()
-        except Exception:  # noqa: BLE001 - the journal is a courtesy; the rollback is not
-            self.state["journal"] = []
         self.save()
-        previous = self.p.get("previous")
         try:
-            if previous:
-                self.bring_up(previous, " (rollback)")
-            else:
-                if self.all_units():
-                    self.step("stop services (rollback)", self.systemctl, "stop", *self.all_units())
-                self.step("remove current (rollback)", self.unlink_current)
-            # In a deploy, falling back to `previous` is a rollback. In a rollback, `previous` is
-            # the release the host was on: it stays there, verified, but the rollback failed.
-            self.state["status"] = "rolled_back" if self.p["mode"] == "deploy" else "fell_back"
+            self.state.journal = self.journal()
+        except Exception:  # noqa: BLE001 - the journal is a courtesy; giving back is not
+            self.state.journal = []
+        try:
+            self.backward()
+            # In a deploy, staying on `previous` is a rollback; in a rollback it is a failure.
+            self.state.status = CutoverStatus.ROLLED_BACK if self.state.mode == Mode.DEPLOY \
+                else CutoverStatus.FELL_BACK
         except Exception as exc:  # noqa: BLE001
-            self.state["status"] = "rollback_failed"
-            self.state["rollback_failure"] = str(exc)
+            self.state.status = CutoverStatus.ROLLBACK_FAILED
+            self.state.rollback_failure = str(exc)
+        self.close_agent()
         if self.p.get("mark_bad_on_failure"):
-            with contextlib.suppress(Exception):  # deploy.py marks it again from the control machine
+            with contextlib.suppress(StepFailed):
                 self.step("mark bad", self.mark_bad, self.p["target"])
-        self.state["live"] = self.live()
+        self.state.live = self.live()
         self.save()
         return 1
+
+    def close_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
 
 
 def main(params: dict) -> None:

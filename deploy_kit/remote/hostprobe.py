@@ -241,6 +241,11 @@ def main(params: dict) -> None:
         if any(fnmatch.fnmatch(name, pattern) for pattern in params["unit_patterns"]):
             with open(os.path.join(unit_dir, name)) as handle:
                 facts["units"][name] = handle.read()
+    current = facts["paths"].get("current") or {}
+    release = os.path.basename(current.get("target", "").rstrip("/")) if current.get("resolves") else ""
+    wanted = [n.replace("@.", f"@{release}.") if "@." in n and release else n for n in params["wanted_units"]]
+    params["wanted_units"] = [n for n in wanted if "@." not in n]  # a template's state is its live instance's
+    facts["instances"] = instances(params["unit_patterns"])
     states = {}
     for name in sorted(set(facts["units"]) | set(params["wanted_units"])):
         _, enabled, _ = run(["systemctl", "is-enabled", name])
@@ -251,6 +256,21 @@ def main(params: dict) -> None:
     if params.get("check"):
         facts.update(check_facts(params, facts))
     print(json.dumps(facts))
+
+
+def instances(patterns: list) -> dict:
+    """Every loaded or enabled instance of the app's template units: {unit: {active, enabled}}."""
+    found: dict = {}
+    _, out, _ = run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *patterns])
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and "@" in parts[0]:
+            found[parts[0]] = {"active": parts[2], "enabled": False}
+    wants = "/etc/systemd/system/multi-user.target.wants"
+    for name in sorted(os.listdir(wants)) if os.path.isdir(wants) else []:
+        if "@" in name and any(fnmatch.fnmatch(name, p) for p in patterns):
+            found.setdefault(name, {"active": "inactive", "enabled": False})["enabled"] = True
+    return found
 
 
 def check_facts(params: dict, facts: dict) -> dict:

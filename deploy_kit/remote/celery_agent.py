@@ -1,0 +1,107 @@
+"""The Celery side of a handover, run as the service with the target release's Python.
+
+The cutover program starts this once per host (under `systemd-run --pipe`, with the unit's
+user, env file and sandbox) while the new workers start, so Celery is imported and the broker
+connected by the time they are ready. It reads one JSON request per line on stdin and answers
+one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a secret.
+
+    {"op": "verify", "task", "queue", "timeout", "nonce"}     a real task on a private queue
+    {"op": "add_consumer", "queue", "node"}                     the node consumes `queue` too
+    {"op": "cancel_consumer", "queue", "node"}                  ... and no more
+    {"op": "queues", "node"}                                    what the node consumes now
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from urllib.parse import quote, unquote, urlsplit
+
+
+def _secrets() -> list:
+    found = []
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        url = os.environ.get(name, "")
+        # Cut the password out by position, so one with an unencoded '/', '#' or '?' is still found.
+        rest = url.split("://", 1)[-1]
+        userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+        if ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            found.append(password)
+    return [v for s in found for v in (s, unquote(s), quote(unquote(s), safe="")) if v]
+
+
+SECRETS = _secrets()
+
+
+def say(ok: bool, detail: str) -> None:
+    for secret in SECRETS:
+        detail = detail.replace(secret, "***")
+    sys.stdout.write(json.dumps({"ok": ok, "detail": detail}) + "\n")
+    sys.stdout.flush()
+
+
+def queues_of(app, node: str) -> list:
+    replies = app.control.inspect(destination=[node], timeout=3).active_queues() or {}
+    return sorted(q["name"] for q in replies.get(node, []))
+
+
+def handle(app, request: dict) -> str:
+    op = request["op"]
+    if op == "verify":
+        echo = request["task"] == "celery.accumulate"  # built in to every app: returns its arguments
+        nonce = request["nonce"]
+        result = app.send_task(request["task"], args=[nonce] if echo else [], queue=request["queue"])
+        value = result.get(timeout=float(request["timeout"]), propagate=True, disable_sync_subtasks=False)
+        if echo and list(value) != [nonce]:
+            raise RuntimeError(f"celery.accumulate answered {value!r} instead of echoing {nonce!r}")
+        return "echoed the nonce" if echo else repr(value)[:80]
+    node, queue = request.get("node", ""), request.get("queue", "")
+    if op == "add_consumer":
+        app.control.add_consumer(queue, destination=[node], reply=True, timeout=5)
+        if queue not in queues_of(app, node):
+            raise RuntimeError(f"{node} did not confirm it consumes {queue}")
+        return f"{node} consumes {queue}"
+    if op == "cancel_consumer":
+        app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5)
+        return f"{node} no longer consumes {queue}"
+    if op == "queues":
+        return ",".join(queues_of(app, node))
+    raise ValueError(f"unknown request {op!r}")
+
+
+def main(celery_app: str) -> None:
+    try:
+        from celery.app.utils import find_app
+        from celery.backends.base import DisabledBackend
+
+        app = find_app(celery_app)
+        if isinstance(app.backend, DisabledBackend):
+            say(False, "the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can see its "
+                       "verification task complete")
+            return
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+    except Exception as exc:  # noqa: BLE001 - reported to the cutover, which fails the step
+        say(False, f"{type(exc).__name__}: {exc}")
+        return
+    say(True, "ready")
+    for line in sys.stdin:
+        try:
+            say(True, handle(app, json.loads(line)))
+        except Exception as exc:  # noqa: BLE001
+            name = type(exc).__name__
+            if name == "TimeoutError":
+                say(False, "no worker completed the task in time")
+            else:
+                say(False, f"{name}: {exc}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
