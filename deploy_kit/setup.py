@@ -158,14 +158,15 @@ def plan_host(stage: Stage, host: Host, facts: HostFacts) -> HostPlan:
     serving = [w for w in stage.workers_on(host)
                if facts.unit_state.get(w.legacy_unit(app), {}).get("active") != "active"]
     running = {w.instance(app, release): w.unit(app) for w in serving} if release else {}
-    if stage.beat and stage.beat.host == host.name and release:
-        running[stage.beat.unit(app)] = stage.beat.unit(app)
+    if stage.beat and stage.beat.host == host.name:
+        running[stage.beat.unit(app)] = stage.beat.unit(app)  # enabled before a release: it waits for one
     to_enable = [n for n in running if not _enabled(facts, n)]
     if to_enable:
         changes.append(Change(f"enable {', '.join(to_enable)} at boot",
                               f"systemctl enable --quiet {' '.join(q(n) for n in to_enable)}"))
     if release:
         changed = [n for n, file in running.items() if facts.units.get(file) != wanted[file].content]
+        # A template's instance of another release never runs by mistake: only current's starts.
         stopped = [n for n in running if n not in changed and _active(facts, n) != "active"]
         if changed:
             changes.append(Change(f"restart {', '.join(changed)} to apply the new unit",

@@ -44,7 +44,7 @@ def steps(params: dict, hostname: str = "") -> list:
     found = []
     for w in params["workers"]:
         new = w["template"].replace("@.", f"@{target}.")
-        queue = w["private_queue"].replace("{host}", hostname or "{host}")
+        queue = w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
         if w["handover"]:
             found += [("start", f"{new} beside the running instance, consuming only {queue}"),
                       ("verify", f"{params['verify']['task']} must complete on {queue} within "

@@ -21,7 +21,8 @@ celery_app = "shop"
 name = "default"
 """
 
-WORKER = "shop-worker-default.service"
+WORKER = "shop-worker-default@.service"  # the template unit file
+INSTANCE = "shop-worker-default@2026-11-24-120000.service"  # the current release's instance
 BEAT = "shop-beat.service"
 RELEASE = "/srv/shop/releases/2026-11-24-120000"
 

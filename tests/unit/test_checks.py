@@ -6,11 +6,16 @@ import pytest
 
 from deploy_kit import checks, config, hostfacts, units
 
-from .samples import BEAT, RELEASE, STAGE, WORKER, stage_of  # noqa: F401
+from .samples import BEAT, INSTANCE, RELEASE, STAGE, WORKER, stage_of  # noqa: F401
 
 
 def directory(owner: str) -> dict:
     return {"type": "dir", "owner": owner, "group": "shop", "mode": "0750"}
+
+
+def _live(unit: str) -> str:
+    """What the probe reports a template's state under: the current release's instance."""
+    return unit.replace("@.", "@2026-11-24-120000.")
 
 
 def healthy(stage: config.Stage, host: config.Host) -> dict:
@@ -34,14 +39,15 @@ def healthy(stage: config.Stage, host: config.Host) -> dict:
                       "revision": {"sha": "0123456789abcdef", "ref": "main"}}],
         "wheels": ["celery-5.4.0-py3-none-any.whl"],
         "units": {n: u.content for n, u in rendered.items()},
-        "unit_state": {n: {"enabled": "enabled", "active": "active"} for n in rendered},
+        "unit_state": {_live(n): {"enabled": "enabled", "active": "active"} for n in rendered},
+        "instances": {_live(n): {"enabled": True, "active": "active"} for n in rendered if "@" in n},
         "readable": {"deploy_to": True, "releases": True, "shared": True, "current": True, "env_file": True},
         "env_keys": ["DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL"],
         "disk_free_kb": 20 * 1024 * 1024,
         "release_kb": 80 * 1024,
         "nr_open": 1048576,
         "loaded": {n: {"LimitNOFILE": "65536", "TimeoutStopUSec": "5min 30s" if "worker" in n else "30s",
-                       "NeedDaemonReload": "no", "LoadState": "loaded"} for n in rendered},
+                       "NeedDaemonReload": "no", "LoadState": "loaded"} for n in map(_live, rendered)},
         "release_python": True,
         "release_runs": True,
         "broker": {"ok": True, "detail": "redis answered PING as the service"},
@@ -77,7 +83,8 @@ def test_healthy_host_passes_every_check(host):
     assert {name: row.status for name, row in rows.items() if row.status != checks.PASS} == {}
     assert list(rows) == ["ssh", "sudo", "service user", "service group", "deploy_to", "releases dir",
                           "shared dir", "current release", "celery in release", "env file", "env keys",
-                          "broker", "celery app", "units", "beat", "stop timeout", "disk space", "open files"]
+                          "broker", "celery app", "units", "workers", "beat", "stop timeout", "disk space",
+                          "open files"]
 
 
 def test_healthy_host_without_a_release_only_skips_what_needs_one():
@@ -88,7 +95,7 @@ def test_healthy_host_without_a_release_only_skips_what_needs_one():
     rows = evaluate(data)
     assert not [row for row in rows.values() if row.failed]
     skipped = {name for name, row in rows.items() if row.status == checks.SKIP}
-    assert skipped == {"current release", "celery in release", "celery app"}
+    assert skipped == {"current release", "celery in release", "celery app", "workers"}
 
 
 def test_env_file_with_wrong_mode():
@@ -172,7 +179,7 @@ def test_unit_not_installed():
 def test_unit_changed_on_disk_but_not_reloaded():
     stage = stage_of()
     data = healthy(stage, stage.host("web1"))
-    data["loaded"][WORKER]["NeedDaemonReload"] = "yes"
+    data["loaded"][INSTANCE]["NeedDaemonReload"] = "yes"
     row = only_failure(evaluate(data))
     assert row.name == "units" and WORKER in row.detail
     assert "systemctl daemon-reload" in row.fix
@@ -217,17 +224,17 @@ def test_beat_enabled_while_no_host_has_the_beat_role():
 def test_stop_timeout_lower_than_the_task_time_limit():
     stage = stage_of()
     data = healthy(stage, stage.host("web1"))
-    data["loaded"][WORKER]["TimeoutStopUSec"] = "1min 30s"
+    data["loaded"][INSTANCE]["TimeoutStopUSec"] = "1min 30s"
     row = only_failure(evaluate(data))
     assert row.name == "stop timeout"
-    assert f"{WORKER} stops after 90 s but its tasks may run 300 s" in row.detail
+    assert f"{INSTANCE} stops after 90 s but its tasks may run 300 s" in row.detail
     assert "killed" in row.detail
 
 
 def test_stop_timeout_of_a_unit_not_loaded_is_not_judged():
     stage = stage_of()
     data = healthy(stage, stage.host("web1"))
-    data["loaded"][WORKER].update(TimeoutStopUSec="1s", LoadState="not-found")
+    data["loaded"][INSTANCE].update(TimeoutStopUSec="1s", LoadState="not-found")
     assert evaluate(data)["stop timeout"].status == checks.PASS
 
 
@@ -244,10 +251,10 @@ def test_limit_nofile_above_the_kernel_maximum():
 def test_loaded_unit_with_another_limit_nofile():
     stage = stage_of()
     data = healthy(stage, stage.host("web1"))
-    data["loaded"][WORKER]["LimitNOFILE"] = "1024"
+    data["loaded"][INSTANCE]["LimitNOFILE"] = "1024"
     row = only_failure(evaluate(data))
     assert row.name == "open files"
-    assert row.detail == f"expected 65536: {WORKER} runs with 1024"
+    assert row.detail == f"expected 65536: {INSTANCE} runs with 1024"
 
 
 def test_low_disk_space():
@@ -334,5 +341,29 @@ def test_stop_timeout_of_a_week_long_time_limit_passes():
     text = STAGE + "time_limit = 604800\n"
     stage = stage_of(text)
     data = healthy(stage, stage.host("web1"))
-    data["loaded"][WORKER]["TimeoutStopUSec"] = "1w 30s"  # what systemctl shows for TimeoutStopSec=604830
+    data["loaded"][INSTANCE]["TimeoutStopUSec"] = "1w 30s"  # what systemctl shows for TimeoutStopSec=604830
     assert evaluate(data, text=text)["stop timeout"].status == checks.PASS
+
+
+def test_the_current_release_instance_must_start_at_boot():
+    data = healthy(stage_of(), stage_of().host("web1"))
+    data["instances"][INSTANCE]["enabled"] = False
+    row = only_failure(evaluate(data))
+    assert row.name == "workers"
+    assert row.detail == f"{INSTANCE} is not enabled: it will not start at boot"
+    assert row.fix == "run `fab setup --stage prod`"
+
+
+def test_an_older_instance_enabled_at_boot_too_fails():
+    data = healthy(stage_of(), stage_of().host("web1"))
+    data["instances"]["shop-worker-default@2026-11-20-080000.service"] = {"enabled": True, "active": "inactive"}
+    row = only_failure(evaluate(data))
+    assert row.name == "workers" and "2026-11-20-080000.service also start" in row.detail
+
+
+def test_a_plain_unit_of_older_deploy_kits_is_fine_until_the_next_deploy():
+    data = healthy(stage_of(), stage_of().host("web1"))
+    del data["instances"][INSTANCE]
+    data["unit_state"]["shop-worker-default.service"] = {"enabled": "enabled", "active": "active"}
+    rows = evaluate(data)
+    assert rows["workers"].status == checks.PASS and "next deploy hands it over" in rows["workers"].detail

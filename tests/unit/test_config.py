@@ -44,7 +44,7 @@ def test_example_file_loads_with_every_stage():
     assert production.workers[0].hosts == ("web1", "web2")
     assert production.beat is not None and production.beat.host == "web1"
     assert production.units_on(production.host("web2")) == (
-        "myapp-worker-default.service", "myapp-worker-reports.service")
+        "myapp-worker-default@.service", "myapp-worker-reports@.service")
     assert "myapp-beat.service" in production.units_on(production.host("web1"))
     assert loaded.stage(None).name == "staging"  # default_stage
 

@@ -105,17 +105,18 @@ def test_the_deploy_executes_exactly_the_plan(fake):
     lifecycle.deploy(stage, ref="main", say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + [Phase.MIGRATE] + \
-        [Phase.CUTOVER] * 2 + [Phase.FINISH] * 2
+        [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2
 
 
 def test_the_plan_says_per_host_what_will_happen(fake):
     stage = stage_of()
     printed = "\n".join(lifecycle.plan(stage, ref="main", say=say).render())
     for host in ("web1", "web2"):
-        for phase in ("lock", "check", "release", "switch", "restart", "verify", "finish"):
+        for phase in ("lock", "check", "release", "start", "verify", "join", "watch", "retire", "switch", "finish"):
             assert f"{host} {phase}:" in printed
     assert printed.count("manage.py migrate") == 1
-    assert "deploy-kit.verify.default@web2" in printed
+    assert "deploy-kit.shop.prod.default.2026-11-24-123000@web2" in printed  # web2's own new worker
+    assert "web1 restart beat:" in printed and "web2 restart beat:" not in printed
     assert f"{NEW[:4]}" in printed and "celery-5.5.0-py3-none-any.whl" in printed
     assert "shop-beat.service" in printed
 

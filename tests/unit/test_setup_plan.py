@@ -4,7 +4,7 @@ import json
 
 from deploy_kit import config, envfile, hostfacts, setup, units
 
-from .samples import BEAT, RELEASE, STAGE, WORKER, stage_of  # noqa: F401
+from .samples import BEAT, INSTANCE, RELEASE, STAGE, WORKER, stage_of  # noqa: F401
 
 
 def directory(owner: str, group: str, mode: str = "0750") -> dict:
@@ -43,7 +43,9 @@ def ready(stage: config.Stage, host: config.Host, *, released: bool = True) -> d
             "env_file": {"type": "file", "owner": "root", "group": "shop", "mode": "0640"},
         },
         units={n: u.content for n, u in rendered.items()},
-        unit_state={n: {"enabled": "enabled", "active": "active"} for n in rendered},
+        unit_state={n: {"enabled": "enabled", "active": "active"} for n in rendered if "@" not in n},
+        instances={n.replace("@.", "@2026-11-24-120000."): {"enabled": True, "active": "active"}
+                   for n in rendered if "@" in n and released},
     )
     return data
 
@@ -70,7 +72,7 @@ def test_bare_host_gets_everything_in_order():
         f"install unit {WORKER}",
         f"install unit {BEAT}",
         "reload systemd",
-        f"enable {WORKER}, {BEAT} at boot",
+        f"enable {BEAT} at boot",  # a worker's instance is enabled by the deploy that starts it
     ]
     assert result.consent_needed == ()
     assert result.notes == ("services start after the first release exists (`fab deploy`)",)
@@ -85,7 +87,7 @@ def test_bare_host_scripts_create_a_locked_down_service_account():
     assert "install -d -o shop -g shop -m 0750 /srv/shop/shared\n" in script
     assert "chown root:shop /etc/shop/shop.env" in script
     assert "systemctl daemon-reload" in script
-    assert f"systemctl enable --quiet {WORKER} {BEAT}" in script
+    assert f"systemctl enable --quiet {BEAT}" in script
     assert "systemctl start" not in script and "systemctl restart" not in script
 
 
@@ -140,10 +142,10 @@ def test_changed_unit_is_restarted_when_a_release_is_live():
     data = ready(stage, stage.host("web1"))
     data["units"][WORKER] = data["units"][WORKER].replace("RestartSec=5", "RestartSec=30")
     result = plan(data)
-    assert summaries(result)[-1] == f"restart {WORKER} to apply the new unit"
-    assert result.changes[-1].script == f"systemctl restart {WORKER}"
+    assert summaries(result)[-1] == f"restart {INSTANCE} to apply the new unit"
+    assert result.changes[-1].script == f"systemctl restart {INSTANCE}"
     assert summaries(result).index("reload systemd") < summaries(result).index(
-        f"restart {WORKER} to apply the new unit")
+        f"restart {INSTANCE} to apply the new unit")
 
 
 def test_changed_unit_is_not_restarted_before_the_first_release():
@@ -211,6 +213,28 @@ def test_directory_with_wrong_owner_is_fixed():
 def test_installed_but_disabled_unit_is_enabled():
     stage = stage_of()
     data = ready(stage, stage.host("web1"))
-    data["unit_state"][WORKER]["enabled"] = "disabled"
+    data["instances"][INSTANCE]["enabled"] = False
     result = plan(data)
-    assert summaries(result) == [f"enable {WORKER} at boot"]
+    assert summaries(result) == [f"enable {INSTANCE} at boot"]
+
+
+def test_a_plain_unit_of_older_deploy_kits_keeps_serving_until_the_next_deploy_hands_over():
+    stage = stage_of()
+    data = ready(stage, stage.host("web1"))
+    del data["instances"][INSTANCE]
+    data["units"]["shop-worker-default.service"] = units.MANAGED_MARKER + " (an older deploy-kit)\n"
+    data["unit_state"]["shop-worker-default.service"] = {"enabled": "enabled", "active": "active"}
+    result = plan(data)
+    assert result.changes == ()  # neither stopped nor removed, and no instance started beside it
+    assert "next `fab deploy` hands its queues over" in result.notes[0]
+
+
+def test_a_plain_unit_a_handover_retired_is_removed_without_asking():
+    stage = stage_of()
+    data = ready(stage, stage.host("web1"))
+    data["units"]["shop-worker-default.service"] = units.MANAGED_MARKER + " (an older deploy-kit)\n"
+    data["unit_state"]["shop-worker-default.service"] = {"enabled": "disabled", "active": "inactive"}
+    result = plan(data)
+    assert summaries(result) == ["remove unit shop-worker-default.service (retired by a handover)",
+                                 "reload systemd"]
+    assert result.consent_needed == ()

@@ -55,21 +55,21 @@ def exec_start(content: str) -> str:
 def test_worker_unit_runs_the_worker_in_the_foreground_as_the_service_account():
     stage = stage_of()
     unit = units.worker_unit(stage, stage.workers[0])
-    assert unit.name == "shop-worker-default.service"
-    assert str(unit.path) == "/etc/systemd/system/shop-worker-default.service"
+    assert unit.name == "shop-worker-default@.service"  # a template: each release runs as its instance
+    assert str(unit.path) == "/etc/systemd/system/shop-worker-default@.service"
     lines = service_lines(unit.content)
     assert "Type=simple" in lines
     assert "User=shopsvc" in lines and "Group=shopgrp" in lines
-    assert "WorkingDirectory=/srv/shop/current" in lines
+    assert "WorkingDirectory=/srv/shop/releases/%i" in lines  # pinned to its release, whatever current says
     assert "EnvironmentFile=/etc/shop/prod.env" in lines
     assert "LimitNOFILE=32768" in lines
     assert "ReadWritePaths=/srv/shop/shared" in lines
 
 
-def test_worker_unit_starts_celery_from_the_current_release_virtualenv():
+def test_worker_instance_starts_celery_from_its_own_release_virtualenv():
     stage = stage_of()
     command = exec_start(units.worker_unit(stage, stage.workers[0]).content)
-    assert command.startswith("ExecStart=/srv/shop/current/.venv/bin/python -m celery -A shop.celery worker ")
+    assert command.startswith("ExecStart=/srv/shop/releases/%i/.venv/bin/python -m celery -A shop.celery worker ")
     assert " -c 4 " in command
     assert "--time-limit=600" in command
     assert command.endswith("--loglevel=INFO")
@@ -78,16 +78,31 @@ def test_worker_unit_starts_celery_from_the_current_release_virtualenv():
 def test_worker_node_name_escapes_the_percent_for_celery():
     stage = stage_of()
     command = exec_start(units.worker_unit(stage, stage.workers[0]).content)
-    # systemd turns %%h into %h, which Celery expands to the host name.
-    assert " -n default@%%h " in command
-    assert " -n default@%h " not in command
+    # systemd turns %%h into %h, which Celery expands to the host name; %i is the release, so two
+    # instances running side by side never share a node name.
+    assert " -n default.%i@%%h " in command
+    assert " -n default.%i@%h " not in command
 
 
-def test_worker_consumes_its_queues_plus_its_private_verify_queue():
+def test_worker_consumes_its_queues_plus_a_private_queue_unless_a_handover_narrows_it():
     stage = stage_of()
+    content = units.worker_unit(stage, stage.workers[0]).content
+    assert " -Q ${DEPLOY_KIT_QUEUES} " in exec_start(content)
+    lines = service_lines(content)
+    assert "Environment=DEPLOY_KIT_QUEUES=celery,mail,deploy-kit.shop.prod.default.%i@%H" in lines
+    # Read after Environment= (it wins); in /run, so an instance that boots consumes its real queues.
+    assert "EnvironmentFile=-/run/deploy-kit/shop/default@%i.env" in lines
+    assert lines.index("EnvironmentFile=-/run/deploy-kit/shop/default@%i.env") > \
+        lines.index("Environment=DEPLOY_KIT_QUEUES=celery,mail,deploy-kit.shop.prod.default.%i@%H")
+    assert units.private_queue(stage, stage.workers[0], "2026-11-24-120000", "web1") == \
+        "deploy-kit.shop.prod.default.2026-11-24-120000@web1"  # unique to app, stage, service, release, host
+
+
+def test_start_up_can_skip_mingle_and_gossip():
+    stage = stage_of(STAGE.replace('concurrency = 4\n', 'concurrency = 4\nmingle = false\ngossip = false\n'))
     command = exec_start(units.worker_unit(stage, stage.workers[0]).content)
-    assert " -Q celery,mail,deploy-kit.verify.default@%H " in command
-    assert units.verify_queue("default", "web1") == "deploy-kit.verify.default@web1"
+    assert command.endswith("--loglevel=INFO --without-mingle --without-gossip")
+    assert "--without" not in exec_start(units.worker_unit(stage, stage.workers[1]).content)
 
 
 def test_worker_stop_timeout_covers_the_task_time_limit_plus_the_margin():
@@ -129,7 +144,7 @@ def test_units_start_on_boot_and_are_marked_as_managed():
     content = units.worker_unit(stage, stage.workers[0]).content
     assert content.startswith(units.MANAGED_MARKER)
     assert "[Install]\nWantedBy=multi-user.target\n" in content
-    assert "ConditionPathExists=/srv/shop/current" in content
+    assert "ConditionPathExists=/srv/shop/releases/%i" in content
     assert content.endswith("\n")
 
 
@@ -151,8 +166,8 @@ def test_beat_unit_only_on_the_host_with_the_beat_role():
     stage = stage_of()
     web1 = units.units_for(stage, stage.host("web1"))
     web2 = units.units_for(stage, stage.host("web2"))
-    assert list(web1) == ["shop-worker-default.service", "shop-beat.service"]
-    assert list(web2) == ["shop-worker-default.service", "shop-worker-reports.service"]
+    assert list(web1) == ["shop-worker-default@.service", "shop-beat.service"]
+    assert list(web2) == ["shop-worker-default@.service", "shop-worker-reports@.service"]
 
 
 def test_no_beat_unit_anywhere_without_a_beat_host():
@@ -164,7 +179,7 @@ def test_no_beat_unit_anywhere_without_a_beat_host():
 
 def test_worker_on_a_host_only_when_listed_there():
     stage = stage_of()
-    assert "shop-worker-reports.service" not in units.units_for(stage, stage.host("web1"))
+    assert "shop-worker-reports@.service" not in units.units_for(stage, stage.host("web1"))
 
 
 def test_without_broker_unit_only_the_network_is_waited_for():
@@ -193,7 +208,7 @@ def test_unit_environment_is_what_the_service_section_holds():
     stage = stage_of()
     unit = units.worker_unit(stage, stage.workers[0])
     lines = service_lines(unit.content)
-    assert all(setting in lines for setting in unit.environment)
+    assert all(setting in lines for setting in unit.environment if not setting.startswith("WorkingDirectory="))
     assert unit.environment == units.service_environment(stage)
 
 
