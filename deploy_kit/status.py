@@ -32,7 +32,13 @@ if os.path.islink(current):
             out["revision"] = json.load(handle)
     except (OSError, ValueError):
         pass
-for unit in P["units"]:
+units = list(P["units"])
+_, listed = run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *P["patterns"]])
+for line in listed.splitlines():  # every instance that runs or drains, and plain units of older deploy-kits
+    parts = line.split()
+    if len(parts) >= 3 and parts[2] in ("active", "activating", "deactivating", "reloading") and parts[0] not in units:
+        units.append(parts[0])
+for unit in units:
     _, text = run(["systemctl", "show", unit, "-p",
                    "ActiveState,SubState,ActiveEnterTimestamp,NRestarts,MainPID,LoadState"])
     out["units"][unit] = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
@@ -50,12 +56,16 @@ try:
         out["last"] = json.loads(lines[-1])
 except (OSError, ValueError):
     pass
-if out["current"] and P["nodes"] and os.path.exists(P["python"]):
+def node_of(unit, host):
+    name = unit.split("-worker-", 1)[1].rsplit(".service", 1)[0]  # NAME@RELEASE, or NAME (older units)
+    return name.replace("@", ".") + "@" + host
+workers = [u for u in out["units"] if "-worker-" in u and out["units"][u].get("ActiveState") == "active"]
+if out["current"] and workers and os.path.exists(P["python"]):
     props = []
     for setting in P["service_environment"]:
         props += ["-p", setting]
     host = socket.gethostname()
-    nodes = ",".join(n + "@" + host for n in P["nodes"])
+    nodes = ",".join(node_of(u, host) for u in workers)
     code, text = run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", *props,
                       "--", P["python"], "-m", "celery", "-A", P["celery_app"], "inspect", "ping",
                       "-d", nodes, "--timeout", "3", "--json"], timeout=40)
@@ -63,8 +73,8 @@ if out["current"] and P["nodes"] and os.path.exists(P["python"]):
         replies = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
     except ValueError:
         replies = {}
-    for name in P["nodes"]:
-        out["ping"][name] = "pong" if (name + "@" + host) in replies else "no reply"
+    for unit in workers:
+        out["ping"][unit] = "pong" if node_of(unit, host) in replies else "no reply"
 print(json.dumps(out))
 '''
 
@@ -83,7 +93,7 @@ class HostStatus:
     current: str | None
     revision: dict[str, Any]
     services: tuple[ServiceState, ...]
-    ping: dict[str, str]
+    ping: dict[str, str]  # worker unit -> "pong" or "no reply"
     lock: dict[str, Any] | None
     last: dict[str, Any] | None = field(default=None)
 
@@ -92,9 +102,10 @@ def program(stage: Stage, host: Host) -> str:
     app = stage.app
     params = {
         "current": str(app.current_link),
-        "units": list(units.units_for(stage, host)),
+        "units": [stage.beat.unit(app)] if stage.beat and stage.beat.host == host.name else [],
+        "patterns": [p for w in stage.workers_on(host) for p in (w.unit(app).replace("@.", "@*."),
+                                                                   w.legacy_unit(app))],
         "state_dir": str(release.state_dir(app)),
-        "nodes": [w.name for w in stage.workers_on(host)],
         "python": str(units.python(app)),
         "celery_app": app.celery_app,
         "service_environment": list(units.service_environment(stage)),

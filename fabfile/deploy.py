@@ -97,9 +97,8 @@ def status(c, stage=None):
                     + (f" ({revision.get('sha', '')[:10]} {revision.get('ref', '')}, "
                        f"{history.age(revision.get('when', ''))} old)" if host.current else ""))
             console.print(head, markup=False, style="bold")
-            rows = [(s.unit, s.active, s.since, s.restarts,
-                     host.ping.get(s.unit.split("-worker-")[-1].removesuffix(".service"), "")
-                     if "-worker-" in s.unit else "") for s in host.services]
+            rows = [(s.unit, "draining" if s.active.startswith("deactivating") else s.active, s.since, s.restarts,
+                     host.ping.get(s.unit, "")) for s in host.services]
             console.print(ui.table("", ("unit", "state", "active since", "restarts", "ping"), rows))
             if host.lock:
                 console.print(f"  LOCKED by {host.lock.get('who')} from {host.lock.get('from')} since "

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deploy_kit import config
+from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
 from .conftest import TEST_SANDBOX, call_task, commit, current_release, fab, on_host, prepare_env
@@ -164,8 +164,9 @@ def test_a_killed_laptop_cannot_leave_a_host_half_switched(stage, sandbox_config
         time.sleep(1)
     assert state["status"] == "done"  # finished on its own, verified, with nobody watching
     assert current_release(stage, 1) == state["target"] != before
-    assert call_task(stage, 1, "ledger.tasks.release", queue="deploy-kit.verify.default@dktest2") == \
-        repr(f"/srv/exampleapp/releases/{state['target']}")  # asked of dktest2's own worker
+    own = units.private_queue(stage, stage.workers[0], state["target"], "dktest2")
+    assert call_task(stage, 1, "ledger.tasks.release", queue=own) == \
+        repr(f"/srv/exampleapp/releases/{state['target']}")  # asked of dktest2's own new worker
     # The lock stays, so nobody deploys over an unfinished deploy without looking.
     refused = deploy(sandbox_config)
     assert refused.returncode == 4
@@ -218,10 +219,12 @@ def test_plan_prints_every_step_and_changes_nothing(stage, sandbox_config):
     proc = fab("deploy", "--stage", TEST_SANDBOX, "--plan", config_file=sandbox_config, check=True)
     assert "nothing is run" in proc.stdout
     for host in stage.hosts:
-        for phase in ("lock", "check", "release", "switch", "restart", "verify", "finish"):
+        for phase in ("lock", "check", "release", "start", "verify", "join", "watch", "retire", "switch",
+                      "finish"):
             assert f"{host.name} {phase}:" in proc.stdout
     assert proc.stdout.count("manage.py migrate") == 1  # once per stage, on the migrate host
-    assert "deploy-kit.verify.default@dktest2" in proc.stdout
+    assert proc.stdout.count("restart beat:") == 1  # Beat on its one host, after the workers
+    assert "deploy-kit.exampleapp.dktest.default." in proc.stdout and "@dktest2" in proc.stdout
     assert Sandbox(TEST_SANDBOX).redis_password_file.read_text().strip() not in proc.stdout
     assert snapshot() == before
 
@@ -281,23 +284,24 @@ def test_rollback_warns_about_migrations_it_leaves_applied(stage, sandbox_config
     assert "ledger.0002_entry_note" in proc.stdout and "never reverses migrations" in proc.stdout
 
 
-def test_a_task_running_during_the_restart_finishes(stage, sandbox_config):
-    """KillMode=mixed: the restart waits for the running task (warm shutdown), it is not killed."""
+def test_a_task_running_during_the_handover_finishes_on_the_old_release(stage, sandbox_config):
+    """The old instance drains (warm shutdown, KillMode=mixed): its running task is not killed."""
     import threading
 
     tag = f"slow-{time.time_ns()}"
     result: dict[str, str] = {}
+    own = units.private_queue(stage, stage.workers[0], current_release(stage, 0), "dktest1")
     sender = threading.Thread(target=lambda: result.update(value=call_task(
-        stage, 0, "ledger.tasks.slow", [6, tag], timeout=120, queue="deploy-kit.verify.default@dktest1")))
+        stage, 0, "ledger.tasks.slow", [6, tag], timeout=120, queue=own)))
     sender.start()
     deadline = time.monotonic() + 30
-    while tag not in on_host(stage, 0, "journalctl -u exampleapp-worker-default -o cat --no-pager -n 50"):
+    while tag not in on_host(stage, 0, "journalctl -u 'exampleapp-worker-default@*' -o cat --no-pager -n 50"):
         assert time.monotonic() < deadline, "the slow task did not start"
         time.sleep(0.3)
     proc = deploy(sandbox_config)
     sender.join(timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert result.get("value") == "6"
-    journal = on_host(stage, 0, "journalctl -u exampleapp-worker-default -o cat --no-pager -n 400")
+    journal = on_host(stage, 0, "journalctl -u 'exampleapp-worker-default@*' -o cat --no-pager -n 400")
     assert journal.count(f"slow start {tag}") == 1  # ran once: not killed and redelivered
     assert f"slow done {tag}" in journal and "WorkerLostError" not in journal
