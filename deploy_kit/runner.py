@@ -87,6 +87,7 @@ class Run:
             return result
 
         assert self.session is not None
+        self.session.revive(mine)  # a connection that dropped during a long phase is made anew
         return self.session.each(one, what=what or (str(steps[0].phase) if steps else "nothing"), only=mine)
 
     def perform(self, remote: RemoteHost, step: Step) -> Any:

@@ -72,6 +72,14 @@ class Session:
         if old is not None:
             old.close()
 
+    def revive(self, names: Iterable[str]) -> None:
+        """Reconnect the hosts whose connection died (no round trip for the live ones)."""
+        for name in names:
+            remote = self.remotes.get(name)
+            transport = remote.connection.transport if remote is not None else None
+            if transport is None or not transport.is_active():
+                self.reconnect(name)
+
     def each(self, work: Callable[[RemoteHost], Result], *, what: str,
              only: Iterable[str] | None = None) -> dict[str, Result]:
         """`work(remote)` on every reachable host (or those of `only`) in parallel; the one host's

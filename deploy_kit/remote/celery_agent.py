@@ -9,6 +9,8 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "add_consumer", "queue", "node"}                     the node consumes `queue` too
     {"op": "cancel_consumer", "queue", "node"}                  ... and no more
     {"op": "queues", "node"}                                    what the node consumes now
+    {"op": "discard_queue", "queue"}                            delete a private queue, and what a
+                                                                killed worker held of it (Redis)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from urllib.parse import quote, unquote, urlsplit
 
 
@@ -52,6 +55,28 @@ def queues_of(app, node: str) -> list:
     return sorted(q["name"] for q in replies.get(node, []))
 
 
+def discard_queue(app, queue: str) -> str:
+    """Delete a private queue nobody will consume again. On Redis, a worker killed while it held a
+    message keeps it in the `unacked` hash until the visibility timeout (an hour): drop those of
+    this queue too, so nothing of it lingers in the broker."""
+    dropped = 0
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        if connection.transport.driver_type == "redis":
+            client = channel.client
+            for tag, raw in client.hgetall(channel.unacked_key).items():
+                try:
+                    routing_key = json.loads(raw)[2]
+                except (ValueError, IndexError, TypeError):
+                    continue
+                if routing_key == queue:
+                    client.hdel(channel.unacked_key, tag)
+                    client.zrem(channel.unacked_index_key, tag)
+                    dropped += 1
+        channel.queue_delete(queue)
+    return f"deleted {queue}" + (f" and {dropped} message(s) a killed worker held" if dropped else "")
+
+
 def handle(app, request: dict) -> str:
     op = request["op"]
     if op == "verify":
@@ -64,15 +89,21 @@ def handle(app, request: dict) -> str:
         return "echoed the nonce" if echo else repr(value)[:80]
     node, queue = request.get("node", ""), request.get("queue", "")
     if op == "add_consumer":
-        app.control.add_consumer(queue, destination=[node], reply=True, timeout=5)
-        if queue not in queues_of(app, node):
-            raise RuntimeError(f"{node} did not confirm it consumes {queue}")
-        return f"{node} consumes {queue}"
+        deadline = time.time() + 15  # a reply can be lost while many nodes answer broadcasts
+        while True:
+            app.control.add_consumer(queue, destination=[node], reply=True, timeout=3)
+            if queue in queues_of(app, node):
+                return f"{node} consumes {queue}"
+            if time.time() > deadline:
+                raise RuntimeError(f"{node} did not confirm it consumes {queue}")
+            time.sleep(0.5)
     if op == "cancel_consumer":
         app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5)
         return f"{node} no longer consumes {queue}"
     if op == "queues":
         return ",".join(queues_of(app, node))
+    if op == "discard_queue":
+        return discard_queue(app, queue)
     raise ValueError(f"unknown request {op!r}")
 
 

@@ -293,6 +293,8 @@ class Cutover:
                         break
                 self.systemctl("stop", "--no-block", old)  # drains in the background
                 self.systemctl("disable", "--quiet", old)
+                if old != worker["legacy"]:
+                    self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
                 retired.append(old)
         return "draining " + (", ".join(retired) or "nothing (no older instance ran)")
 
@@ -357,10 +359,18 @@ class Cutover:
             path = self.handover_file(worker, self.p["target"])
             if os.path.exists(path):
                 os.unlink(path)
+            self.discard_private(worker, self.p["target"])
         for old in self.stopped:  # a restart in place stopped it: it serves again
             self.systemctl("start", old)
         return "stopped " + (", ".join(stopped) or "nothing") + \
             ("; started " + ", ".join(self.stopped) if self.stopped else "")
+
+    def discard_private(self, worker: dict, release: str) -> None:
+        """Best effort: a private queue nobody consumes again leaves nothing behind in the broker."""
+        if self.agent is None:
+            return
+        with contextlib.suppress(StepFailed):
+            self.agent.ask({"op": "discard_queue", "queue": self.private_queue(worker, release)}, 15)
 
     def mark_bad(self, name: str) -> str:
         marker = os.path.join(self.p["releases_dir"], name, ".deploy-kit", "BAD")

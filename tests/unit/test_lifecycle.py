@@ -24,6 +24,9 @@ class FakeSession:
     def __init__(self, hosts):
         self.hosts = hosts
 
+    def revive(self, names):
+        pass
+
     def each(self, work, *, what, only=None):
         from deploy_kit import parallel  # the real fan-out: one host's error, or HostsFailed naming each
         chosen = [h for h in self.hosts if only is None or h.name in only]

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -55,3 +56,13 @@ def echo(text: str) -> str:
     """Log `text` at warning level and return it (shows up in `fab logs`)."""
     logger.warning("echo: %s", text)
     return text
+
+
+@shared_task
+def probe(tag: str, seconds: float = 0) -> dict:
+    """Which release ran this, on which host, and when it started; sleeps `seconds` first (the
+    deploy tests and the benchmark send these while a deploy runs)."""
+    started = time.time()
+    logger.info("probe %s ran", tag)
+    time.sleep(seconds)
+    return {"release": str(Path(__file__).resolve().parent.parent), "host": socket.gethostname(), "started": started}

@@ -1,0 +1,158 @@
+"""The worker handover on a two-host sandbox stage, under load: a new release proves itself on
+its private queue before it takes a user task, the old release serves until then and drains,
+and a release that fails is over in seconds without taking or stranding a task.
+
+Tasks are sent from this machine straight to the sandbox broker, every 100 ms, while `fab
+deploy` or `fab rollback` runs; each logs `probe TAG ran` in the journal of the worker that
+ran it, so "exactly once" is counted in the journals of both hosts.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+from celery import Celery
+
+from deploy_kit import config, units
+from deploy_kit.sandbox import Sandbox
+
+from .conftest import TEST_SANDBOX, commit, current_release, fab, on_host, prepare_env
+
+CELERY = "examples/exampleapp/exampleapp/celery.py"
+HANG = '''
+
+# A release whose pool children hang at start-up: its main process still takes messages.
+from celery.signals import worker_process_init  # noqa: E402
+
+
+@worker_process_init.connect
+def _hang(**kwargs):
+    import time
+    time.sleep(3600)
+'''
+
+
+@pytest.fixture(scope="module")
+def stage(sandbox_config):
+    fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    prepare_env(Sandbox(TEST_SANDBOX), sandbox_config, TEST_SANDBOX)
+    if not current_release(config.load(sandbox_config).stage(TEST_SANDBOX), 0):
+        fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
+    return config.load(sandbox_config).stage(TEST_SANDBOX)
+
+
+class Producer:
+    """Sends `ledger.tasks.probe` to the default queue every 100 ms until stopped."""
+
+    def __init__(self):
+        url = Sandbox(TEST_SANDBOX).broker_url()
+        self.app = Celery("e2e-producer", broker=url, backend=url)
+        self.tag = f"p{time.time_ns()}"
+        self.sent: list = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        n = 0
+        while not self.stop.is_set():
+            self.sent.append((time.time(), self.app.send_task("ledger.tasks.probe", args=[f"{self.tag}-{n}"],
+                                                              queue="celery")))
+            n += 1
+            time.sleep(0.1)
+
+    def long(self, seconds: float):
+        return self.app.send_task("ledger.tasks.probe", args=[f"{self.tag}-long", seconds], queue="celery")
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(1)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def results(self, timeout: float = 120) -> list[dict]:
+        return [r.get(timeout=timeout) for _, r in self.sent]
+
+
+def ran_counts(stage, tag: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for index in (0, 1):
+        lines = on_host(stage, index, f"journalctl -u 'exampleapp-worker-*' -o cat --no-pager --since '-10min' "
+                                      f"| grep -o 'probe {tag}-[0-9a-z]* ran' || true")
+        for line in lines.split():
+            if line.startswith(tag):
+                counts[line] = counts.get(line, 0) + 1
+    return counts
+
+
+def unacked(stage) -> int:
+    import redis
+
+    return redis.Redis.from_url(Sandbox(TEST_SANDBOX).broker_url()).hlen("unacked")
+
+
+def test_every_task_sent_through_a_deploy_and_a_rollback_runs_exactly_once(stage, sandbox_config, app_repo):
+    old = current_release(stage, 0)
+    commit(app_repo, {"ledger/handover.txt": f"{time.time()}\n"}, "a one-file change")
+    with Producer() as producer:
+        long = producer.long(20)  # running on the old release when the handover comes
+        time.sleep(2)
+        deployed = fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, timeout=900)
+        new = current_release(stage, 0)
+        rolled = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config, timeout=900)
+        time.sleep(1)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert new != old and current_release(stage, 0) == old == current_release(stage, 1)
+    results = producer.results()
+    assert long.get(timeout=60)["release"] == f"/srv/exampleapp/releases/{old}"  # finished where it started
+    releases = {r["release"].rsplit("/", 1)[-1] for r in results}
+    assert releases <= {old, new} and new in releases  # the new release served in between
+    counts = ran_counts(stage, producer.tag)
+    assert len(producer.sent) > 50
+    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent))), \
+        {k: v for k, v in counts.items() if v != 1}
+    assert counts.get(f"{producer.tag}-long") == 1
+    # Both hosts handed over in one wave; Beat moved after both.
+    history = [json.loads(line) for line in on_host(stage, 0, "cat /srv/exampleapp/.deploy-kit/history.jsonl")
+               .splitlines()]
+    assert history[-2]["action"] == "deploy" and history[-2]["result"] == "success"
+
+
+def test_a_release_whose_pool_hangs_fails_fast_and_takes_no_user_task(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    source = (app_repo / CELERY).read_text()
+    commit(app_repo, {"exampleapp/celery.py": source + HANG}, "pool children hang at start-up")
+    tight = sandbox_config.with_name("verify15.toml")
+    text = sandbox_config.read_text()
+    assert 'task = "celery.accumulate"\ntimeout = 60' in text
+    tight.write_text(text.replace('task = "celery.accumulate"\ntimeout = 60',
+                                  'task = "celery.accumulate"\ntimeout = 15'))
+    with Producer() as producer:
+        started = time.monotonic()
+        proc = fab("deploy", "--stage", TEST_SANDBOX, config_file=tight, timeout=900)
+        elapsed = time.monotonic() - started
+    commit(app_repo, {"exampleapp/celery.py": source}, "revert the hang")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good]
+    results = producer.results()
+    assert {r["release"] for r in results} == {f"/srv/exampleapp/releases/{good}"}  # none ran on the new one
+    assert unacked(stage) == 0  # nothing stranded in the broker
+    print(f"failed deploy took {elapsed:.1f} s")  # measured in the benchmark, not asserted here
+
+
+def test_status_shows_one_instance_per_service_after_the_handover(stage, sandbox_config):
+    time.sleep(3)  # the old instances finish draining
+    proc = fab("status", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
+    release = current_release(stage, 0)
+    assert proc.stdout.count(f"exampleapp-worker-default@{release}.service") == 2
+    assert proc.stdout.count("pong") == 4  # two services on each of two hosts
+    check = fab("check", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert check.returncode == 0, check.stdout + check.stderr
+    enabled = on_host(stage, 0, "ls /etc/systemd/system/multi-user.target.wants/ | grep exampleapp-worker-default")
+    assert enabled.split() == [f"exampleapp-worker-default@{release}.service"]  # exactly current's at boot
+    assert units.private_queue(stage, stage.workers[0], release, "dktest1") in on_host(
+        stage, 0, f"systemctl show -p Environment exampleapp-worker-default@{release}.service")
