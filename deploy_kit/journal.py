@@ -269,12 +269,13 @@ def merged(streams: list[HostStream], out: queue.Queue[object]) -> Iterator[Jour
 
 
 def units_for(stage: Stage, host: Host, services: list[str] | None) -> list[str]:
-    """The host's units, narrowed to the named worker services (or "beat")."""
+    """The host's units, narrowed to the named worker services (or "beat"): every instance of a
+    worker service (both while a handover runs), and its plain unit from older deploy-kits."""
     app = stage.app
     chosen = []
     for worker in stage.workers_on(host):
         if not services or worker.name in services:
-            chosen.append(worker.unit(app))
+            chosen += [worker.unit(app).replace("@.", "@*."), worker.legacy_unit(app)]
     if stage.beat and stage.beat.host == host.name and (not services or "beat" in services):
         chosen.append(stage.beat.unit(app))
     return chosen

@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from .conftest import FAB, ROOT, TEST_SANDBOX, call_task, fab, in_container, on_host
+from deploy_kit import units
+
+from .conftest import FAB, ROOT, TEST_SANDBOX, call_task, current_release, fab, in_container, on_host
 
 
 class Follower:
@@ -56,7 +58,9 @@ class Follower:
 def echo_on(stage, index: int, text: str) -> None:
     """Make the worker of host `index` log `text`: a task sent to that worker's own queue."""
     host = stage.hosts[index].name
-    assert call_task(stage, 0, "ledger.tasks.echo", [text], queue=f"deploy-kit.verify.default@{host}") == repr(text)
+    release = current_release(stage, index)
+    queue = units.private_queue(stage, stage.workers[0], release, host)
+    assert call_task(stage, 0, "ledger.tasks.echo", [text], queue=queue) == repr(text)
 
 
 def marker() -> str:
@@ -73,7 +77,8 @@ def test_lines_from_every_host_arrive_prefixed_with_host_and_unit(deployed, sand
         for index, text in enumerate(marks):
             line = follower.wait_for(lambda item, text=text: text in item["message"])
             assert line["host"] == deployed.hosts[index].name
-            assert line["unit"] == "exampleapp-worker-default"
+            release = current_release(deployed, index)
+            assert line["unit"] == f"exampleapp-worker-default@{release}"  # the instance: its release
             assert line["priority"] == 4  # logged at warning level
             datetime.fromisoformat(line["timestamp"])
     finally:
@@ -95,10 +100,12 @@ def test_filters_work_as_documented(deployed, sandbox_config):
         return [json.loads(line) for line in proc.stdout.splitlines()]
 
     found = lines("--grep", text)
-    assert found and {(x["host"], x["unit"]) for x in found} == {("dktest2", "exampleapp-worker-default")}
+    release = current_release(deployed, 1)
+    assert found and {(x["host"], x["unit"]) for x in found} == {("dktest2", f"exampleapp-worker-default@{release}")}
     assert all(text in x["message"] for x in found)  # the echo and the "succeeded" lines
     only = lines("--host", "dktest2", "--service", "reports", "-n", "5")
-    assert only and {(x["host"], x["unit"]) for x in only} == {("dktest2", "exampleapp-worker-reports")}
+    assert only and {x["host"] for x in only} == {"dktest2"}
+    assert {x["unit"].split("@")[0] for x in only} == {"exampleapp-worker-reports"}
     assert len(lines("-n", "1", "--service", "default")) == 2  # the last line of each host
     assert not lines("--since", after, "--grep", text)
     assert lines("--since", before, "--grep", text)
@@ -106,7 +113,7 @@ def test_filters_work_as_documented(deployed, sandbox_config):
     assert beat and {x["host"] for x in beat} == {"dktest1"}  # Beat runs on one host only
     plain = fab("logs", "--stage", TEST_SANDBOX, "--no-follow", "--grep", text, config_file=sandbox_config,
                 check=True).stdout
-    assert plain.startswith("dktest2 exampleapp-worker-default ") and text in plain
+    assert plain.startswith(f"dktest2 exampleapp-worker-default@{release} ") and text in plain
     bad = fab("logs", "--stage", TEST_SANDBOX, "--service", "nope", config_file=sandbox_config)
     assert bad.returncode == 2 and "no service named 'nope'" in bad.stderr
     pattern = fab("logs", "--stage", TEST_SANDBOX, "--grep", "(", config_file=sandbox_config, timeout=60)

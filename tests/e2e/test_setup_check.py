@@ -13,7 +13,12 @@ from deploy_kit import config
 from .conftest import boot, call_task, fab, on_host, prepare_env, say
 
 NAME = "dkset"
-UNITS = ("exampleapp-worker-default.service", "exampleapp-worker-reports.service", "exampleapp-beat.service")
+UNITS = ("exampleapp-worker-default@.service", "exampleapp-worker-reports@.service", "exampleapp-beat.service")
+
+
+def live(unit: str, release: str) -> str:
+    """A worker template's instance for `release` (what runs); Beat is itself."""
+    return unit.replace("@.", f"@{release}.")
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +57,12 @@ def test_setup_turns_a_bare_host_into_one_ready_for_the_services(host):
     listing = on_host(stage, 0, "stat -c '%n %U:%G %a' /srv/exampleapp /srv/exampleapp/releases "
                       "/srv/exampleapp/shared /etc/exampleapp /etc/exampleapp/exampleapp.env\n"
                       "getent passwd exampleapp | cut -d: -f7\n"
-                      "systemctl is-enabled " + " ".join(UNITS))
+                      "systemctl is-enabled exampleapp-beat.service")
     assert listing.splitlines() == [
         "/srv/exampleapp root:exampleapp 750", "/srv/exampleapp/releases root:exampleapp 750",
         "/srv/exampleapp/shared exampleapp:exampleapp 750", "/etc/exampleapp root:exampleapp 750",
         "/etc/exampleapp/exampleapp.env root:exampleapp 640", "/usr/sbin/nologin",
-        "enabled", "enabled", "enabled"]
+        "enabled"]  # a worker's instance is enabled by the deploy that starts it
     second = run(host, "setup", check=True)
     assert f"{NAME}1: no change" in second.stdout
     assert "every host already matches hosts.toml: no change" in second.stdout
@@ -118,7 +123,7 @@ def test_check_fails_when_the_broker_is_unreachable_as_the_service(host):
 
 def test_a_unit_edited_on_the_host_is_shown_and_replaced_only_with_consent(host):
     _box, _config_file, stage = host
-    unit = "/etc/systemd/system/exampleapp-worker-default.service"
+    unit = "/etc/systemd/system/exampleapp-worker-default@.service"
     on_host(stage, 0, f"sed -i 's/^KillMode=mixed/KillMode=control-group/' {unit} && systemctl daemon-reload")
     proc = run(host, "check")
     assert check_rows(proc.stdout)["units"] == "FAIL" and "differ from hosts.toml" in proc.stdout
@@ -143,19 +148,22 @@ def test_first_deploy_then_every_check_passes(host):
 
 def test_units_rate_ok_in_systemd_analyze_and_verify_cleanly(host):
     _box, _config_file, stage = host
-    for unit in UNITS:
+    release = on_host(stage, 0, "readlink /srv/exampleapp/current").strip().removeprefix("releases/")
+    for unit in (live(u, release) for u in UNITS):
         security = on_host(stage, 0, f"systemd-analyze security --no-pager {unit}")
         level = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", security)
         assert level, security[-500:]
         assert float(level.group(1)) <= 2.0, f"{unit}: {level.group(0)}"
         assert level.group(2) == "OK"
-        verify = on_host(stage, 0, f"systemd-analyze verify /etc/systemd/system/{unit} 2>&1", check=False)
+        verify = on_host(stage, 0, f"systemd-analyze verify {unit} 2>&1", check=False)
         assert verify.strip() == "", f"{unit}: {verify}"
 
 
 def test_the_worker_started_from_the_generated_unit_consumes_tasks(host):
     _box, _config_file, stage = host
-    state = on_host(stage, 0, "systemctl show exampleapp-worker-default -p ActiveState,User,KillMode --value")
+    release = on_host(stage, 0, "readlink /srv/exampleapp/current").strip().removeprefix("releases/")
+    state = on_host(stage, 0, f"systemctl show exampleapp-worker-default@{release} -p ActiveState,User,KillMode "
+                              "--value")
     assert sorted(state.split()) == ["active", "exampleapp", "mixed"]
     entry_id = call_task(stage, 0, "ledger.tasks.record_entry", ["deposit", 5])
     assert int(entry_id) >= 1
