@@ -11,12 +11,18 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "queues", "node"}                                    what the node consumes now
     {"op": "discard_queue", "queue"}                            delete a private queue, and what a
                                                                 killed worker held of it (Redis)
+    {"op": "restore_stranded", "queues"}                        put back what dead workers held
+
+The cutover program on the host speaks to it through `Agent` (the same file, so one text
+ships both sides).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import subprocess
 import sys
 import time
 from urllib.parse import quote, unquote, urlsplit
@@ -77,6 +83,37 @@ def discard_queue(app, queue: str) -> str:
     return f"deleted {queue}" + (f" and {dropped} message(s) a killed worker held" if dropped else "")
 
 
+def restore_stranded(app, queues: list, settle: float = 2.0) -> str:
+    """Return to their queues the messages that no live worker holds. Redis keeps what a worker
+    took in its `unacked` hash until the visibility timeout (an hour by default), even when that
+    worker died; a message a live worker holds shows in its `active` or `reserved` tasks, and one
+    it took in the last `settle` seconds is left alone (it may not show there yet)."""
+    with app.connection_for_write() as connection:
+        if connection.transport.driver_type != "redis":
+            return "the broker returns a dead worker's messages by itself"
+        inspect = app.control.inspect(timeout=2)
+        live = set()
+        for method in (inspect.active, inspect.reserved):
+            for tasks in (method() or {}).values():
+                live.update(t.get("id") for t in tasks)
+        channel = connection.default_channel
+        client = channel.client
+        cutoff = time.time() - settle
+        restored = 0
+        for tag, raw in client.hgetall(channel.unacked_key).items():
+            try:
+                message, _exchange, routing_key = json.loads(raw)
+                task_id = message.get("headers", {}).get("id") or message["properties"].get("correlation_id")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            taken = client.zscore(channel.unacked_index_key, tag)
+            if routing_key not in queues or task_id in live or taken is None or taken > cutoff:
+                continue
+            channel.qos.restore_by_tag(tag, leftmost=True)
+            restored += 1
+    return f"returned {restored} message(s) a dead worker held to their queues"
+
+
 def handle(app, request: dict) -> str:
     op = request["op"]
     if op == "verify":
@@ -104,6 +141,8 @@ def handle(app, request: dict) -> str:
         return ",".join(queues_of(app, node))
     if op == "discard_queue":
         return discard_queue(app, queue)
+    if op == "restore_stranded":
+        return restore_stranded(app, request["queues"])
     raise ValueError(f"unknown request {op!r}")
 
 
@@ -132,6 +171,72 @@ def main(celery_app: str) -> None:
                 say(False, "no worker completed the task in time")
             else:
                 say(False, f"{name}: {exc}")
+
+
+# --- the cutover's side -------------------------------------------------------------------
+
+
+class StepFailed(Exception):
+    """A step of the cutover failed; its text says why, in the user's terms."""
+
+
+class Agent:
+    """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
+
+    def __init__(self, params: dict, release: str):
+        python = os.path.join(params["releases_dir"], release, params["venv"], "bin", "python")
+        props = []
+        for setting in params["service_environment"]:
+            if setting.startswith("WorkingDirectory="):
+                setting = "WorkingDirectory=" + os.path.join(params["releases_dir"], release)
+            props += ["-p", setting]
+        self.proc = subprocess.Popen(
+            ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", *props, "--",
+             python, "-c", source(), params["app"]["celery_app"]],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.ready: dict | None = None
+
+    def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
+        """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
+        fails, takes longer than `timeout`, or `alive()` names a reason to give up."""
+        if request is not None:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        deadline = time.time() + timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    err = self.proc.stderr.read().strip().splitlines()
+                    raise StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
+                answer = json.loads(line)
+                if not answer["ok"]:
+                    raise StepFailed(answer["detail"])
+                return answer["detail"]
+            reason = alive()
+            if reason:
+                raise StepFailed(reason)
+            if time.time() > deadline:
+                raise StepFailed(f"no answer within {timeout:.0f}s")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - it runs under systemd-run --collect; kill what is left
+            self.proc.kill()
+
+
+def source() -> str:
+    """This module's text: shipped inside the cutover program (deploy_kit.remote.program), or its file."""
+    module = sys.modules[__name__]
+    shipped = getattr(module, "__source__", None)
+    if shipped:
+        return shipped
+    with open(__file__) as handle:
+        return handle.read()
+
 
 
 if __name__ == "__main__":

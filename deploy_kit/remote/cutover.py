@@ -24,13 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
 import time
 
-from deploy_kit.remote import celery_agent
+from deploy_kit.remote.celery_agent import Agent, StepFailed
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode, Step
 
 
@@ -62,70 +61,8 @@ def steps(params: dict, hostname: str = "") -> list:
     return found
 
 
-class StepFailed(Exception):
-    pass
-
-
 def run(argv: list, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-
-
-class Agent:
-    """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
-
-    def __init__(self, params: dict, release: str):
-        python = os.path.join(params["releases_dir"], release, params["venv"], "bin", "python")
-        props = []
-        for setting in params["service_environment"]:
-            if setting.startswith("WorkingDirectory="):
-                setting = "WorkingDirectory=" + os.path.join(params["releases_dir"], release)
-            props += ["-p", setting]
-        source = celery_agent_source()
-        self.proc = subprocess.Popen(
-            ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", *props, "--",
-             python, "-c", source, params["app"]["celery_app"]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-        self.ready: dict | None = None
-
-    def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
-        """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
-        fails, takes longer than `timeout`, or `alive()` names a reason to give up."""
-        if request is not None:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-        deadline = time.time() + timeout
-        while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    err = self.proc.stderr.read().strip().splitlines()
-                    raise StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
-                answer = json.loads(line)
-                if not answer["ok"]:
-                    raise StepFailed(answer["detail"])
-                return answer["detail"]
-            reason = alive()
-            if reason:
-                raise StepFailed(reason)
-            if time.time() > deadline:
-                raise StepFailed(f"no answer within {timeout:.0f}s")
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - it runs under systemd-run --collect; kill what is left
-            self.proc.kill()
-
-
-def celery_agent_source() -> str:
-    """The agent's text: shipped inside this program (deploy_kit.remote.program), or its file here."""
-    shipped = getattr(celery_agent, "__source__", None)
-    if shipped:
-        return shipped
-    with open(celery_agent.__file__) as handle:
-        return handle.read()
 
 
 class Cutover:
@@ -344,7 +281,7 @@ class Cutover:
                     self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": node}, 15)
                 except (StepFailed, AttributeError):
                     break
-        stopped = []
+        stopped, draining = [], []
         for unit in self.started_units:
             worker = next(w for w in self.p["workers"] if self.instance(w, self.p["target"]) == unit)
             joined = any(w is worker for w, _ in self.joined)
@@ -353,8 +290,10 @@ class Cutover:
                 run(["systemctl", "stop", unit], timeout=30)
             else:  # it may hold user tasks: a warm shutdown returns what it reserved to the queue
                 self.systemctl("stop", "--no-block", unit)
+                draining.append((worker, unit))
             run(["systemctl", "reset-failed", unit])
             stopped.append(unit)
+        detail = self.restore(draining) if draining else ""
         for worker in self.p["workers"]:
             path = self.handover_file(worker, self.p["target"])
             if os.path.exists(path):
@@ -363,7 +302,23 @@ class Cutover:
         for old in self.stopped:  # a restart in place stopped it: it serves again
             self.systemctl("start", old)
         return "stopped " + (", ".join(stopped) or "nothing") + \
-            ("; started " + ", ".join(self.stopped) if self.stopped else "")
+            ("; started " + ", ".join(self.stopped) if self.stopped else "") + (f"; {detail}" if detail else "")
+
+    def restore(self, draining: list) -> str:
+        """A worker that joined the real queues and died (or was stopped) may have left messages
+        in the broker that only come back after its visibility timeout: once it is gone, put back
+        what no live worker holds. One still finishing a task is left to its warm shutdown."""
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if all(self.show(u).get("ActiveState") in ("inactive", "failed") for _, u in draining):
+                time.sleep(2)  # so a message a live worker just took shows in its reserved tasks
+                queues = sorted({q for w, _ in draining for q in w["queues"]})
+                try:
+                    return self.agent.ask({"op": "restore_stranded", "queues": queues}, 30) if self.agent else ""
+                except StepFailed as exc:
+                    return f"could not return its messages: {exc}"
+            time.sleep(0.3)
+        return "it still finishes a task: its warm shutdown returns what it reserved"
 
     def discard_private(self, worker: dict, release: str) -> None:
         """Best effort: a private queue nobody consumes again leaves nothing behind in the broker."""

@@ -20,6 +20,7 @@ from deploy_kit.sandbox import Sandbox
 from .conftest import TEST_SANDBOX, commit, current_release, fab, on_host, prepare_env
 
 CELERY = "examples/exampleapp/exampleapp/celery.py"
+TASKS = "examples/exampleapp/ledger/tasks.py"
 HANG = '''
 
 # A release whose pool children hang at start-up: its main process still takes messages.
@@ -142,6 +143,30 @@ def test_a_release_whose_pool_hangs_fails_fast_and_takes_no_user_task(stage, san
     assert {r["release"] for r in results} == {f"/srv/exampleapp/releases/{good}"}  # none ran on the new one
     assert unacked(stage) == 0  # nothing stranded in the broker
     print(f"failed deploy took {elapsed:.1f} s")  # measured in the benchmark, not asserted here
+
+
+def test_a_release_that_crashes_on_its_first_real_task_hands_back_and_strands_nothing(stage, sandbox_config,
+                                                                                     app_repo):
+    good = current_release(stage, 0)
+    source = (app_repo / TASKS).read_text()
+    # Verification (celery.accumulate) passes; the first probe it takes kills the worker's main process.
+    crash = source.replace('    started = time.time()\n    logger.info("probe %s ran", tag)',
+                           '    import signal\n    os.kill(os.getppid(), signal.SIGKILL)\n'
+                           '    started = time.time()\n    logger.info("probe %s ran", tag)')
+    assert crash != source
+    commit(app_repo, {"ledger/tasks.py": crash}, "the worker dies on its first probe")
+    with Producer() as producer:
+        proc = fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, timeout=900)
+        time.sleep(3)
+    commit(app_repo, {"ledger/tasks.py": source}, "revert the crash")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "watch: FAILED" in proc.stdout and "crashed" in proc.stdout
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good]
+    results = producer.results(timeout=90)  # every task completes, the ones the dead worker held too
+    assert {r["release"] for r in results} == {f"/srv/exampleapp/releases/{good}"}
+    counts = ran_counts(stage, producer.tag)
+    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent)))
+    assert unacked(stage) == 0
 
 
 def test_status_shows_one_instance_per_service_after_the_handover(stage, sandbox_config):
