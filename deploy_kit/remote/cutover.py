@@ -40,21 +40,25 @@ def steps(params: dict, hostname: str = "") -> list:
         return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
                 ("restart beat", f"systemctl restart {params['beat_unit']}"),
                 ("wait for beat", f"until Beat runs from releases/{target}")]
-    found = []
-    for w in params["workers"]:
-        new = w["template"].replace("@.", f"@{target}.")
-        queue = w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
-        if w["handover"]:
-            found += [("start", f"{new} beside the running instance, consuming only {queue}"),
-                      ("verify", f"{params['verify']['task']} must complete on {queue} within "
-                                 f"{params['verify']['timeout']}s"),
-                      ("join", f"{new} consumes {', '.join(w['queues'])} too (confirmed)"),
-                      ("watch", f"{new} keeps running for {params['watch']}s"),
-                      ("retire", "the old instance stops taking tasks and drains in the background")]
-        else:
-            found += [("restart", f"stop the old instance (warm shutdown), start {new}"),
-                      ("verify", f"{params['verify']['task']} must complete on {queue} within "
-                                 f"{params['verify']['timeout']}s")]
+    workers = params["workers"]
+
+    def new(w: dict) -> str:
+        return w["template"].replace("@.", f"@{target}.")
+
+    def queue(w: dict) -> str:
+        return w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
+
+    found = [
+        ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
+                            else f"{new(w)} once the old instance stopped (restart in place: the queue waits)"
+                            for w in workers)),
+        ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
+                   + ", ".join(queue(w) for w in workers)),
+        ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)"
+                           for w in workers if w["handover"]) or "nothing to join (restart in place)"),
+        ("watch", f"the new instances keep running for {params['watch']}s"),
+        ("retire", "the older instances stop taking tasks and drain in the background (warm shutdown)"),
+    ]
     found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
     back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
     found.append(("on failure", f"stop the new instances at once; the old ones keep serving{back}"))

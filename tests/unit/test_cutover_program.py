@@ -1,0 +1,197 @@
+"""The cutover program (`remote/cutover.py`) against a fake systemctl and a fake Celery agent:
+what it asks of systemd and Celery, and where each failure leaves the host (no host needed)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from deploy_kit import plan
+from deploy_kit.remote import cutover
+from deploy_kit.remote.celery_agent import StepFailed
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+
+from .samples import stage_of
+
+OLD, NEW = "2026-11-24-120000", "2026-11-24-123000"
+UNIT = "shop-worker-default@{}.service"
+
+
+class FakeSystemd:
+    """Just enough of systemctl: units with a state, and every command that was run."""
+
+    def __init__(self, running: dict[str, str]):
+        self.units = {name: {"ActiveState": state, "SubState": "running", "NRestarts": "0", "MainPID": "42"}
+                      for name, state in running.items()}
+        self.calls: list[list[str]] = []
+        self.crash_on_start: set[str] = set()
+
+    def __call__(self, argv, timeout=60):
+        self.calls.append(argv)
+        out, code = "", 0
+        if argv[0] == "systemctl":
+            verb, args = argv[1], [a for a in argv[2:] if not a.startswith("-")]
+            if verb == "start":
+                for name in args:
+                    self.units[name] = {"ActiveState": "active", "SubState": "running", "NRestarts": "0",
+                                        "MainPID": "99"}
+            elif verb in ("stop", "kill"):
+                for name in args:
+                    self.units.setdefault(name, {})["ActiveState"] = "inactive"
+            elif verb == "show":
+                info = self.units.get(args[0], {"ActiveState": "inactive"})
+                out = "".join(f"{k}={v}\n" for k, v in info.items())
+            elif verb == "list-units":
+                out = "".join(f"{n} loaded {i['ActiveState']} running x\n" for n, i in self.units.items()
+                              if any(n.startswith(p.split("*")[0].split("@")[0]) for p in args))
+        return subprocess.CompletedProcess(argv, code, out, "")
+
+    def crash(self, name: str) -> None:
+        self.units[name].update(ActiveState="activating", SubState="auto-restart", NRestarts="1")
+
+    def verbs(self) -> list[str]:
+        return [" ".join(a for a in c[1:]) for c in self.calls if c[0] == "systemctl" and c[1] not in
+                ("show", "list-units")]
+
+
+class FakeAgent:
+    """The Celery agent: answers each request as the test says."""
+
+    fail: dict[str, str] = {}
+    requests: list[dict] = []
+    on_request = None
+
+    def __init__(self, params, release):
+        self.release = release
+
+    def ask(self, request, timeout, alive=lambda: ""):
+        FakeAgent.requests.append(request or {"op": "hello"})
+        if FakeAgent.on_request:
+            FakeAgent.on_request(request or {"op": "hello"})
+        op = (request or {}).get("op", "hello")
+        reason = alive()
+        if reason:
+            raise StepFailed(reason)
+        if op in FakeAgent.fail:
+            raise StepFailed(FakeAgent.fail[op])
+        return "ok"
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    stage = stage_of()
+    releases = tmp_path / "releases"
+    for name in (OLD, NEW):
+        (releases / name).mkdir(parents=True)
+    os.symlink(f"releases/{OLD}", tmp_path / "current")
+    FakeAgent.fail, FakeAgent.requests, FakeAgent.on_request = {}, [], None
+    monkeypatch.setattr(cutover, "Agent", FakeAgent)
+    monkeypatch.setattr(cutover.time, "sleep", lambda s: None)
+
+    def params(mode=Mode.DEPLOY, target=NEW, previous=OLD, phase="workers", watch=0.0):
+        p = plan.cutover_params(stage, stage.host("web2"), target, previous, mode, "run1", phase)
+        p.update(releases_dir=str(releases), current=str(tmp_path / "current"), watch=watch,
+                 state_file=str(tmp_path / "cutover.json"), run_dir=str(tmp_path / "run"))
+        return p
+
+    return tmp_path, params
+
+
+def run_program(monkeypatch, systemd, params) -> CutoverState:
+    monkeypatch.setattr(cutover, "run", systemd)
+    code = cutover.Cutover(params).run()
+    with open(params["state_file"]) as handle:
+        state = CutoverState.from_json(handle.read())
+    assert code == (0 if state.status == CutoverStatus.DONE else 1)
+    return state
+
+
+def test_a_handover_proves_the_new_worker_before_the_old_one_drains(host, monkeypatch):
+    tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    narrowed = []
+    FakeAgent.on_request = lambda r: narrowed.append(os.path.exists(tmp / "run" / f"default@{NEW}.env"))
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.DONE and state.live == NEW
+    assert [s.name for s in state.steps] == ["start", "verify", "join", "watch", "retire", "switch"]
+    ops = [r["op"] for r in FakeAgent.requests]
+    assert ops[:2] == ["hello", "verify"] and ops.index("add_consumer") < ops.index("cancel_consumer")
+    assert narrowed[1] is True and narrowed[-1] is False  # private queue only until it joined
+    assert os.readlink(tmp / "current") == f"releases/{NEW}"
+    verbs = systemd.verbs()
+    assert verbs.index(f"start {UNIT.format(NEW)}") < verbs.index(f"stop --no-block {UNIT.format(OLD)}")
+    assert f"disable --quiet {UNIT.format(OLD)}" in verbs and f"enable --quiet {UNIT.format(NEW)}" in verbs
+    assert not any(v.startswith("kill") for v in verbs)
+
+
+def test_a_failed_verification_kills_the_new_worker_at_once_and_leaves_the_old_serving(host, monkeypatch):
+    tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.fail = {"verify": "no worker completed the task in time"}
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.ROLLED_BACK and state.live == OLD
+    assert "no worker completed" in state.failure
+    verbs = systemd.verbs()
+    assert f"kill --signal=SIGKILL {UNIT.format(NEW)}" in verbs  # it held no user task
+    assert not any(UNIT.format(OLD) in v for v in verbs)  # the old one was never touched
+    assert os.readlink(tmp / "current") == f"releases/{OLD}"
+    assert (tmp / "releases" / NEW / ".deploy-kit" / "BAD").exists()
+    assert {"op": "discard_queue", "queue": f"deploy-kit.shop.prod.default.{NEW}@{os.uname().nodename}"} \
+        in FakeAgent.requests
+
+
+def test_a_crash_during_the_watch_hands_back_and_returns_what_it_held(host, monkeypatch):
+    tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.on_request = lambda r: systemd.crash(UNIT.format(NEW)) if r["op"] == "add_consumer" else None
+    state = run_program(monkeypatch, systemd, params(watch=1.0))
+    assert state.status == CutoverStatus.ROLLED_BACK and "crashed" in state.failure
+    ops = [r["op"] for r in FakeAgent.requests]
+    assert "cancel_consumer" in ops and "restore_stranded" in ops
+    verbs = systemd.verbs()
+    assert f"stop --no-block {UNIT.format(NEW)}" in verbs  # warm: it may hold user tasks
+    assert not any(v.startswith(("stop", "disable")) and UNIT.format(OLD) in v for v in verbs)
+
+
+def test_a_failed_rollback_falls_back_to_the_release_it_ran(host, monkeypatch):
+    tmp, params = host
+    os.unlink(tmp / "current")
+    os.symlink(f"releases/{NEW}", tmp / "current")
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    FakeAgent.fail = {"verify": "no worker completed the task in time"}
+    state = run_program(monkeypatch, systemd, params(Mode.ROLLBACK, target=OLD, previous=NEW))
+    assert state.status == CutoverStatus.FELL_BACK and state.live == NEW
+    assert not (tmp / "releases" / OLD / ".deploy-kit" / "BAD").exists()  # a rollback marks nothing bad
+
+
+def test_beat_moves_with_current_and_goes_back_when_it_fails(host, monkeypatch):
+    tmp, params = host
+    systemd = FakeSystemd({"shop-beat.service": "active"})
+    monkeypatch.setattr(cutover.Cutover, "wait_beat", lambda self, release: (_ for _ in ()).throw(
+        StepFailed("Beat does not run")) if release == NEW else "ok")
+    state = run_program(monkeypatch, systemd, params(phase="beat"))
+    assert state.status == CutoverStatus.ROLLED_BACK
+    assert [s.name for s in state.steps][:3] == ["switch", "restart beat", "wait for beat"]
+    assert os.readlink(tmp / "current") == f"releases/{OLD}"
+    assert systemd.verbs().count("restart shop-beat.service") == 2
+
+
+def test_the_state_file_is_this_runs_and_typed(host, monkeypatch):
+    tmp, params = host
+    state = run_program(monkeypatch, FakeSystemd({}), params())
+    data = json.loads((tmp / "cutover.json").read_text())
+    assert data["id"] == "run1" and data["status"] == "done" and data["mode"] == "deploy"
+    assert state.steps[0].ok is True and state.steps[0].ended >= state.steps[0].started
+
+
+def test_steps_describe_what_the_program_runs(host, monkeypatch):
+    _tmp, params = host
+    described = cutover.steps(params(), "web2")
+    assert [name for name, _ in described] == ["start", "verify", "join", "watch", "retire", "switch", "on failure"]
+    assert f"deploy-kit.shop.prod.default.{NEW}@web2" in " ".join(d for _, d in described)
+    ran = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    assert [s.name for s in ran.steps] == [name for name, _ in described[:-1]]  # --plan shows what runs
