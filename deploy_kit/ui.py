@@ -7,6 +7,7 @@ reads well in CI logs.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,9 +51,22 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) 
     return result
 
 
+def interruptible() -> None:
+    """Ctrl-C (SIGINT) and a supervisor's SIGTERM end a task as KeyboardInterrupt, however it was
+    started: a process started in the background by a non-interactive shell inherits SIGINT as
+    ignored, and Python then installs no handler of its own."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn deploy-kit's errors into one message and its documented exit code (no traceback)."""
+    interruptible()
     try:
         yield
     except DeployKitError as exc:

@@ -1,6 +1,5 @@
 """The workers' journals from every host, merged into one live stream."""
 
-import signal
 import sys
 
 from invoke import task
@@ -44,11 +43,6 @@ def logs(c, stage=None, service=None, host=None, since=None, n=None, grep=None, 
             items = iter(sorted(items, key=lambda i: (0, i.timestamp) if isinstance(i, journal.JournalLine)
                                 else (1, 0)))
         fatal = []
-
-        def stop_on_term(signum, frame):  # a supervisor's SIGTERM ends it as cleanly as Ctrl-C
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop_on_term)
         try:
             for item in items:
                 if isinstance(item, journal.HostEvent) and item.fatal:

@@ -79,3 +79,26 @@ def test_a_non_number_of_sandbox_hosts_is_a_usage_error(tmp_path):
     assert proc.returncode == 2
     assert "--hosts takes a number of hosts, got 'two'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "hosts.toml").exists()
+
+
+def test_a_task_stops_on_sigint_even_when_started_with_sigint_ignored():
+    """`fab logs &` from a script inherits SIGINT as ignored; the task installs its own handling."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import signal, sys, time\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+            "from deploy_kit import ui\n"
+            "try:\n"
+            "    with ui.user_errors():\n"
+            "        print('ready', flush=True)\n"
+            "        time.sleep(30)\n"
+            "except BaseException as exc:\n"
+            "    print(type(exc).__name__, getattr(exc, 'code', ''), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert out.strip() == "Exit 130"  # "interrupted", the documented exit of a Ctrl-C
