@@ -169,6 +169,41 @@ def test_a_release_that_crashes_on_its_first_real_task_hands_back_and_strands_no
     assert unacked(stage) == 0
 
 
+def legacy_unit(stage, worker) -> str:
+    """The plain unit deploy-kit rendered before handovers: restart in place, through `current`."""
+    content = units.worker_unit(stage, worker).content
+    content = content.replace(f"{stage.app.releases_dir}/%i", str(stage.app.current_link))
+    content = content.replace(f"-n {worker.name}.%i@%%h", f"-n {worker.name}@%%h")
+    content = content.replace("-Q ${DEPLOY_KIT_QUEUES}", f"-Q {','.join(worker.queues)}")
+    return "".join(line + "\n" for line in content.splitlines() if "DEPLOY_KIT_QUEUES" not in line)
+
+
+def test_a_host_set_up_by_an_older_deploy_kit_moves_to_instances_without_losing_a_task(stage, sandbox_config):
+    release = current_release(stage, 0)
+    worker = stage.workers[0]
+    plain = worker.legacy_unit(stage.app)
+    on_host(stage, 0, f"cat > /etc/systemd/system/{plain} <<'EOF'\n{legacy_unit(stage, worker)}EOF\n"
+                      f"systemctl disable --now {worker.instance(stage.app, release)}\n"
+                      f"systemctl daemon-reload && systemctl enable --now {plain}\n")
+    setup = fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert f"{plain} (restart in place) keeps serving" in setup.stdout
+    assert on_host(stage, 0, f"systemctl is-active {plain}").strip() == "active"  # setup left it alone
+    with Producer() as producer:
+        deployed = fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, timeout=900)
+        time.sleep(1)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert f"draining {plain}" in deployed.stdout or plain in deployed.stdout
+    results = producer.results()
+    assert len(results) == len(producer.sent)
+    counts = ran_counts(stage, producer.tag)
+    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent)))
+    time.sleep(2)
+    assert on_host(stage, 0, f"systemctl is-active {plain} || true").strip() in ("inactive", "unknown")
+    cleaned = fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert f"remove unit {plain} (retired by a handover)" in cleaned.stdout
+    assert on_host(stage, 0, f"test -e /etc/systemd/system/{plain} && echo yes || echo no").strip() == "no"
+
+
 def test_status_shows_one_instance_per_service_after_the_handover(stage, sandbox_config):
     time.sleep(3)  # the old instances finish draining
     proc = fab("status", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
