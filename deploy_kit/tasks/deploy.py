@@ -18,11 +18,8 @@ def deploy(c, stage=None, ref=None, plan=False):
     with ui.user_errors():
         chosen = load_stage(stage)
         if plan:
-            the_plan = lifecycle.plan(chosen, ref=ref, say=lambda host, message: None)
-            console.print(f"plan: deploy {ref or chosen.app.ref} as release {the_plan.release} to stage "
-                          f"{chosen.name}; nothing is run (these are the steps the deploy runs)", markup=False)
-            for line in the_plan.render():
-                console.print(line, markup=False, highlight=False)
+            _print_plan(console, lifecycle.plan(chosen, ref=ref, say=lambda host, message: None),
+                        f"deploy {ref or chosen.app.ref} as release {{release}} to stage {chosen.name}")
             return
         with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
             outcome = lifecycle.deploy(chosen, ref=ref, say=display.say)
@@ -38,16 +35,20 @@ def rollback(c, stage=None, to=None, plan=False):
     with ui.user_errors():
         chosen = load_stage(stage)
         if plan:
-            the_plan = lifecycle.rollback_plan(chosen, to=to, say=lambda host, message: None)
-            console.print(f"plan: roll back stage {chosen.name} to {the_plan.release}; nothing is run (these are "
-                          "the steps the rollback runs)", markup=False)
-            for line in the_plan.render():
-                console.print(line, markup=False, highlight=False)
+            _print_plan(console, lifecycle.rollback_plan(chosen, to=to, say=lambda host, message: None),
+                        f"roll back stage {chosen.name} to {{release}}")
             return
         with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
             outcome = lifecycle.rollback(chosen, to=to, say=display.say)
         console.print(ui.timings_table(outcome))
         console.print(f"rolled back stage {chosen.name} to {outcome.release}: verified")
+
+
+def _print_plan(console, the_plan, what: str) -> None:
+    console.print(f"plan: {what.format(release=the_plan.release)}; nothing is run (these are the steps that run)",
+                  markup=False)
+    for line in the_plan.render():
+        console.print(line, markup=False, highlight=False)
 
 
 @task(help={"stage": STAGE_HELP})

@@ -190,13 +190,18 @@ def test_a_first_deploy_that_fails_returns_to_no_release(fake):
     assert caught.value.exit_code == 5
 
 
-def test_rollback_goes_to_the_previous_good_release(fake):
+def on_new_after_old() -> None:
+    """Both hosts run NEW, with OLD before it."""
     FakeRun.facts_override = {h: {"releases": [
         {"name": OLD, "building": False, "bad": False, "revision": {}},
         {"name": NEW, "building": False, "bad": False, "revision": {}}],
         "paths": dict(healthy(stage_of(), stage_of().host(h))["paths"],
                       current={"type": "link", "owner": "root", "group": "root", "mode": "0777",
                                "target": f"releases/{NEW}", "resolves": True})} for h in ("web1", "web2")}
+
+
+def test_rollback_goes_to_the_previous_good_release(fake):
+    on_new_after_old()
     result = lifecycle.rollback(stage_of(), to=None, say=say)
     assert result.release == OLD
     cut = [s for s in fake[-1].executed if s.phase == Phase.CUTOVER]
@@ -205,12 +210,7 @@ def test_rollback_goes_to_the_previous_good_release(fake):
 
 
 def test_the_rollback_executes_exactly_its_plan(fake):
-    FakeRun.facts_override = {h: {"releases": [
-        {"name": OLD, "building": False, "bad": False, "revision": {}},
-        {"name": NEW, "building": False, "bad": False, "revision": {}}],
-        "paths": dict(healthy(stage_of(), stage_of().host(h))["paths"],
-                      current={"type": "link", "owner": "root", "group": "root", "mode": "0777",
-                               "target": f"releases/{NEW}", "resolves": True})} for h in ("web1", "web2")}
+    on_new_after_old()
     printed = lifecycle.rollback_plan(stage_of(), to=None, say=say)
     lifecycle.rollback(stage_of(), to=None, say=say)
     executed = fake[-1].executed
