@@ -54,8 +54,8 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
         return finish(run, the_plan, results, facts)
 
 
-def rollback(stage: Stage, *, to: str | None, say: Say) -> Outcome:
-    run = Run(stage, Mode.ROLLBACK, say, ref=to or "previous")
+def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Outcome:
+    run = Run(stage, Mode.ROLLBACK, say, ref=to or "previous", now=now)
     with run.connected():
         facts = lock_and_check(run, check=False)
         try:
@@ -89,9 +89,9 @@ def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None
     return Plan(the_plan.mode, the_plan.release, (*lock, *the_plan.steps), the_plan.on_failure)
 
 
-def rollback_plan(stage: Stage, *, to: str | None, say: Say) -> Plan:
+def rollback_plan(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Plan:
     """What `fab rollback` would run, from a read-only probe of every host; nothing is changed."""
-    run = Run(stage, Mode.ROLLBACK, say, ref=to or "previous")
+    run = Run(stage, Mode.ROLLBACK, say, ref=to or "previous", now=now)
     with run.connected():
         facts = run.execute(plans.lock_steps(stage, None, check=False), what="probing hosts")
     the_plan = plans.rollback(stage, facts, run.run_id, to)
