@@ -151,7 +151,7 @@ def test_a_release_that_crashes_on_its_first_real_task_hands_back_and_strands_no
     source = (app_repo / TASKS).read_text()
     # Verification (celery.accumulate) passes; the first probe it takes kills the worker's main process.
     crash = source.replace('    started = time.time()\n    logger.info("probe %s ran", tag)',
-                           '    import signal\n    os.kill(os.getppid(), signal.SIGKILL)\n'
+                           '    import signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    os._exit(1)\n'
                            '    started = time.time()\n    logger.info("probe %s ran", tag)')
     assert crash != source
     commit(app_repo, {"ledger/tasks.py": crash}, "the worker dies on its first probe")
