@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from deploy_kit import hostfacts
 from deploy_kit.config import Stage
 from deploy_kit.plan import current_release
 from deploy_kit.release import state_dir
+from deploy_kit.remote.contracts import LockHolder
 from deploy_kit.session import Session
-from deploy_kit.ssh import RemoteHost, quote
+from deploy_kit.ssh import quote
 
 
 def age(when: str, now: datetime | None = None) -> str:
@@ -44,23 +46,35 @@ def release_rows(stage: Stage) -> dict[str, list[tuple[str, ...]]]:
     return rows
 
 
-def lock_holders(stage: Stage) -> dict[str, dict[str, str]]:
+@dataclass(frozen=True)
+class LockState:
+    """One host's deploy lock, and the cutovers still running there (they end by themselves)."""
+
+    holder: LockHolder | None
+    cutovers: tuple[str, ...] = ()
+
+
+def parse_lock_state(output: str) -> LockState:
+    holder_text, _, units = output.partition("---\n")
+    holder = None
+    if holder_text.strip():
+        try:
+            holder = LockHolder.from_json(holder_text)
+        except (ValueError, TypeError):
+            holder = LockHolder.unreadable()
+    return LockState(holder, tuple(line.split()[0] for line in units.splitlines() if line.strip()))
+
+
+def lock_states(stage: Stage) -> dict[str, LockState]:
+    """Who holds the lock on each host, and which cutover still runs there (one round trip)."""
     path = state_dir(stage.app) / "lock" / "holder.json"
-
-    def one(remote: RemoteHost) -> str:
-        return remote.run_script(f"cat {quote(path)} 2>/dev/null || true\n", sudo=True, what="reading the lock").stdout
-
-    import json
+    script = (f"cat {quote(path)} 2>/dev/null || true\nprintf -- '---\\n'\n"
+              f"systemctl list-units --plain --no-legend --state=active,activating "
+              f"{quote(stage.app.name + '-cutover-*')} || true\n")
     with Session(stage) as session:
-        found = session.each(one, what="reading the lock")
-    holders = {}
-    for host, text in found.items():
-        if text.strip():
-            try:
-                holders[host] = json.loads(text)
-            except ValueError:
-                holders[host] = {"who": "unknown"}
-    return holders
+        found = session.each(lambda r: r.run_script(script, sudo=True, what="reading the lock").stdout,
+                             what="reading the lock")
+    return {host: parse_lock_state(out) for host, out in found.items()}
 
 
 def break_lock(stage: Stage, hosts: list[str]) -> None:

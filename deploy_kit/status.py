@@ -23,7 +23,7 @@ def run(argv, timeout=20):
         return proc.returncode, proc.stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 1, ""
-out = {"current": None, "revision": {}, "units": {}, "lock": None, "last": None, "ping": {}}
+out = {"current": None, "revision": {}, "units": {}, "lock": None, "last": None, "ping": {}, "cutovers": []}
 current = P["current"]
 if os.path.islink(current):
     out["current"] = os.path.basename(os.readlink(current))
@@ -32,6 +32,9 @@ if os.path.islink(current):
             out["revision"] = json.load(handle)
     except (OSError, ValueError):
         pass
+_, running = run(["systemctl", "list-units", "--plain", "--no-legend", "--state=active,activating",
+                  P["app"] + "-cutover-*"])
+out["cutovers"] = [line.split()[0] for line in running.splitlines() if line.strip()]
 units = list(P["units"])
 _, listed = run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *P["patterns"]])
 for line in listed.splitlines():  # every instance that runs or drains, and plain units of older deploy-kits
@@ -96,6 +99,7 @@ class HostStatus:
     ping: dict[str, str]  # worker unit -> "pong" or "no reply"
     lock: dict[str, Any] | None
     last: dict[str, Any] | None = field(default=None)
+    cutovers: tuple[str, ...] = ()  # detached cutovers still running on the host
 
 
 def program(stage: Stage, host: Host) -> str:
@@ -106,6 +110,7 @@ def program(stage: Stage, host: Host) -> str:
         "patterns": [p for w in stage.workers_on(host) for p in (w.unit(app).replace("@.", "@*."),
                                                                    w.legacy_unit(app))],
         "state_dir": str(release.state_dir(app)),
+        "app": app.name,
         "python": str(units.python(app)),
         "celery_app": app.celery_app,
         "service_environment": list(units.service_environment(stage)),
@@ -121,7 +126,7 @@ def parse(host: Host, output: str) -> HostStatus:
                      info.get("ActiveEnterTimestamp", "") or "-", info.get("NRestarts", "-"))
         for unit, info in data["units"].items())
     return HostStatus(host, data.get("current"), data.get("revision", {}), services, data.get("ping", {}),
-                      data.get("lock"), data.get("last"))
+                      data.get("lock"), data.get("last"), tuple(data.get("cutovers", ())))
 
 
 def gather(stage: Stage) -> list[HostStatus]:

@@ -1,11 +1,13 @@
 """Releases: deploy a ref, roll back, list releases, break a stale lock."""
 
+import json
 import sys
 
 from invoke import task
 
 from deploy_kit import history, lifecycle, ui
-from deploy_kit.errors import UsageError
+from deploy_kit.errors import Locked, UsageError
+from deploy_kit.remote.contracts import LockHolder
 
 from ._stage import STAGE_HELP, load_stage
 
@@ -67,13 +69,18 @@ def unlock(c, stage=None, yes=False):
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
-        holders = history.lock_holders(chosen)
+        states = history.lock_states(chosen)
+        running = {host: state.cutovers for host, state in states.items() if state.cutovers}
+        if running:
+            raise Locked("a cutover still runs, and ends by itself (it finishes or rolls back): "
+                         + "; ".join(f"{host}: {', '.join(units)}" for host, units in running.items())
+                         + f". Wait for it (`fab status --stage {chosen.name}`), then `fab unlock`")
+        holders = {host: state.holder for host, state in states.items() if state.holder}
         if not holders:
             console.print("no host holds the lock")
             return
         for host, holder in holders.items():
-            console.print(f"{host}: held by {holder.get('who')} from {holder.get('from')} since "
-                          f"{holder.get('since')} ({holder.get('action')} of {holder.get('ref')})", markup=False)
+            console.print(f"{host}: {holder.describe()}", markup=False)
         if not yes:
             if not sys.stdin.isatty():
                 raise UsageError("breaking the lock needs confirmation: rerun with --yes")
@@ -102,8 +109,11 @@ def status(c, stage=None):
                      host.ping.get(s.unit, "")) for s in host.services]
             console.print(ui.table("", ("unit", "state", "active since", "restarts", "ping"), rows))
             if host.lock:
-                console.print(f"  LOCKED by {host.lock.get('who')} from {host.lock.get('from')} since "
-                              f"{host.lock.get('since')} ({host.lock.get('action')})", markup=False)
+                holder = LockHolder.from_json(json.dumps(host.lock))
+                console.print(f"  LOCKED: {holder.describe()}", markup=False)
+            for unit in host.cutovers:
+                console.print(f"  a cutover still runs here ({unit}): it finishes or rolls back by itself",
+                              markup=False)
             if host.last:
                 last = host.last
                 console.print(f"  last {last.get('action')}: {last.get('result')} of {last.get('release')} "

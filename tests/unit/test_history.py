@@ -50,3 +50,16 @@ def test_age_defaults_to_now():
 
 def test_age_of_a_timestamp_without_time_zone_does_not_crash():
     assert age("2026-11-24T11:00:00", NOW) == "60m"  # read as UTC, as deploy-kit writes
+
+
+def test_lock_state_reads_the_holder_and_the_cutovers_still_running():
+    from deploy_kit.history import parse_lock_state
+
+    holder = '{"who": "alice", "from": "alice-laptop", "action": "deploy", "ref": "main", "since": "x", "token": "t"}'
+    state = parse_lock_state(holder + "\n---\nshop-cutover-20261124120000.service loaded active running x\n")
+    assert state.holder is not None and state.holder.describe() == "held by alice from alice-laptop since x " \
+        "(deploy of main)"
+    assert state.cutovers == ("shop-cutover-20261124120000.service",)
+    assert parse_lock_state("---\n") == parse_lock_state("---\n")  # nothing held, nothing running
+    assert parse_lock_state("---\n").holder is None and parse_lock_state("---\n").cutovers == ()
+    assert parse_lock_state("{not json\n---\n").holder.who.startswith("unknown")
