@@ -7,11 +7,10 @@
 from fabric import Config, Executor
 from fabric.main import Fab
 
+from deploy_kit import __version__
 from deploy_kit.tasks import ns
 
-VERSION = "0.1.0"
-
-program = Fab(name="deploy-kit", binary="deploy-kit", version=VERSION, namespace=ns, executor_class=Executor,
+program = Fab(name="deploy-kit", binary="deploy-kit", version=__version__, namespace=ns, executor_class=Executor,
               config_class=Config)
 
 

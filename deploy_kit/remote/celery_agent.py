@@ -91,10 +91,14 @@ def restore_stranded(app, queues: list, settle: float = 2.0) -> str:
     with app.connection_for_write() as connection:
         if connection.transport.driver_type != "redis":
             return "the broker returns a dead worker's messages by itself"
-        inspect = app.control.inspect(timeout=2)
+        nodes = sorted(node for reply in app.control.ping(timeout=2) for node in reply)
+        inspect = app.control.inspect(destination=nodes, timeout=5)
         live = set()
         for method in (inspect.active, inspect.reserved):
-            for tasks in (method() or {}).values():
+            replies = method() or {}
+            if set(replies) != set(nodes):  # a silent worker's tasks would look stranded: touch nothing
+                return "not every live worker answered; nothing returned (the visibility timeout will)"
+            for tasks in replies.values():
                 live.update(t.get("id") for t in tasks)
         channel = connection.default_channel
         client = channel.client

@@ -69,10 +69,10 @@ def test_the_wheel_ships_the_tasks_and_the_host_programs(user):
 
 def test_init_then_the_whole_workflow_from_the_users_project(user):
     venv, project, hosts, box = user
-    first = run(venv, "fab", project, "init")
+    first = run(venv, "deploy-kit", project, "init")  # no fabfile yet: `fab` has no tasks to run
     assert "wrote fabfile.py" in first.stdout and "wrote hosts.toml" in first.stdout
     assert "found app.celery_app = exampleapp.celery" in first.stdout
-    again = run(venv, "fab", project, "init")
+    again = run(venv, "fab", project, "init")  # the fabfile it wrote gives `fab` every task
     assert "left fabfile.py alone" in again.stdout and "left hosts.toml alone" in again.stdout
     with (project / "hosts.toml").open("a") as handle:
         handle.write("\n" + hosts)
