@@ -16,6 +16,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from deploy_kit import remote
 from deploy_kit.config import App, Host, Stage
 from deploy_kit.errors import UsageError
 from deploy_kit.session import Session
@@ -63,89 +64,6 @@ def render_line(key: str, value: str) -> str:
     return f'{key}="{escaped}"'
 
 
-# Runs on the host as root. Prints JSON with key names and fingerprints only.
-EDIT_PROGRAM = r'''
-import base64, grp, hashlib, json, os, sys, tempfile
-P = json.loads(PARAMS)
-path, group = P["path"], P["group"]
-def decode(v):
-    return base64.b64decode(v).decode()
-def parse_value(raw):
-    raw = raw.strip()
-    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-        out, i, body = [], 0, raw[1:-1]
-        while i < len(body):
-            if body[i] == "\\" and i + 1 < len(body):
-                i += 1
-            out.append(body[i]); i += 1
-        return "".join(out)
-    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
-        return raw[1:-1]
-    return raw
-try:
-    with open(path) as fh:
-        lines = fh.read().splitlines()
-except FileNotFoundError:
-    print(json.dumps({"error": "missing"})); sys.exit(0)
-values, index = {}, {}
-for n, line in enumerate(lines):
-    s = line.strip()
-    if s and not s.startswith(("#", ";")) and "=" in s:
-        k, v = s.split("=", 1)
-        k = k.strip()
-        if k.startswith("export "):
-            k = k[7:].strip()
-        values[k] = parse_value(v)
-        index.setdefault(k, []).append(n)
-result = {"changed": [], "unchanged": [], "absent": []}
-drop = set()
-for key, line in P.get("set", {}).items():
-    new = decode(P["values"][key])
-    if key in index:
-        if values[key] == new and len(index[key]) == 1:
-            result["unchanged"].append(key); continue
-        lines[index[key][0]] = decode(line)
-        drop.update(index[key][1:])
-    else:
-        lines.append(decode(line))
-    result["changed"].append(key)
-for key in P.get("unset", []):
-    if key in index:
-        drop.update(index[key]); result["changed"].append(key)
-    else:
-        result["absent"].append(key)
-if result["changed"]:
-    text = "\n".join(l for n, l in enumerate(lines) if n not in drop) + "\n"
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".env.")
-    try:
-        os.fchown(fd, 0, grp.getgrnam(group).gr_gid)
-        os.fchmod(fd, 0o640)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush(); os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp); raise
-show = {}
-for key, value in values.items():
-    if key in P.get("unset", []) and key in result["changed"]:
-        continue
-    show[key] = value
-for key in P.get("set", {}):
-    show[key] = decode(P["values"][key])
-report = {}
-for key, value in show.items():
-    entry = {"set": bool(value), "fingerprint": hashlib.sha256((P["salt"] + value).encode()).hexdigest()[:10]}
-    if P.get("reveal"):
-        entry["value"] = value
-    report[key] = entry
-result["keys"] = report
-result["order"] = list(show)
-print(json.dumps(result))
-'''
-
-
 @dataclass(frozen=True)
 class KeyState:
     set: bool
@@ -175,7 +93,7 @@ def edit_program(app: App, *, set_values: dict[str, str] | None = None, unset: l
         "reveal": reveal,
         "salt": salt or secrets.token_hex(8),
     }
-    return f"PARAMS = {json.dumps(json.dumps(params))}\n{EDIT_PROGRAM}"
+    return remote.program("envedit", params)
 
 
 def parse_result(output: str) -> EditResult:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
-from deploy_kit import units
+from deploy_kit import remote, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.errors import HostError
 from deploy_kit.ssh import RemoteHost
@@ -110,8 +109,7 @@ def params(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = 
 
 
 def program(params: dict[str, Any]) -> str:
-    source = resources.files("deploy_kit.remote").joinpath("hostprobe.py").read_text()
-    return f"{source}\nmain(json.loads({json.dumps(params)!r}))\n"
+    return remote.program("hostprobe", params)
 
 
 def parse(output: str) -> HostFacts:

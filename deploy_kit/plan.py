@@ -155,9 +155,8 @@ def reuses_env(facts: HostFacts, source: Source) -> bool:
 
 def migrate_script(stage: Stage, release: str) -> str:
     directory = stage.app.releases_dir / release
-    return (f"systemd-run --quiet --wait --pipe --collect --service-type=exec "
-            f"{units.run_as_service_options(stage)} -p WorkingDirectory={q(str(directory))} -- "
-            f"{q(str(directory / units.VENV / 'bin/python'))} manage.py migrate --noinput 2>&1\n")
+    return units.as_service_command(stage, str(directory), [str(directory / units.VENV / "bin/python"),
+                                                            "manage.py", "migrate", "--noinput"]) + " 2>&1\n"
 
 
 def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode, run_id: str,

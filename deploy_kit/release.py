@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from deploy_kit import units, wheels
 from deploy_kit.config import App, Stage
 from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError, UsageError
+from deploy_kit.remote.hostprobe import APP_PROBE
 from deploy_kit.ssh import RemoteHost
 
 NAME_FORMAT = "%Y-%m-%d-%H%M%S"
@@ -215,7 +216,10 @@ def build_script(stage: Stage, source: Source, wheels_sent: bool = True, python_
     building = releases / f".{source.name}.building"
     cache = state_dir(app) / "wheels"
     pip_source = f"--no-index --find-links {q(str(cache))}" if app.install == "wheels" else ""
-    props = units.run_as_service_options(stage)
+    # The release check runs as the service, in the new code: "$building" is only known there.
+    as_service = units.as_service_command(stage, "@BUILDING@", ["@PYTHON@"])
+    as_service = as_service.replace("WorkingDirectory=@BUILDING@", 'WorkingDirectory="$building"')
+    as_service = as_service.replace("@PYTHON@", f'"$building/{VENV}/bin/python"')
     return f"""set -euo pipefail
 stage_dir=$1
 final={q(str(final))}
@@ -259,13 +263,12 @@ chmod -R g+rX,g-w,o-rwx "$building"
 chmod 0750 "$building"
 # Release check, as the service runs: its user, env file, sandboxing, in the new code.
 as_service() {{
-    systemd-run --quiet --wait --pipe --collect --service-type=exec {props} \
-        -p WorkingDirectory="$building" -- "$building/{VENV}/bin/python" "$@" 2>&1
+    {as_service} "$@" 2>&1
 }}
 if ! out=$(as_service manage.py check --fail-level ERROR); then
     echo "RELEASE CHECK FAILED: manage.py check" >&2; echo "$out" | tail -25 >&2; rm -rf "$building"; exit 43
 fi
-if ! out=$(as_service -c {q(IMPORT_CHECK)} {q(app.celery_app)}); then
+if ! out=$(as_service -c {q(APP_PROBE)} {q(app.celery_app)}); then
     echo "RELEASE CHECK FAILED: the Celery app -A {app.celery_app} does not import" >&2
     echo "$out" | tail -25 >&2; rm -rf "$building"; exit 43
 fi
@@ -275,10 +278,6 @@ echo "built {source.name} env=$reused"
 
 
 VENV = units.VENV
-IMPORT_CHECK = (
-    "import sys\nfrom celery.app.utils import find_app\napp = find_app(sys.argv[1])\n"
-    "app.loader.import_default_modules()\nprint(len(app.tasks), 'tasks')\n"
-)
 
 
 def state_dir(app: App) -> PurePosixPath:

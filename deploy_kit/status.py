@@ -1,5 +1,5 @@
 """`fab status`: per host, the current release, each service's state, a worker ping, the lock and the
-last deploy, gathered by one program per host (read-only) and parsed purely.
+last deploy, gathered by one program per host (`remote/status.py`, read-only) and parsed purely.
 """
 
 from __future__ import annotations
@@ -8,78 +8,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy_kit import release, units
+from deploy_kit import release, remote, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
-
-# Runs on the host as root (stdlib only); prints one JSON object.
-STATUS_PROGRAM = r'''
-import json, os, socket, subprocess
-P = json.loads(PARAMS)
-def run(argv, timeout=20):
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        return proc.returncode, proc.stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 1, ""
-out = {"current": None, "revision": {}, "units": {}, "lock": None, "last": None, "ping": {}, "cutovers": []}
-current = P["current"]
-if os.path.islink(current):
-    out["current"] = os.path.basename(os.readlink(current))
-    try:
-        with open(os.path.join(current, "REVISION")) as handle:
-            out["revision"] = json.load(handle)
-    except (OSError, ValueError):
-        pass
-_, running = run(["systemctl", "list-units", "--plain", "--no-legend", "--state=active,activating",
-                  P["app"] + "-cutover-*"])
-out["cutovers"] = [line.split()[0] for line in running.splitlines() if line.strip()]
-units = list(P["units"])
-_, listed = run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *P["patterns"]])
-for line in listed.splitlines():  # every instance that runs or drains, and plain units of older deploy-kits
-    parts = line.split()
-    if len(parts) >= 3 and parts[2] in ("active", "activating", "deactivating", "reloading") and parts[0] not in units:
-        units.append(parts[0])
-for unit in units:
-    _, text = run(["systemctl", "show", unit, "-p",
-                   "ActiveState,SubState,ActiveEnterTimestamp,NRestarts,MainPID,LoadState"])
-    out["units"][unit] = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-try:
-    with open(os.path.join(P["state_dir"], "lock", "holder.json")) as handle:
-        out["lock"] = json.load(handle)
-except FileNotFoundError:
-    pass
-except (OSError, ValueError):
-    out["lock"] = {"who": "unknown"}
-try:
-    with open(os.path.join(P["state_dir"], "history.jsonl")) as handle:
-        lines = handle.read().splitlines()
-    if lines:
-        out["last"] = json.loads(lines[-1])
-except (OSError, ValueError):
-    pass
-def node_of(unit, host):
-    name = unit.split("-worker-", 1)[1].rsplit(".service", 1)[0]  # NAME@RELEASE, or NAME (older units)
-    return name.replace("@", ".") + "@" + host
-workers = [u for u in out["units"] if "-worker-" in u and out["units"][u].get("ActiveState") == "active"]
-if out["current"] and workers and os.path.exists(P["python"]):
-    props = []
-    for setting in P["service_environment"]:
-        props += ["-p", setting]
-    host = socket.gethostname()
-    nodes = ",".join(node_of(u, host) for u in workers)
-    code, text = run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", *props,
-                      "--", P["python"], "-m", "celery", "-A", P["celery_app"], "inspect", "ping",
-                      "-d", nodes, "--timeout", "3", "--json"], timeout=40)
-    try:
-        replies = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
-    except ValueError:
-        replies = {}
-    for unit in workers:
-        out["ping"][unit] = "pong" if node_of(unit, host) in replies else "no reply"
-print(json.dumps(out))
-'''
 
 
 @dataclass(frozen=True)
@@ -115,7 +47,7 @@ def program(stage: Stage, host: Host) -> str:
         "celery_app": app.celery_app,
         "service_environment": list(units.service_environment(stage)),
     }
-    return f"PARAMS = {json.dumps(json.dumps(params))}\n{STATUS_PROGRAM}"
+    return remote.program("status", params)
 
 
 def parse(host: Host, output: str) -> HostStatus:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from deploy_kit.config import App, Host, Stage, WorkerService
+from deploy_kit.remote import hostlib
 
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
 MANAGED_MARKER = "# Managed by deploy-kit"
@@ -127,11 +128,10 @@ def service_environment(stage: Stage) -> tuple[str, ...]:
     )
 
 
-def run_as_service_options(stage: Stage) -> str:
-    """`systemd-run` options (quoted) giving a command the services' user, env file and sandbox;
-    the caller adds WorkingDirectory=, which differs from the unit's for a release not yet live."""
-    return " ".join(f"-p {shlex.quote(p)}" for p in service_environment(stage)
-                    if not p.startswith("WorkingDirectory="))
+def as_service_command(stage: Stage, directory: str, argv: list[str]) -> str:
+    """A shell command running `argv` as the services run: their user, env file and sandbox, in
+    `directory` (a release not yet live has its own). The same systemd-run the host programs use."""
+    return shlex.join(hostlib.service_argv(list(service_environment(stage)), directory, argv))
 
 
 def _render(stage: Stage, description: str, identifier: str, exec_start: str, stop_timeout: int,

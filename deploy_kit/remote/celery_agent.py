@@ -188,17 +188,15 @@ class Agent:
     """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
 
     def __init__(self, params: dict, release: str):
-        python = os.path.join(params["releases_dir"], release, params["venv"], "bin", "python")
-        props = []
-        for setting in params["service_environment"]:
-            if setting.startswith("WorkingDirectory="):
-                setting = "WorkingDirectory=" + os.path.join(params["releases_dir"], release)
-            props += ["-p", setting]
+        # Here, not at the top: the service's Python that runs main() has no deploy_kit package.
+        from deploy_kit.remote import hostlib
+
+        directory = os.path.join(params["releases_dir"], release)
+        python = os.path.join(directory, params["venv"], "bin", "python")
         self.proc = subprocess.Popen(
-            ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", *props, "--",
-             python, "-c", source(), params["app"]["celery_app"]],
+            hostlib.service_argv(params["service_environment"], directory,
+                                 [python, "-c", source(), params["app"]["celery_app"]]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-        self.ready: dict | None = None
 
     def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
         """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from deploy_kit.remote import hostlib
 from deploy_kit.remote.celery_agent import Agent, StepFailed
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode, Step
 
@@ -125,8 +126,7 @@ class Cutover:
         return proc.stdout
 
     def show(self, unit: str) -> dict:
-        out = self.systemctl("show", unit, "-p", "MainPID,ActiveState,SubState,NRestarts")
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        return hostlib.parse_show(self.systemctl("show", unit, "-p", "MainPID,ActiveState,SubState,NRestarts"))
 
     def crashed(self, units: list) -> str:
         for unit in units:

@@ -2,8 +2,8 @@
 round trip everything `fab setup` and `fab check` need to know, and prints it as one JSON object.
 
 It changes nothing on the host. It never prints a secret: of the env file it reports key names
-only, and error texts from broker probes are masked. deploy-kit sends this file's text on
-stdin followed by a line calling main() with its parameters.
+only, and error texts from broker probes are masked. deploy-kit ships it with
+`deploy_kit.remote.program`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import json
 import os
 import pwd
 import stat
-import subprocess
 import sys
+
+from deploy_kit.remote import hostlib
 
 BROKER_PROBE = r'''
 import os, socket, ssl, sys
@@ -113,51 +114,21 @@ def _group(gid: int) -> str:
         return str(gid)
 
 
-def run(argv: list, stdin: str | None = None, timeout: float = 30) -> tuple:
-    try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 127, "", str(exc)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def env_keys(path: str) -> list:
     """Names of the keys that have a non-empty value (values are never read out)."""
-    keys = []
     try:
         with open(path) as handle:
-            for line in handle:
-                line = line.strip()
-                if not line or line.startswith(("#", ";")) or "=" not in line:
-                    continue
-                key, value = line.split("=", 1)
-                key = key.strip()  # "export KEY" is not a valid name for systemd: it stays unmatched
-                if value.strip().strip("'\"").strip():
-                    keys.append(key)
+            return [key for key, value in hostlib.env_values(handle.read()).items() if value.strip()]
     except OSError:
-        pass
-    return keys
+        return []
 
 
 def as_service(params: dict, code: str, args: list, with_release: bool) -> dict:
     """Run python `code` the way the units run the app: systemd-run with the same user, env file,
     working directory and sandboxing, so "works in my shell" cannot hide a failure."""
-    properties = []
-    for setting in params["service_environment"]:
-        key = setting.split("=", 1)[0]
-        if key == "WorkingDirectory" and not with_release:
-            setting = "WorkingDirectory=/"
-        properties += ["-p", setting]
     python = params["release_python"] if with_release else params["python"]
-    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec",
-            *properties, "--", python, "-c", code, *args]
-    code_, out, err = run(argv, timeout=60)
-    text = (out.strip() or err.strip() or "no output").splitlines()[-1]
-    if text.startswith("ok "):
-        return {"ok": True, "detail": text[3:]}
-    if text.startswith("fail "):
-        text = text[5:]
-    return {"ok": False, "detail": text, "exit_code": code_}
+    directory = params["paths"]["current"] if with_release else "/"
+    return hostlib.as_service(params["service_environment"], directory, [python, "-c", code, *args])
 
 
 def target() -> dict:
@@ -198,24 +169,6 @@ def releases(directory: str) -> list:
     return found
 
 
-def take_lock(state_dir: str, info: dict) -> dict:
-    """mkdir is atomic: exactly one deploy or rollback gets the lock; the others see its holder."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    lock = os.path.join(state_dir, "lock")
-    try:
-        os.mkdir(lock, 0o700)
-    except FileExistsError:
-        try:
-            with open(os.path.join(lock, "holder.json")) as handle:
-                holder = json.load(handle)
-        except (OSError, ValueError):
-            holder = {"who": "unknown (no holder file)"}
-        return {"acquired": False, "holder": holder}
-    with open(os.path.join(lock, "holder.json"), "w") as handle:
-        json.dump(info, handle)
-    return {"acquired": True, "holder": info}
-
-
 def main(params: dict) -> None:
     app = params["app"]
     facts: dict = {"python": sys.version.split()[0], "target": target()}
@@ -234,7 +187,7 @@ def main(params: dict) -> None:
     wheel_dir = os.path.join(params["state_dir"], "wheels")
     facts["wheels"] = sorted(os.listdir(wheel_dir)) if os.path.isdir(wheel_dir) else []
     if params.get("lock"):
-        facts["lock"] = take_lock(params["state_dir"], params["lock"])
+        facts["lock"] = hostlib.take_lock(params["state_dir"], params["lock"])
     unit_dir = params["unit_dir"]
     facts["units"] = {}
     for name in sorted(os.listdir(unit_dir)):
@@ -248,8 +201,8 @@ def main(params: dict) -> None:
     facts["instances"] = instances(params["unit_patterns"])
     states = {}
     for name in sorted(set(facts["units"]) | set(params["wanted_units"])):
-        _, enabled, _ = run(["systemctl", "is-enabled", name])
-        _, active, _ = run(["systemctl", "is-active", name])
+        _, enabled, _ = hostlib.run(["systemctl", "is-enabled", name])
+        _, active, _ = hostlib.run(["systemctl", "is-active", name])
         states[name] = {"enabled": enabled.strip() or "not-found", "active": active.strip() or "unknown"}
     facts["unit_state"] = states
 
@@ -261,7 +214,7 @@ def main(params: dict) -> None:
 def instances(patterns: list) -> dict:
     """Every loaded or enabled instance of the app's template units: {unit: {active, enabled}}."""
     found: dict = {}
-    _, out, _ = run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *patterns])
+    _, out, _ = hostlib.run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *patterns])
     for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 3 and "@" in parts[0]:
@@ -283,7 +236,7 @@ def check_facts(params: dict, facts: dict) -> dict:
                 test = ["test", "-r", paths[name]]
                 if name != "env_file":
                     test += ["-a", "-x", paths[name]]
-                code, _, _ = run(["runuser", "-u", app["user"], "--", *test])
+                code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", *test])
                 result["readable"][name] = code == 0
     result["env_keys"] = env_keys(paths["env_file"])
     probe_dir = paths["deploy_to"]
@@ -293,15 +246,13 @@ def check_facts(params: dict, facts: dict) -> dict:
     result["disk_free_kb"] = vfs.f_bavail * vfs.f_frsize // 1024
     result["release_kb"] = 0
     if facts["paths"].get("current") and facts["paths"]["current"].get("resolves"):
-        code, out, _ = run(["du", "-sk", os.path.realpath(paths["current"])], timeout=60)
+        code, out, _ = hostlib.run(["du", "-sk", os.path.realpath(paths["current"])], timeout=60)
         if code == 0:
             result["release_kb"] = int(out.split()[0])
     with open("/proc/sys/fs/nr_open") as handle:
         result["nr_open"] = int(handle.read())
     for name in params["wanted_units"]:
-        code, out, _ = run(["systemctl", "show", name, "-p",
-                            "LimitNOFILE,TimeoutStopUSec,NeedDaemonReload,LoadState"])
-        result["loaded"][name] = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        result["loaded"][name] = hostlib.show(name, "LimitNOFILE,TimeoutStopUSec,NeedDaemonReload,LoadState")
     has_release = bool(facts["paths"].get("current") and facts["paths"]["current"].get("resolves")
                        and os.path.exists(params["release_python"]))
     result["release_python"] = has_release
@@ -310,7 +261,7 @@ def check_facts(params: dict, facts: dict) -> dict:
     if can_run:
         result["broker"] = as_service(params, BROKER_PROBE, [], has_release)
         if has_release:
-            code, _, _ = run(["runuser", "-u", app["user"], "--", params["release_python"], "-m",
+            code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", params["release_python"], "-m",
                               "celery", "--version"])
             result["release_runs"] = code == 0
             result["app_import"] = as_service(params, APP_PROBE, [app["celery_app"]], True)

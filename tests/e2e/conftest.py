@@ -15,7 +15,7 @@ import pytest
 
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
-from deploy_kit.ssh import connect, quote
+from deploy_kit.ssh import connect
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -102,9 +102,9 @@ def call_task(stage, index: int, task: str, args: list | None = None, timeout: i
     """Send a task from the host, as the service would, and return its result's repr."""
     code = ("import json, sys\nfrom exampleapp.celery import app\n"
             f"print(repr(app.send_task({task!r}, args={args or []!r}, queue={queue!r}).get(timeout={timeout})))\n")
-    props = units.run_as_service_options(stage) + f" -p WorkingDirectory={stage.app.current_link}"
-    return on_host(stage, index, f"systemd-run --quiet --wait --pipe --collect {props} -- "
-                   f"{units.python(stage.app)} -c {quote(code)}\n").strip()
+    command = units.as_service_command(stage, str(stage.app.current_link),
+                                       [str(units.python(stage.app)), "-c", code])
+    return on_host(stage, index, command + "\n").strip()
 
 
 def current_release(stage, index: int) -> str:

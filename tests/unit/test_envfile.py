@@ -229,7 +229,9 @@ def test_fingerprint_of_a_value_set_matches_the_one_read_back(env_file, own_grou
 def test_program_carries_values_only_encoded():
     program = envfile.edit_program(app_for(Path("/etc/shop/shop.env")), set_values={"K": SECRET}, salt="x")
     assert SECRET not in program
-    params = json.loads(json.loads(program.split("\n", 1)[0].removeprefix("PARAMS = ")))
+    import ast
+
+    params = json.loads(ast.literal_eval(program.rsplit(".main(json.loads(", 1)[1].removesuffix("))\n")))
     assert params["path"] == "/etc/shop/shop.env" and params["group"] == "shop"
     assert params["salt"] == "x" and params["unset"] == [] and params["reveal"] is False
 
@@ -239,3 +241,17 @@ def test_set_collapses_a_key_defined_twice_into_one_line(env_file, own_group):
     result, _ = edit(env_file, own_group, set_values={"DJANGO_SETTINGS_MODULE": "shop.settings.prod"})
     assert result.changed == ("DJANGO_SETTINGS_MODULE",)
     assert env_file.read_text() == ORIGINAL.replace("=shop.settings\n", "=shop.settings.prod\n")
+
+
+def test_env_show_and_check_read_every_form_alike(env_file, own_group):
+    """One rule (hostlib) for `fab env.show` and the check's probe: export, quotes, comments, blanks."""
+    from deploy_kit.remote import hostprobe
+
+    env_file.write_text("# comment\n; another\nexport DJANGO_SETTINGS_MODULE=shop.settings\n"
+                        "CELERY_BROKER_URL='redis://:p#w@h:6379/0'\nEMPTY=\nQUOTED_EMPTY=\"\"\n"
+                        "  SPACED = \"a b\"\nnot a line\n")
+    shown, _ = edit(env_file, own_group)
+    set_keys = {k for k, v in shown.keys.items() if v.set}
+    assert set_keys == set(hostprobe.env_keys(str(env_file))) == {
+        "DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "SPACED"}
+    assert set(shown.keys) == {"DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "EMPTY", "QUOTED_EMPTY", "SPACED"}

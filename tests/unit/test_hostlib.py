@@ -1,0 +1,51 @@
+"""The host library every host program shares: one env-file rule, one way to run as the service,
+one `systemctl show` parser, the lock (with tmp_path and a fake runner; no host needed)."""
+
+
+from deploy_kit.remote import hostlib
+
+
+def test_env_file_forms_read_as_systemd_reads_them():
+    text = ("# a comment\n; another\n\nexport A=1\nB='two words'\nC=\"say \\\"hi\\\" \\\\ok\"\nD=\n"
+            "  E = spaced \nnot an assignment\n9BAD=x\nB=last wins\n")
+    assert hostlib.env_values(text) == {"A": "1", "B": "last wins", "C": 'say "hi" \\ok', "D": "", "E": "spaced"}
+    assert [n for n, _k, _v in hostlib.env_entries(text.splitlines())] == [3, 4, 5, 6, 7, 10]
+
+
+def test_service_argv_runs_as_the_units_run_in_the_given_directory():
+    argv = hostlib.service_argv(["User=shop", "WorkingDirectory=/srv/shop/current", "ProtectSystem=strict"],
+                                "/srv/shop/releases/R", ["python", "-c", "print(1)"])
+    assert argv == ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec",
+                    "-p", "User=shop", "-p", "WorkingDirectory=/srv/shop/releases/R", "-p", "ProtectSystem=strict",
+                    "--", "python", "-c", "print(1)"]
+
+
+def test_as_service_reads_the_last_ok_or_fail_line():
+    seen = []
+
+    def runner(argv, timeout=60):
+        seen.append(argv)
+        return 1, "noise\nfail redis refused the password\n", ""
+
+    result = hostlib.as_service(["User=shop"], "/", ["python", "-c", "x"], runner=runner)
+    assert result == {"ok": False, "detail": "redis refused the password", "exit_code": 1}
+    assert seen[0][:2] == ["systemd-run", "--quiet"]
+    ok = hostlib.as_service([], "/", ["true"], runner=lambda argv, timeout=60: (0, "ok 12 tasks\n", ""))
+    assert ok == {"ok": True, "detail": "12 tasks"}
+
+
+def test_systemctl_show_is_parsed_once_for_everyone():
+    assert hostlib.parse_show("ActiveState=active\nSubState=running\nExecMainStatus=\nbroken\n") == \
+        {"ActiveState": "active", "SubState": "running", "ExecMainStatus": ""}
+    shown = hostlib.show("x.service", "ActiveState", runner=lambda argv: (0, "ActiveState=failed\n", ""))
+    assert shown == {"ActiveState": "failed"}
+
+
+def test_the_lock_goes_to_one_run_and_names_its_holder(tmp_path):
+    state = str(tmp_path / ".deploy-kit")
+    mine = {"who": "alice", "host": "laptop", "action": "deploy", "ref": "main", "since": "t", "token": "a1"}
+    assert hostlib.take_lock(state, mine) == {"acquired": True, "holder": mine}
+    other = dict(mine, who="bob", token="b2")
+    assert hostlib.take_lock(state, other) == {"acquired": False, "holder": mine}
+    (tmp_path / ".deploy-kit" / "lock" / "holder.json").write_text("{not json")
+    assert hostlib.take_lock(state, other)["holder"]["who"].startswith("unknown")
