@@ -13,44 +13,39 @@ from ._stage import STAGE_HELP, load_stage
 
 
 @task(help={"stage": STAGE_HELP, "ref": "git branch, tag or commit to deploy (default: app.ref)",
-            "plan": "print every step and command per host, run nothing"})
+            "plan": "probe the hosts read-only and print the steps the deploy would run, per host"})
 def deploy(c, stage=None, ref=None, plan=False):
-    """Ship a release, migrate, switch, restart workers then Beat, verify; roll back by itself."""
-    console = ui.make_console()
-    with ui.user_errors():
-        chosen = load_stage(stage)
-        if plan:
-            _print_plan(console, lifecycle.plan(chosen, ref=ref, say=lambda host, message: None),
-                        f"deploy {ref or chosen.app.ref} as release {{release}} to stage {chosen.name}")
-            return
-        with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
-            outcome = lifecycle.deploy(chosen, ref=ref, say=display.say)
-        console.print(ui.timings_table(outcome))
-        console.print(f"deployed {outcome.release} ({outcome.sha[:10]}) to stage {chosen.name}: verified")
+    """Ship a release, migrate, hand the workers over on every host, then Beat; roll back by itself."""
+    _run(stage, plan, lambda s, say: lifecycle.plan(s, ref=ref, say=say),
+         lambda s, say: lifecycle.deploy(s, ref=ref, say=say),
+         lambda s, o: f"deployed {o.release} ({o.sha[:10]}) to stage {s.name}: verified")
 
 
 @task(help={"stage": STAGE_HELP, "to": "release to put back (default: the previous good one)",
-            "plan": "print every step and command per host, run nothing"})
+            "plan": "probe the hosts read-only and print the steps the rollback would run, per host"})
 def rollback(c, stage=None, to=None, plan=False):
-    """Put the previous good release (or --to RELEASE) back: switch, restart, verify, record."""
+    """Put the previous good release (or --to RELEASE) back with the same handover, Beat first."""
+    _run(stage, plan, lambda s, say: lifecycle.rollback_plan(s, to=to, say=say),
+         lambda s, say: lifecycle.rollback(s, to=to, say=say),
+         lambda s, o: f"rolled back stage {s.name} to {o.release}: verified")
+
+
+def _run(stage, plan_only, make_plan, run, done) -> None:
+    """`--plan` prints the steps the run would execute; otherwise run them with live output."""
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
-        if plan:
-            _print_plan(console, lifecycle.rollback_plan(chosen, to=to, say=lambda host, message: None),
-                        f"roll back stage {chosen.name} to {{release}}")
+        if plan_only:
+            the_plan = make_plan(chosen, lambda host, message: None)
+            console.print(f"plan: {the_plan.mode.value} of stage {chosen.name} to release {the_plan.release}; "
+                          "nothing is run (these are the steps that run)", markup=False)
+            for line in the_plan.render():
+                console.print(line, markup=False, highlight=False)
             return
         with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
-            outcome = lifecycle.rollback(chosen, to=to, say=display.say)
+            outcome = run(chosen, display.say)
         console.print(ui.timings_table(outcome))
-        console.print(f"rolled back stage {chosen.name} to {outcome.release}: verified")
-
-
-def _print_plan(console, the_plan, what: str) -> None:
-    console.print(f"plan: {what.format(release=the_plan.release)}; nothing is run (these are the steps that run)",
-                  markup=False)
-    for line in the_plan.render():
-        console.print(line, markup=False, highlight=False)
+        console.print(done(chosen, outcome))
 
 
 @task(help={"stage": STAGE_HELP})
