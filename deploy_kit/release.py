@@ -31,13 +31,12 @@ from pathlib import Path, PurePosixPath
 from deploy_kit import units, wheels
 from deploy_kit.config import App, Stage
 from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError, UsageError
+from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
 from deploy_kit.remote.hostprobe import APP_PROBE
 from deploy_kit.ssh import RemoteHost
 
 NAME_FORMAT = "%Y-%m-%d-%H%M%S"
 _NAME = re.compile(r"^\d{4}-\d{2}-\d{2}-\d{6}$")
-MISSING_MARKER = "DEPLOY_KIT_MISSING_DISTRIBUTION"
-NEEDS_WHEELS = "DEPLOY_KIT_NEEDS_WHEELS"
 q = shlex.quote
 
 
@@ -196,7 +195,7 @@ def _link_shared(app: App) -> str:
     for path in app.linked_files:
         shared = app.shared_dir / path
         lines += [f"if [ ! -e {q(str(shared))} ]; then echo 'RELEASE CHECK FAILED: linked file {shared} does not "
-                  f"exist: create it on the host first' >&2; rm -rf \"$building\"; exit 43; fi",
+                  f"exist: create it on the host first' >&2; rm -rf \"$building\"; outcome check_failed; fi",
                   f'rm -f "$building"/{q(path)}; mkdir -p "$(dirname "$building"/{q(path)})"',
                   f'ln -s {q(str(shared))} "$building"/{q(path)}']
     return "".join(line + "\n" for line in lines)
@@ -224,7 +223,14 @@ def build_script(stage: Stage, source: Source, wheels_sent: bool = True, python_
 stage_dir=$1
 final={q(str(final))}
 building={q(str(building))}
-if [ -e "$final" ]; then echo "release {source.name} already exists on this host" >&2; exit 3; fi
+# The last line on stdout says how it ended (contracts.BuildOutcome); details go to stderr.
+outcome() {{
+    printf '{{"status": "%s", "reused_env": %s, "missing": "%s"}}\\n' "$1" \\
+        "$([ "${{reused:-no}}" = yes ] && echo true || echo false)" \\
+        "$(printf %s "${{2:-}}" | tr -cd 'A-Za-z0-9._=<>!~+-')"
+    exit 0
+}}
+if [ -e "$final" ]; then echo "release {source.name} already exists on this host" >&2; outcome exists; fi
 rm -rf "$building"
 install -d -o root -g {q(app.group)} -m 0750 {q(str(releases))}
 install -d -m 0700 {q(str(cache))}
@@ -244,7 +250,7 @@ if [ {"yes" if allow_reuse else "no"} = yes ] && [ -e "$current/.deploy-kit/env-
 fi
 if [ "$reused" = no ]; then
     if [ {"yes" if wheels_sent or app.install == "index" else "no"} = no ]; then
-        echo "{NEEDS_WHEELS}" >&2; rm -rf "$building"; exit 44
+        rm -rf "$building"; outcome needs_wheels
     fi
     for wheel in "$stage_dir"/wheels/*.whl; do  # sent because missing or unknown here: replace
         [ -e "$wheel" ] || continue
@@ -254,8 +260,8 @@ if [ "$reused" = no ]; then
     if ! "$building/{VENV}/bin/python" -m pip install --quiet --disable-pip-version-check {pip_source} \\
             -r "$stage_dir/requirements.txt" > "$stage_dir/pip.log" 2>&1; then
         missing=$(sed -n 's/.*No matching distribution found for \\([^ ]*\\).*/\\1/p' "$stage_dir/pip.log" | head -1)
-        if [ -n "$missing" ]; then echo "{MISSING_MARKER} $missing" >&2; rm -rf "$building"; exit 42; fi
-        cat "$stage_dir/pip.log" >&2; rm -rf "$building"; exit 1
+        if [ -n "$missing" ]; then rm -rf "$building"; outcome missing_distribution "$missing"; fi
+        cat "$stage_dir/pip.log" >&2; rm -rf "$building"; outcome failed
     fi
 fi
 {_link_shared(app)}chown -R root:{q(app.group)} "$building"
@@ -266,14 +272,15 @@ as_service() {{
     {as_service} "$@" 2>&1
 }}
 if ! out=$(as_service manage.py check --fail-level ERROR); then
-    echo "RELEASE CHECK FAILED: manage.py check" >&2; echo "$out" | tail -25 >&2; rm -rf "$building"; exit 43
+    echo "RELEASE CHECK FAILED: manage.py check" >&2; echo "$out" | tail -25 >&2; rm -rf "$building"
+    outcome check_failed
 fi
 if ! out=$(as_service -c {q(APP_PROBE)} {q(app.celery_app)}); then
     echo "RELEASE CHECK FAILED: the Celery app -A {app.celery_app} does not import" >&2
-    echo "$out" | tail -25 >&2; rm -rf "$building"; exit 43
+    echo "$out" | tail -25 >&2; rm -rf "$building"; outcome check_failed
 fi
 mv -T "$building" "$final"
-echo "built {source.name} env=$reused"
+outcome built
 """
 
 
@@ -291,6 +298,15 @@ class Built:
     reused_env: bool
     wheels_sent: int
     bytes_sent: int
+
+
+def read_outcome(stdout: str) -> BuildOutcome:
+    """The build's last line on stdout; a build that died before writing it failed."""
+    lines = stdout.strip().splitlines()
+    try:
+        return BuildOutcome.from_json(lines[-1]) if lines else BuildOutcome(BuildStatus.FAILED)
+    except (ValueError, KeyError, TypeError):
+        return BuildOutcome(BuildStatus.FAILED)
 
 
 def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheels.Wheelhouse,
@@ -311,26 +327,25 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
         command = ("sudo -n -- /bin/bash -c " + q(
             'set -euo pipefail; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; '
             'tar -x -C "$d"; bash "$d/build.sh" "$d"'))
-        try:
-            result = remote.run(command, payload, sudo=True, what=f"building release {source.name}",
-                                timeout=timeout)
-        except RemoteCommandError as exc:
-            missing = re.search(rf"{MISSING_MARKER} (\S+)", exc.output)
-            if exc.remote_exit_code == 44 and not send_wheels:
-                send_wheels = True
-                continue
-            if exc.remote_exit_code == 42 and missing:
-                extra.append(missing.group(1).rstrip(";"))
-                sent += len(files)
-                host_wheels |= {w.name for w in files}
-                continue
-            if exc.remote_exit_code == 43 and allow_reuse and "env=yes" in exc.output:
-                allow_reuse, send_wheels = False, stage.app.install == "wheels"  # maybe the reused env is stale
-                continue
-            if exc.remote_exit_code == 43:
-                raise HostError(remote.name, "the new release fails its check (nothing was switched):\n"
-                                + "\n".join("    " + line for line in exc.output.strip().splitlines()[-25:])) from None
-            raise
-        return Built(remote.name, source.name, "env=yes" in result.stdout + result.stderr, sent + len(files),
-                     len(payload))
+        result = remote.run(command, payload, sudo=True, what=f"building release {source.name}",
+                            timeout=timeout, check=False)
+        outcome = read_outcome(result.stdout)
+        if outcome.status == BuildStatus.BUILT:
+            return Built(remote.name, source.name, outcome.reused_env, sent + len(files), len(payload))
+        if outcome.status == BuildStatus.NEEDS_WHEELS and not send_wheels:
+            send_wheels = True
+        elif outcome.status == BuildStatus.MISSING_DISTRIBUTION and outcome.missing:
+            extra.append(outcome.missing)
+            sent += len(files)
+            host_wheels |= {w.name for w in files}
+        elif outcome.status == BuildStatus.CHECK_FAILED and allow_reuse and outcome.reused_env:
+            allow_reuse, send_wheels = False, stage.app.install == "wheels"  # maybe the reused env is stale
+        elif outcome.status == BuildStatus.CHECK_FAILED:
+            raise HostError(remote.name, "the new release fails its check (nothing was switched):\n"
+                            + "\n".join("    " + line for line in result.stderr.strip().splitlines()[-25:]))
+        elif outcome.status == BuildStatus.EXISTS:
+            raise HostError(remote.name, f"release {source.name} already exists on this host")
+        else:
+            raise RemoteCommandError(remote.name, f"building release {source.name}", result.exit_code,
+                                     result.stderr or result.stdout)
     raise HostError(remote.name, f"pip on the host still misses distributions after adding {extra}")
