@@ -5,6 +5,8 @@ import json
 import tarfile
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
+
 from deploy_kit import release
 
 
@@ -153,3 +155,69 @@ def test_a_requirements_loop_is_refused():
 
 def test_the_environment_key_follows_the_hosts_python():
     assert release.host_env_key(SOURCE, "3.11.2") != release.host_env_key(SOURCE, "3.12.1")
+
+
+class FakeRemote:
+    """Answers each build with the next outcome line, as the host's build script prints it."""
+
+    name = "web1"
+
+    def __init__(self, *outcomes: str, stderr: str = ""):
+        self.outcomes = list(outcomes)
+        self.stderr = stderr
+        self.calls = 0
+
+    def run(self, command, stdin, **kwargs):
+        from deploy_kit.ssh import ScriptResult
+
+        self.calls += 1
+        assert kwargs["check"] is False
+        return ScriptResult(0, "building\n" + self.outcomes.pop(0) + "\n", self.stderr)
+
+
+class FakeWheelhouse:
+    def __init__(self):
+        self.asked: list[list[str]] = []
+
+    def files(self, extra=None):
+        self.asked.append(list(extra or []))
+        return []
+
+
+def build(remote, **kwargs):
+    from .samples import stage_of
+
+    source = release.Source(name="2026-11-24-120000", sha="f" * 40, ref="main", archive=b"x", requirements="celery\n",
+                            revision={})
+    return release.build_on(remote, stage_of(), source, FakeWheelhouse(), set(), **kwargs)
+
+
+def test_a_build_is_read_from_its_typed_last_line():
+    built = build(FakeRemote('{"status": "built", "reused_env": true, "missing": ""}'))
+    assert built.reused_env and built.name == "2026-11-24-120000"
+    assert release.read_outcome("noise\n").status.value == "failed"  # died before saying how it ended
+
+
+def test_a_host_that_cannot_reuse_the_environment_gets_the_wheels_then():
+    remote = FakeRemote('{"status": "needs_wheels", "reused_env": false, "missing": ""}',
+                        '{"status": "built", "reused_env": false, "missing": ""}')
+    assert not build(remote, send_wheels=False).reused_env and remote.calls == 2
+
+
+def test_a_distribution_pip_misses_is_fetched_and_sent():
+    remote = FakeRemote('{"status": "missing_distribution", "reused_env": false, "missing": "tzdata"}',
+                        '{"status": "built", "reused_env": false, "missing": ""}')
+    build(remote)
+    assert remote.calls == 2
+
+
+def test_a_release_failing_its_check_in_a_reused_environment_is_built_afresh_once_then_refused():
+    from deploy_kit.errors import HostError
+
+    remote = FakeRemote('{"status": "check_failed", "reused_env": true, "missing": ""}',
+                        '{"status": "check_failed", "reused_env": false, "missing": ""}',
+                        stderr="RELEASE CHECK FAILED: manage.py check\nImproperlyConfigured: SECRET_KEY\n")
+    with pytest.raises(HostError) as caught:
+        build(remote)
+    assert remote.calls == 2
+    assert "fails its check" in str(caught.value) and "ImproperlyConfigured" in str(caught.value)
