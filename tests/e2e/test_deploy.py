@@ -188,7 +188,7 @@ def test_a_dropped_connection_during_the_cutover_only_pauses_the_watching(stage,
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "dktest2 switch: ok" in line:  # cut every SSH session of the deploy user on dktest2
+        if "dktest2 join: ok" in line:  # mid-handover (watch, retire, switch follow): cut dktest2's SSH sessions
             in_container("dktest2", "pkill -f '[s]shd: deploy' || true")
     assert proc.wait(timeout=600) == 0, "".join(lines)
     output = "".join(lines)
