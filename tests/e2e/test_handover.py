@@ -117,10 +117,18 @@ def test_every_task_sent_through_a_deploy_and_a_rollback_runs_exactly_once(stage
     assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent))), \
         {k: v for k, v in counts.items() if v != 1}
     assert counts.get(f"{producer.tag}-long") == 1
-    # Both hosts handed over in one wave; Beat moved after both.
+    # Both hosts handed over in one wave (each started before either retired); Beat moved after both.
+    lines = deployed.stdout.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert max(first("dktest1 start: ok"), first("dktest2 start: ok")) < \
+        min(first("dktest1 retire: ok"), first("dktest2 retire: ok"))
+    assert max(first("dktest1 switch: ok"), first("dktest2 switch: ok")) < first("dktest1 restart beat: ok")
     history = [json.loads(line) for line in on_host(stage, 0, "cat /srv/exampleapp/.deploy-kit/history.jsonl")
                .splitlines()]
-    assert history[-2]["action"] == "deploy" and history[-2]["result"] == "success"
+    assert [(h["action"], h["result"]) for h in history[-2:]] == [("deploy", "success"), ("rollback", "success")]
 
 
 def test_a_release_whose_pool_hangs_fails_fast_and_takes_no_user_task(stage, sandbox_config, app_repo):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deploy_kit import sandbox
-from deploy_kit.errors import EXIT_CODES, SandboxError
+from deploy_kit.errors import EXIT_CODES, SandboxError, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -63,9 +63,9 @@ def test_sandbox_needs_root(monkeypatch):
 
 
 def test_sandbox_name_is_checked():
-    with pytest.raises(Exception) as info:
+    with pytest.raises(UsageError) as info:
         sandbox.Sandbox("Bad_Name")
-    assert "must be 1-9 lowercase letters" in str(info.value)
+    assert "must be 1-9 lowercase letters" in str(info.value) and info.value.exit_code == 2
 
 
 def test_every_exit_code_is_documented_in_the_readme():

@@ -195,3 +195,18 @@ def test_steps_describe_what_the_program_runs(host, monkeypatch):
     assert f"deploy-kit.shop.prod.default.{NEW}@web2" in " ".join(d for _, d in described)
     ran = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
     assert [s.name for s in ran.steps] == [name for name, _ in described[:-1]]  # --plan shows what runs
+
+
+def test_restart_in_place_stops_the_old_worker_first_and_starts_it_again_on_failure(host, monkeypatch):
+    tmp, params = host
+    p = params()
+    p["workers"][0]["handover"] = False
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.fail = {"verify": "no worker completed the task in time"}
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.ROLLED_BACK
+    verbs = systemd.verbs()
+    assert verbs.index(f"stop {UNIT.format(OLD)}") < verbs.index(f"start {UNIT.format(NEW)}")  # the queue waits
+    assert not (tmp / "run" / f"default@{NEW}.env").exists()  # it consumed the real queues at once
+    assert f"kill --signal=SIGKILL {UNIT.format(NEW)}" not in verbs  # it may hold user tasks: warm stop
+    assert verbs[-2:] == [f"reset-failed {UNIT.format(NEW)}", f"start {UNIT.format(OLD)}"]

@@ -46,7 +46,10 @@ def test_the_follow_command_ends_with_its_channel_and_filters_on_the_host():
     command = journal.journal_command(["a.service", "b.service"], since="10 min ago", grep="Error", follow=True)
     assert command.startswith("sudo -n -- /bin/sh -c ")
     assert "-u a.service -u b.service" in command and "--grep Error" in command
-    assert "--since '\"'\"'10 min ago'\"'\"'" in command or "10 min ago" in command
+    # The outer sh -c quoting of the inner quote: exactly one way, so the host sees one argument.
+    assert "--since '\"'\"'10 min ago'\"'\"'" in command
+    pattern = journal.journal_command(["a@*.service"], grep="x y", follow=False)
+    assert pattern.endswith(" -u 'a@*.service' --grep 'x y'")  # no sh -c wrapper when not following
     assert "cat <&3" in command and "kill $j" in command and "--follow" in command
     resumed = journal.journal_command(["a.service"], since="10 min ago", lines=5, after_cursor="s=1")
     assert "--after-cursor s=1" in resumed and "--since" not in resumed and "-n 5" not in resumed
