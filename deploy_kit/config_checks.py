@@ -230,6 +230,9 @@ def _relative_paths(value: list[Any]) -> str | None:
             return f"must be a list of paths inside the release, got {_describe(item)} in it"
         if item.startswith("/") or ".." in PurePosixPath(item).parts:
             return f"{item!r} must be relative to the release (it is linked to the same path under shared/)"
+        if not _SAFE_PATH.match(item):
+            return (f"{item!r} holds characters a path in a shell script or unit file would need quoting for; "
+                    "use letters, digits and . _ / + - only")
     return None
 
 

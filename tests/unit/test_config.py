@@ -1,5 +1,6 @@
 """Loading hosts.toml: the example file loads, and every kind of mistake gets its own clear message."""
 
+import json
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -227,3 +228,11 @@ def test_paths_that_would_break_units_or_scripts_are_refused():
     for bad in ("/srv/my app", "/srv/app%h", "/srv/it's"):
         message = error_of(MINIMAL.replace('celery_app = "shop"', f'celery_app = "shop"\ndeploy_to = "{bad}"'))
         assert "stages.prod.app.deploy_to" in message and "may hold only letters" in message
+
+
+@pytest.mark.parametrize("path", ["media'; rm -rf /", "a b", "$(id)", "x\ny", "50%"])
+def test_linked_paths_that_would_need_quoting_are_refused(path):
+    text = MINIMAL.replace('celery_app = "shop"', f'celery_app = "shop"\nlinked_files = [{json.dumps(path)}]')
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text, Path("/x/hosts.toml"))
+    assert "linked_files" in str(caught.value) and "letters, digits" in str(caught.value)
