@@ -205,6 +205,10 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = file.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{file}: line {line} is not UTF-8 (byte 0x{exc.object[exc.start]:02x}). Fix: save "
+                          "the file as UTF-8") from None
     return parse(text, file)
 
 

@@ -112,8 +112,16 @@ def migrations(files: Iterable[str]) -> list[str]:
     return sorted(f"{m.group(1)}.{m.group(2)}" for m in map(_MIGRATION.search, files) if m)
 
 
+def _run_git(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(["git", *argv], capture_output=True)
+    except FileNotFoundError:
+        raise ReleaseError("git is not installed on this machine: deploy-kit packs releases with `git "
+                           "archive`. Fix: install git") from None
+
+
 def _git(repo: str, *args: str, binary: bool = False) -> bytes:
-    proc = subprocess.run(["git", "-C", repo, *args], capture_output=True)
+    proc = _run_git(["-C", repo, *args])
     if proc.returncode != 0:
         raise ReleaseError(f"git {' '.join(args)} failed in {repo}: "
                            f"{proc.stderr.decode(errors='replace').strip()}")
@@ -130,10 +138,9 @@ def local_repository(app: App, cache_dir: Path) -> str:
         _git(str(mirror), "remote", "update", "--prune")
     else:
         mirror.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(["git", "clone", "--quiet", "--mirror", app.repo, str(mirror)],
-                              capture_output=True, text=True)
+        proc = _run_git(["clone", "--quiet", "--mirror", app.repo, str(mirror)])
         if proc.returncode != 0:
-            raise ReleaseError(f"cannot clone {app.repo}: {proc.stderr.strip()}")
+            raise ReleaseError(f"cannot clone {app.repo}: {proc.stderr.decode(errors='replace').strip()}")
     return str(mirror)
 
 

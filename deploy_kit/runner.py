@@ -20,7 +20,7 @@ from typing import Any
 
 from deploy_kit import follow, hostfacts, release, wheels
 from deploy_kit.config import Stage
-from deploy_kit.errors import HostError, RemoteCommandError
+from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script, Step, lock_release_script
 from deploy_kit.remote.contracts import CutoverState, HistoryLine, Mode
@@ -115,6 +115,14 @@ class Run:
     def pack(self, facts: dict[str, HostFacts], reuses: Callable[[HostFacts, release.Source], bool]
              ) -> dict[str, tuple[str, ...]]:
         """Pack the ref here, fetch the wheels the hosts lack; the wheel names each host would get."""
+        try:
+            return self._pack(facts, reuses)
+        except OSError as exc:  # the cache of mirrors and wheels
+            raise ReleaseError(f"cannot write {exc.filename or CACHE_DIR}: {exc.strerror}. Fix: make "
+                               f"{CACHE_DIR} writable (or set HOME)") from None
+
+    def _pack(self, facts: dict[str, HostFacts], reuses: Callable[[HostFacts, release.Source], bool]
+              ) -> dict[str, tuple[str, ...]]:
         started = time.monotonic()
         source = self.source = release.read_source(self.stage.app, self.ref, self.now, CACHE_DIR)
         self.outcome.release, self.outcome.sha = source.name, source.sha

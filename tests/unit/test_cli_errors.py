@@ -102,3 +102,47 @@ def test_a_task_stops_on_sigint_even_when_started_with_sigint_ignored():
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=10)
     assert out.strip() == "Exit 130"  # "interrupted", the documented exit of a Ctrl-C
+
+
+def test_a_hosts_toml_that_is_not_utf8_is_a_clear_error(tmp_path):
+    from deploy_kit import config
+    from deploy_kit.errors import ConfigError
+
+    bad = tmp_path / "hosts.toml"
+    bad.write_bytes(b'# ok\ndefault_stage = "x\xff"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(bad)
+    assert str(info.value) == f"{bad}: line 2 is not UTF-8 (byte 0xff). Fix: save the file as UTF-8"
+
+
+def test_no_git_on_this_machine_is_a_release_error(monkeypatch):
+    import subprocess
+
+    from deploy_kit import release
+    from deploy_kit.errors import ReleaseError
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    with pytest.raises(ReleaseError) as info:
+        release._git("/srv/repo", "rev-parse", "HEAD")
+    assert "git is not installed" in str(info.value) and info.value.exit_code == 9
+
+
+def test_an_unwritable_cache_is_a_release_error(tmp_path, monkeypatch):
+    from deploy_kit import runner
+    from deploy_kit.errors import ReleaseError
+    from deploy_kit.remote.contracts import Mode
+
+    from .samples import stage_of
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setattr(runner, "CACHE_DIR", blocker / "cache")
+    stage = stage_of()
+    run = runner.Run(stage, Mode.DEPLOY, lambda host, message: None, ref="main")
+    monkeypatch.setattr(runner.release, "read_source", lambda *a: (blocker / "cache" / "x").mkdir(parents=True))
+    with pytest.raises(ReleaseError) as info:
+        run.pack({}, lambda f, s: False)
+    assert "Fix: make" in str(info.value) and info.value.exit_code == 9
