@@ -172,8 +172,11 @@ def test_a_release_that_crashes_on_its_first_real_task_hands_back_and_strands_no
     assert [current_release(stage, i) for i in (0, 1)] == [good, good]
     results = producer.results(timeout=90)  # every task completes, the ones the dead worker held too
     assert {r["release"] for r in results} == {f"/srv/exampleapp/releases/{good}"}
+    # A worker that dies holds tasks it took: with acks_late they run again (at least once, as Celery
+    # promises for a lost worker); none may be missing, and none left in the broker.
     counts = ran_counts(stage, producer.tag)
-    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent)))
+    missing = [n for n in range(len(producer.sent)) if not counts.get(f"{producer.tag}-{n}")]
+    assert missing == [], (missing, proc.stdout[-3000:])
     assert unacked(stage) == 0
 
 
