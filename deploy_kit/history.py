@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from deploy_kit import hostfacts
+from deploy_kit import hostfacts, releases
 from deploy_kit.config import Stage
+from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.plan import current_release
 from deploy_kit.release import state_dir
 from deploy_kit.remote.contracts import LockHolder
@@ -41,9 +42,18 @@ def release_rows(stage: Stage) -> dict[str, list[tuple[str, ...]]]:
         current = current_release(f)
         rows[host.name] = [
             (r.name, r.revision.get("sha", "")[:10], r.revision.get("ref", ""), age(r.revision.get("when", "")),
-             "yes" if r.name == current else "", "BAD" if r.bad else ("half-built" if r.building else ""))
+             "yes" if r.name == current else "", release_state(f, r, current))
             for r in sorted(f.releases, key=lambda r: r.name, reverse=True)]
     return rows
+
+
+def release_state(facts: HostFacts, info: ReleaseInfo, current: str | None) -> str:
+    """BAD, half-built, never live (cleanup deletes it), rolled back from, or nothing (pure)."""
+    if info.bad or info.building:
+        return "BAD" if info.bad else "half-built"
+    if info.name not in releases.lineage(facts.releases, facts.live, current):
+        return "never live"
+    return "rolled back from" if info.name in releases.rolled_back_from(facts.releases, facts.live, current) else ""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 from deploy_kit import remote, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.errors import HostError
+from deploy_kit.remote.contracts import LiveEvent
 from deploy_kit.ssh import RemoteHost
 
 
@@ -62,6 +63,7 @@ class HostFacts:
     wheels: frozenset[str] = frozenset()
     lock: LockState | None = None
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # unit -> {active, enabled}
+    live: tuple[LiveEvent, ...] = ()  # the live log: what went live, oldest first
     # Only filled by a probe made for `fab check`:
     readable: dict[str, bool] = field(default_factory=dict)
     env_keys: tuple[str, ...] = ()
@@ -132,6 +134,7 @@ def parse(output: str) -> HostFacts:
         wheels=frozenset(data.get("wheels", [])),
         lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,
         instances=data.get("instances", {}),
+        live=tuple(LiveEvent(**e) for e in data.get("live", [])),
         readable=data.get("readable", {}),
         env_keys=tuple(data.get("env_keys", ())),
         disk_free_kb=int(data.get("disk_free_kb", 0)),

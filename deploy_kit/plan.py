@@ -18,7 +18,7 @@ from deploy_kit.config import Host, Stage
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.release import Source, host_env_key, state_dir
 from deploy_kit.remote import cutover as cutover_program
-from deploy_kit.remote.contracts import Mode
+from deploy_kit.remote.contracts import LiveEvent, Mode
 
 q = shlex.quote
 Line = tuple[str, str]  # (a step's name, or "" for a line of detail; text)
@@ -207,7 +207,8 @@ def cleanup(stage: Stage, facts: HostFacts, new: str) -> tuple[str, ...]:
     listing = list(facts.releases)
     if new not in {r.name for r in listing}:
         listing.append(ReleaseInfo(new, False, False, {}))
-    return tuple(releases.to_delete(listing, new, stage.app.keep_releases))
+    events = (*facts.live, LiveEvent(new, current_release(facts) or "", Mode.DEPLOY.value))
+    return tuple(releases.to_delete(listing, new, stage.app.keep_releases, events))
 
 
 def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tuple[str, ...]] | None = None,
@@ -247,7 +248,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
 
 def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str | None) -> Plan:
     current = {h: current_release(f) for h, f in facts.items()}
-    targets = {h: releases.rollback_target(f.releases, current[h], to) for h, f in facts.items()}
+    targets = {h: releases.rollback_target(f.releases, current[h], to, f.live) for h, f in facts.items()}
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts])

@@ -1,8 +1,14 @@
 """Release arithmetic (pure): which release to roll back to, and which ones cleanup deletes.
 
-Releases sort by name (UTC timestamps), never by mtime. A bad release (one a deploy rolled
-back from) is kept for inspection for a while but is never a rollback target and never
-counts as one of the good releases cleanup keeps; a half-built one is always removed.
+What went live decides, not the names: the cutover appends every move of `current` to the
+host's live log (`LiveEvent`). A rollback goes to the release that was live before the current
+one, skipping the ones a rollback left; so rolling back twice goes two steps back, and a
+rollback is undone with `fab rollback --to` the release it left (a roll forward, which leaves
+nothing behind). A release that never went
+live (its deploy failed or was cut off before the switch) is never a rollback target and is
+deleted by cleanup; a bad one (a deploy was rolled back from it) is kept for inspection a
+while; a half-built one is always removed. Releases from before the log existed count as
+having gone live in name order.
 """
 
 from __future__ import annotations
@@ -12,19 +18,65 @@ from collections.abc import Sequence
 from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import ReleaseInfo
 from deploy_kit.release import is_release_name
+from deploy_kit.remote.contracts import LiveEvent, Mode
 
 
 def good(releases: Sequence[ReleaseInfo]) -> list[str]:
     return sorted(r.name for r in releases if not r.bad and not r.building and is_release_name(r.name))
 
 
-def previous_good(releases: Sequence[ReleaseInfo], current: str | None) -> str | None:
-    """The newest good release older than `current` (the default rollback target)."""
-    older = [name for name in good(releases) if current is None or name < current]
-    return older[-1] if older else None
+def _legacy(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent]) -> list[str]:
+    """Good releases from before the live log (older than any it names), in name order."""
+    mentioned = {e.release for e in events if e.release} | {e.previous for e in events if e.previous}
+    oldest = min(mentioned, default=None)
+    return [n for n in good(releases) if n not in mentioned and (oldest is None or n < oldest)]
 
 
-def rollback_target(releases: Sequence[ReleaseInfo], current: str | None, to: str | None = None) -> str:
+def lineage(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], current: str | None) -> list[str]:
+    """The good releases that went live, the most recently live first."""
+    legacy = _legacy(releases, events)
+    # Before the log, a release newer than `current` can only be one a rollback left: it ranks lower.
+    order = [n for n in legacy if current and n > current] + [n for n in legacy if not current or n <= current]
+    for event in events:
+        if event.release:
+            order += [event.previous] if event.previous and event.previous not in order else []
+            order.append(event.release)
+    if current:
+        order.append(current)
+    exists = set(good(releases))
+    seen: list[str] = []
+    for name in reversed(order):
+        if name in exists and name not in seen:
+            seen.append(name)
+    return seen
+
+
+def rolled_back_from(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], current: str | None) -> set[str]:
+    """Releases a rollback left for an older deploy that have not gone live again since (a
+    rollback `--to` a newer release rolls forward: it leaves nothing behind)."""
+    legacy = _legacy(releases, events)
+    deployed = {name: i - len(legacy) for i, name in enumerate(legacy)}  # legacy: in name order, first
+    left = {n for n in legacy if current and n > current}
+    for i, event in enumerate(events):
+        if event.previous:
+            deployed.setdefault(event.previous, -1)
+        if event.mode == Mode.DEPLOY.value:
+            deployed.setdefault(event.release, i)
+        left.discard(event.release)
+        if event.mode == Mode.ROLLBACK.value and event.previous and \
+                deployed.get(event.release, -1) < deployed[event.previous]:
+            left.add(event.previous)
+    return left
+
+
+def previous_live(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], current: str | None) -> str | None:
+    """The default rollback target: the release live before `current`, not one a rollback left."""
+    left = rolled_back_from(releases, events, current)
+    return next((n for n in lineage(releases, events, current) if n != current and n not in left), None)
+
+
+def rollback_target(releases: Sequence[ReleaseInfo], current: str | None, to: str | None = None,
+                    events: Sequence[LiveEvent] = ()) -> str:
     if current is None:
         raise UsageError("there is no current release to roll back from; deploy first")
     if to is not None:
@@ -37,20 +89,27 @@ def rollback_target(releases: Sequence[ReleaseInfo], current: str | None, to: st
             raise UsageError(f"release {to!r} was never completed")
         if to == current:
             raise UsageError(f"release {to!r} is already current")
+        if to not in lineage(releases, events, current):
+            raise UsageError(f"release {to!r} never went live (the deploy that built it did not reach the "
+                             "switch); deploy its ref instead")
         return to
-    target = previous_good(releases, current)
+    target = previous_live(releases, events, current)
     if target is None:
-        raise UsageError(f"nothing to roll back to: no good release older than {current}")
+        left = sorted(rolled_back_from(releases, events, current) & set(good(releases)))
+        undo = f" (a rollback left {', '.join(left)}: `fab rollback --to {left[-1]}` puts it back)" if left else ""
+        raise UsageError(f"nothing to roll back to: no release went live before {current}{undo}")
     return target
 
 
-def to_delete(releases: Sequence[ReleaseInfo], current: str | None, keep: int) -> list[str]:
-    """Releases cleanup removes: all but the `keep` newest good ones, never `current` nor the
-    previous good one; bad ones once they are older than every kept good release; half-built ones."""
-    keep_names = set(good(releases)[-keep:])
+def to_delete(releases: Sequence[ReleaseInfo], current: str | None, keep: int,
+              events: Sequence[LiveEvent] = ()) -> list[str]:
+    """Releases cleanup removes: all but the `keep` most recently live good ones, never `current`
+    nor the rollback target; releases that never went live; bad ones once they are older than
+    every kept release; half-built ones."""
+    keep_names = set(lineage(releases, events, current)[:keep])
     if current:
         keep_names.add(current)
-    previous = previous_good(releases, current)
+    previous = previous_live(releases, events, current)
     if previous:
         keep_names.add(previous)
     oldest_kept = min(keep_names) if keep_names else None

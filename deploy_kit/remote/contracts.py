@@ -197,3 +197,29 @@ class HistoryLine:
         for name in ("action", "result", "when", "who"):
             data.setdefault(name, "")
         return cls(**data)
+
+
+LIVE_LOG = "live.jsonl"  # in deploy_to/.deploy-kit: every change of `current`, appended by the cutover
+
+
+@dataclass
+class LiveEvent:
+    """One line of the live log: `current` moved from `previous` to `release` on this host.
+
+    The log, not the releases' names, says what went live and in which order: rollback targets
+    and cleanup follow it (a release that never went live is neither)."""
+
+    release: str
+    previous: str = ""
+    mode: str = Mode.DEPLOY.value
+    run: str = ""
+    when: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LiveEvent:
+        data = _known(cls, _load(text))
+        data.setdefault("release", "")
+        return cls(**data)

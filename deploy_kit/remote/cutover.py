@@ -31,7 +31,7 @@ import time
 
 from deploy_kit.remote import hostlib
 from deploy_kit.remote.celery_agent import Agent, StepFailed
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode, Step
+from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode, Step
 
 
 def steps(params: dict, hostname: str = "") -> list:
@@ -239,10 +239,12 @@ class Cutover:
                 retired.append(old)
         return "draining " + (", ".join(retired) or "nothing (no older instance ran)")
 
-    def switch(self, name: str) -> str:
+    def switch(self, name: str, back: bool = False) -> str:
         target = os.path.join(self.p["releases_dir"], name)
         if not os.path.isdir(target):
             raise StepFailed(f"release {name} does not exist on this host")
+        if self.live() != name:
+            self.record_live(name, strict=not back)
         current = self.p["current"]
         tmp = f"{current}.deploy-kit-tmp"
         if os.path.lexists(tmp):
@@ -250,6 +252,18 @@ class Cutover:
         os.symlink(os.path.join("releases", name), tmp)
         os.replace(tmp, current)  # rename(2): atomic, never a moment without `current`
         return f"current -> releases/{name}"
+
+    def record_live(self, name: str, strict: bool) -> None:
+        """Append to the live log before `current` moves: a switch it cannot record does not
+        happen (a full disk stops the deploy there); a way back never waits for the log."""
+        event = LiveEvent(name, self.live(), self.p["mode"], self.p["id"], time.time())
+        try:
+            with open(os.path.join(os.path.dirname(self.p["state_file"]), LIVE_LOG), "a") as handle:
+                handle.write(event.to_json() + "\n")
+        except OSError as exc:
+            if strict:
+                raise StepFailed(f"cannot record the switch to {name} ({exc.strerror}); current is unchanged") \
+                    from None
 
     def enable(self, release: str, workers: list) -> str:
         units = [self.instance(w, release) for w in workers]
@@ -372,7 +386,7 @@ class Cutover:
         previous = self.p.get("previous")
         if self.p.get("phase") == "beat":
             if previous:
-                self.step("switch back", self.switch, previous)
+                self.step("switch back", self.switch, previous, True)
                 self.step("restart beat (back)", self.systemctl, "restart", self.p["beat_unit"])
                 self.step("wait for beat (back)", self.wait_beat, previous)
             return

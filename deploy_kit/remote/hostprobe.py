@@ -15,8 +15,9 @@ import os
 import pwd
 import stat
 import sys
+from dataclasses import asdict
 
-from deploy_kit.remote import hostlib
+from deploy_kit.remote import contracts, hostlib
 
 BROKER_PROBE = r'''
 import os, socket, ssl, sys
@@ -169,6 +170,22 @@ def releases(directory: str) -> list:
     return found
 
 
+def live_log(path: str, keep: int = 500) -> list:
+    """The live log's last lines, parsed; a torn or foreign line is skipped."""
+    try:
+        with open(path) as handle:
+            lines = handle.readlines()[-keep:]
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            events.append(asdict(contracts.LiveEvent.from_json(line)))
+        except (ValueError, TypeError):
+            continue
+    return events
+
+
 def main(params: dict) -> None:
     app = params["app"]
     facts: dict = {"python": sys.version.split()[0], "target": target()}
@@ -184,6 +201,7 @@ def main(params: dict) -> None:
         facts["group"] = None
     facts["paths"] = {name: lstat(path) for name, path in params["paths"].items()}
     facts["releases"] = releases(params["paths"]["releases"])
+    facts["live"] = live_log(os.path.join(params["state_dir"], contracts.LIVE_LOG))
     wheel_dir = os.path.join(params["state_dir"], "wheels")
     facts["wheels"] = sorted(os.listdir(wheel_dir)) if os.path.isdir(wheel_dir) else []
     if params.get("lock"):

@@ -50,12 +50,12 @@ def _run(stage, plan_only, make_plan, run, done) -> None:
 
 @task(help={"stage": STAGE_HELP})
 def releases(c, stage=None):
-    """List the releases on every host: name, sha, ref, age, current, bad."""
+    """List the releases on every host: name, sha, ref, age, current, state (bad, never live...)."""
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
         for host, rows in history.release_rows(chosen).items():
-            console.print(ui.table(host, ("release", "sha", "ref", "age", "current", "bad"), rows))
+            console.print(ui.table(host, ("release", "sha", "ref", "age", "current", "state"), rows))
 
 
 @task(help={"stage": STAGE_HELP, "yes": "break the lock without asking"})

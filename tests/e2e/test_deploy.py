@@ -5,7 +5,9 @@ The tests of this module run in order; each leaves the stage deployed and health
 """
 
 import json
+import re
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -122,19 +124,36 @@ def test_a_failing_migration_leaves_current_untouched(stage, sandbox_config, app
     commit(app_repo, {"ledger/migrations/0002_fail.py": None}, "drop the failing migration")
 
 
-def test_rollback_to_the_previous_release_and_to_a_named_one(stage, sandbox_config):
+def test_rollback_follows_what_went_live_and_rolling_back_twice_goes_two_steps_back(stage, sandbox_config):
     proc = deploy(sandbox_config)
     assert proc.returncode == 0, proc.stderr
     latest = current_release(stage, 0)
+    live = [json.loads(line)["release"] for line in on_host(stage, 0, "cat /srv/exampleapp/.deploy-kit/live.jsonl")
+            .splitlines()]
+    assert live[-1] == latest
+    previous = [n for n in live if n != latest][-1]
+    # A release that never went live (a deploy cut off after its build) and sorts between the two.
+    stray = (datetime.strptime(latest, "%Y-%m-%d-%H%M%S") - timedelta(seconds=1)).strftime("%Y-%m-%d-%H%M%S")
+    assert previous < stray < latest
+    for index in (0, 1):
+        on_host(stage, index, f"mkdir {stage.app.releases_dir}/{stray}")
     back = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config)
     assert back.returncode == 0, back.stdout + back.stderr
-    previous = current_release(stage, 0)
-    assert previous < latest and current_release(stage, 1) == previous
+    assert [current_release(stage, i) for i in (0, 1)] == [previous, previous]
     assert "BAD" not in on_host(stage, 0, f"ls {stage.app.releases_dir}/{previous}/.deploy-kit")
     assert call_task(stage, 1, "ledger.tasks.release") == repr(f"/srv/exampleapp/releases/{previous}")
-    forward = fab("rollback", "--stage", TEST_SANDBOX, "--to", latest, config_file=sandbox_config)
-    assert forward.returncode == 0, forward.stderr
-    assert current_release(stage, 0) == latest
+    listing = fab("releases", "--stage", TEST_SANDBOX, config_file=sandbox_config).stdout
+    assert re.search(rf"{stray}.*never live", listing) and re.search(rf"{latest}.*rolled back from", listing)
+    refused = fab("rollback", "--stage", TEST_SANDBOX, "--to", stray, config_file=sandbox_config)
+    assert refused.returncode == 2 and "never went live" in refused.stderr
+    again = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert current_release(stage, 0) not in (previous, stray, latest)  # two steps back, not an undo
+    undo = fab("rollback", "--stage", TEST_SANDBOX, "--to", latest, config_file=sandbox_config)
+    assert undo.returncode == 0, undo.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [latest, latest]
+    for index in (0, 1):
+        on_host(stage, index, f"rmdir {stage.app.releases_dir}/{stray}")
     refused = fab("rollback", "--stage", TEST_SANDBOX, "--to", "2001-01-01-000000", config_file=sandbox_config)
     assert refused.returncode == 2 and "does not exist" in refused.stderr
 

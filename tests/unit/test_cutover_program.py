@@ -4,13 +4,14 @@ what it asks of systemd and Celery, and where each failure leaves the host (no h
 import json
 import os
 import subprocess
+from dataclasses import asdict
 
 import pytest
 
 from deploy_kit import plan
-from deploy_kit.remote import cutover
+from deploy_kit.remote import cutover, hostprobe
 from deploy_kit.remote.celery_agent import StepFailed
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode
 
 from .samples import stage_of
 
@@ -210,3 +211,43 @@ def test_restart_in_place_stops_the_old_worker_first_and_starts_it_again_on_fail
     assert not (tmp / "run" / f"default@{NEW}.env").exists()  # it consumed the real queues at once
     assert f"kill --signal=SIGKILL {UNIT.format(NEW)}" not in verbs  # it may hold user tasks: warm stop
     assert verbs[-2:] == [f"reset-failed {UNIT.format(NEW)}", f"start {UNIT.format(OLD)}"]
+
+
+def live_log(tmp) -> list[LiveEvent]:
+    path = tmp / LIVE_LOG
+    return [LiveEvent.from_json(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_every_move_of_current_is_appended_to_the_live_log(host, monkeypatch):
+    tmp, params = host
+    run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    monkeypatch.setattr(cutover.Cutover, "wait_beat", lambda self, release: "ok")
+    run_program(monkeypatch, FakeSystemd({"shop-beat.service": "active"}), params(phase="beat"))  # no move
+    assert [(e.previous, e.release, e.mode, e.run) for e in live_log(tmp)] == [(OLD, NEW, "deploy", "run1")]
+    hostprobe_events = hostprobe.live_log(str(tmp / LIVE_LOG))
+    assert hostprobe_events == [asdict(e) for e in live_log(tmp)]
+
+
+def test_a_switch_it_cannot_record_does_not_happen(host, monkeypatch):
+    tmp, params = host
+    (tmp / LIVE_LOG).mkdir()  # any write error: a full disk, a read-only file system
+    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    assert state.status == CutoverStatus.ROLLED_BACK and "cannot record the switch" in state.failure
+    assert os.readlink(tmp / "current") == f"releases/{OLD}"
+
+
+def test_a_way_back_does_not_wait_for_the_live_log(host, monkeypatch):
+    tmp, params = host
+    monkeypatch.setattr(cutover.Cutover, "wait_beat", lambda self, release: (_ for _ in ()).throw(
+        StepFailed("Beat does not run")) if release == NEW else "ok")
+    real = cutover.Cutover.record_live
+
+    def full_after_first(self, name, strict):  # the disk fills up after the switch forward
+        real(self, name, strict)
+        if (tmp / LIVE_LOG).is_file():
+            (tmp / LIVE_LOG).unlink()
+            (tmp / LIVE_LOG).mkdir()
+
+    monkeypatch.setattr(cutover.Cutover, "record_live", full_after_first)
+    state = run_program(monkeypatch, FakeSystemd({"shop-beat.service": "active"}), params(phase="beat"))
+    assert state.status == CutoverStatus.ROLLED_BACK and os.readlink(tmp / "current") == f"releases/{OLD}"

@@ -5,6 +5,7 @@ import pytest
 from deploy_kit import releases
 from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import ReleaseInfo
+from deploy_kit.remote.contracts import LiveEvent
 
 A, B, C, D, E, F = (f"2026-11-{day:02d}-120000" for day in range(20, 26))
 
@@ -26,12 +27,12 @@ def test_good_releases_sorted_by_name_without_bad_half_built_or_foreign_ones():
     assert releases.good(found) == [A, C]
 
 
-def test_previous_good_is_the_newest_good_one_older_than_current():
+def test_without_a_live_log_releases_went_live_in_name_order():
     found = [good(A), good(B), bad(C), good(D)]
-    assert releases.previous_good(found, D) == B
-    assert releases.previous_good(found, B) == A
-    assert releases.previous_good(found, A) is None
-    assert releases.previous_good(found, None) == D
+    assert releases.previous_live(found, (), D) == B
+    assert releases.previous_live(found, (), B) == A
+    assert releases.previous_live(found, (), A) is None
+    assert releases.previous_live(found, (), None) == D
 
 
 def test_rollback_goes_to_the_previous_good_release_by_default():
@@ -78,7 +79,7 @@ def test_rollback_refuses_an_unknown_release_and_lists_the_good_ones():
 
 
 def test_rollback_refuses_when_no_older_good_release_exists():
-    with pytest.raises(UsageError, match=f"no good release older than {B}"):
+    with pytest.raises(UsageError, match=f"no release went live before {B}"):
         releases.rollback_target([bad(A), good(B), good(C)], B)
 
 
@@ -97,11 +98,9 @@ def test_cleanup_with_nothing_to_delete():
 
 
 def test_cleanup_never_deletes_current_nor_the_previous_good_one():
-    # After a rollback to B, C..F are newer; B (current) and A (previous good) are outside the kept window.
+    # Before the live log: after a rollback to B, C..F are the ones rollbacks left; A was live before B.
     found = [good(n) for n in (A, B, C, D, E, F)]
-    doomed = releases.to_delete(found, B, keep=2)
-    assert A not in doomed and B not in doomed
-    assert doomed == [C, D]
+    assert releases.to_delete(found, B, keep=3) == [C, D, E]
 
 
 def test_cleanup_does_not_count_bad_releases_as_kept_good_ones():
@@ -128,3 +127,61 @@ def test_cleanup_always_deletes_half_built_releases():
 def test_cleanup_leaves_directories_that_are_not_releases():
     found = [ReleaseInfo("notes", False, False, {}), good(A), good(B), good(C)]
     assert releases.to_delete(found, C, keep=2) == [A]
+
+
+# --- the live log decides: what went live, in which order ---------------------------------
+
+OLD = "2026-11-19-120000"  # a release built on a laptop whose clock was behind
+
+
+def went_live(*moves: tuple[str, str] | tuple[str, str, str]) -> tuple[LiveEvent, ...]:
+    """(previous, release[, mode]) per move of `current`, oldest first."""
+    return tuple(LiveEvent(m[1], m[0], m[2] if len(m) > 2 else "deploy") for m in moves)
+
+
+def test_a_release_that_never_went_live_is_no_rollback_target_and_cleanup_deletes_it():
+    # D was built (a cut-off deploy renamed it into place) but never switched to.
+    found = [good(A), good(B), good(C), good(D)]
+    log = went_live(("", A), (A, B), (B, C))
+    assert releases.rollback_target(found, C, events=log) == B
+    assert releases.to_delete(found, C, keep=5, events=log) == [D]
+    with pytest.raises(UsageError, match="never went live"):
+        releases.rollback_target(found, C, to=D, events=log)
+
+
+def test_order_comes_from_the_log_not_from_names():
+    found = [good(OLD), good(A), good(B)]
+    log = went_live(("", A), (A, B), (B, OLD))
+    assert releases.rollback_target(found, OLD, events=log) == B
+    assert releases.to_delete(found, OLD, keep=2, events=log) == [A]
+
+
+def test_rolling_back_twice_goes_two_steps_back_and_rollback_to_undoes_it():
+    found = [good(A), good(B), good(C)]
+    log = went_live(("", A), (A, B), (B, C), (C, B, "rollback"))
+    assert releases.rollback_target(found, B, events=log) == A
+    log += went_live((B, A, "rollback"))
+    with pytest.raises(UsageError) as info:
+        releases.rollback_target(found, A, events=log)
+    assert f"no release went live before {A}" in str(info.value)
+    assert f"`fab rollback --to {C}`" in str(info.value)
+    assert releases.rollback_target(found, A, to=C, events=log) == C
+    # Undone: C is live again, and a rollback from it goes to A, the release live before it.
+    log += went_live((A, C, "rollback"))
+    assert releases.rollback_target(found, C, events=log) == A
+
+
+def test_cleanup_keeps_the_most_recently_live_releases_and_the_rollback_target():
+    found = [good(n) for n in (A, B, C, D)]
+    log = went_live(("", A), (A, B), (B, C), (C, D), (D, B, "rollback"))
+    # Live order, most recent first: B, D (left by the rollback), C, A; the target is C.
+    assert releases.lineage(found, log, B) == [B, D, C, A]
+    assert releases.to_delete(found, B, keep=2, events=log) == [A]
+
+
+def test_releases_from_before_the_log_count_as_live_in_name_order():
+    found = [good(A), good(B), good(C)]
+    log = went_live((B, C))  # the first deploy with a live log left B
+    assert releases.rollback_target(found, C, events=log) == B
+    log += went_live((C, B, "rollback"))
+    assert releases.rollback_target(found, B, events=log) == A
