@@ -38,7 +38,7 @@ def _deploy_kit_load(sources):
     return module
 '''
 
-_ENCODE = "percent-encode them: / as %2F, # as %23, ? as %3F, @ as %40"
+_ENCODE = "percent-encode them: / as %2F, # as %23, ? as %3F, @ as %40, ; as %3B"
 
 
 def env_value(raw: str) -> str:
@@ -171,11 +171,13 @@ def mask_url(url: str) -> str:
 
 def url_secrets(url: str) -> set:
     """Every text that output must never show of a URL: its user info and its password, each raw,
-    percent-decoded and percent-encoded (as a client library may print them)."""
-    userinfo = _split_url(url)[1]
+    percent-decoded and percent-encoded (as a client library may print them); of the whole URL
+    and of each of a failover list's (`URL;URL`, as Celery reads it)."""
     found = set()
-    for part in (userinfo, userinfo.partition(":")[2]):
-        found |= {form for raw in (part, unquote(part)) for form in (raw, quote(raw, safe=""))}
+    for one in {url, *url.split(";")}:
+        userinfo = _split_url(one)[1]
+        for part in (userinfo, userinfo.partition(":")[2]):
+            found |= {form for raw in (part, unquote(part)) for form in (raw, quote(raw, safe=""))}
     return {secret for secret in found if secret}
 
 
@@ -187,17 +189,18 @@ def hide(text: str, secrets) -> str:
 
 
 def url_problem(url: str, name: str) -> str:
-    """Why clients (urllib, kombu, redis-py) would misread the URL in variable `name`, or "".
-    Never quotes the URL: what they misread is part of the password."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return f"{name} is not a valid URL (if the password holds / # ? @ [ or ], {_ENCODE}, [ as %5B, ] as %5D)"
-    if parts.netloc.rpartition("@")[0] != _split_url(url)[1]:
-        return (f"the password of {name} holds an unencoded / # or ?, so Celery would read part of it as the "
-                f"host: {_ENCODE}")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        return f"the port of {name} is not a number (if the password holds / # ? or @, {_ENCODE})"
+    """Why clients (urllib, kombu, redis-py) would misread the URL in variable `name` (each URL of
+    a `URL;URL` failover list), or "". Never quotes the URL: what they misread is part of the password."""
+    for one in url.split(";"):
+        try:
+            parts = urlsplit(one)
+        except ValueError:
+            return f"{name} is not a valid URL (if the password holds / # ? @ ; [ or ], {_ENCODE}, [ as %5B, ] as %5D)"
+        if parts.netloc.rpartition("@")[0] != _split_url(one)[1]:
+            return (f"the password of {name} holds an unencoded / # or ?, so Celery would read part of it as "
+                    f"the host: {_ENCODE}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            return f"the port of {name} is not a number (if the password holds / # ? ; or @, {_ENCODE})"
     return ""

@@ -1,8 +1,10 @@
 """No part of a broker password ever reaches output: the broker probe that `fab check` and the
-deploy preflight run as the service, fed hostile URLs (passwords with unencoded / # ? @, percent
-signs, spaces, base64), with kombu faked to quote the URL in its error, without kombu, and
-against a fake Redis that quotes the AUTH command back. Runs the probe's program text locally."""
+deploy preflight run as the service, and the Celery agent of a handover, fed hostile URLs
+(passwords with unencoded / # ? @, percent signs, spaces, base64): the probe with kombu faked
+to quote the URL in its error, without kombu, and against a fake Redis that quotes the AUTH
+command back. Runs the programs' texts locally."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from deploy_kit.remote import hostlib, hostprobe
+from deploy_kit.remote import celery_agent, hostlib, hostprobe
 
 # Mixed case and digits, so that no run of four of their characters is an English word of the output.
 PASSWORDS = ["Xk9/qZ#wRt?8vQ", "pQ@Ss/Wz#rD?x7", "q3+Z/Kw9Lm8Vt==", "Gh 7qZx 9Bv", "a%2Fb%zzQw9/Jk",
@@ -75,6 +77,14 @@ def test_mask_url_and_url_secrets_cover_the_whole_password(password, url):
     assert_hidden(hostlib.hide(text, hostlib.url_secrets(url)), password)
 
 
+def test_every_password_of_a_failover_list_is_a_secret():
+    url = "amqp://u:Tr0ub4dor@h1:5672//;amqp://u:Qw7%2Fzx9k@h2:5672//"
+    assert {"Tr0ub4dor", "Qw7%2Fzx9k", "Qw7/zx9k"} <= hostlib.url_secrets(url)
+    assert_hidden(hostlib.hide(f"{url} / Tr0ub4dor", hostlib.url_secrets(url)), "Tr0ub4dor")
+    assert_hidden(hostlib.hide("redis://:Tr0ub;4dor@host:6379/0", hostlib.url_secrets("redis://:Tr0ub;4dor@host")),
+                  "Tr0ub;4dor")
+
+
 def test_mask_url_leaves_a_url_without_credentials_alone():
     assert hostlib.mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert hostlib.url_secrets("redis://127.0.0.1:6379/0") == set()
@@ -88,6 +98,9 @@ def test_mask_url_leaves_a_url_without_credentials_alone():
     ("redis://:Tr0[ub4dor@host:6379/0", "X is not a valid URL"),
     ("redis://:p%40ss%2Fw%23rd@host:6379/0", ""),
     ("amqp://user:p@ss@host:5672//", ""),
+    ("amqp://u:Tr0ub4dor@h1:5672//;amqp://u:Tr0ub4dor@h2:5672//", ""),
+    ("sentinel://:Tr0ub4dor@h1:26379;sentinel://:Tr0ub4dor@h2:26379", ""),
+    ("redis://:Tr0ub;4dor@host:6379/0", "the port of X is not a number"),
 ])
 def test_url_problem_names_what_clients_would_misread_without_quoting_it(url, says):
     problem = hostlib.url_problem(url, "X")
@@ -140,3 +153,19 @@ def test_the_probe_masks_what_redis_quotes_back_of_the_auth_command(tmp_path):
             assert_hidden(output, password)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("password, url", [(pw, TEMPLATES[i % len(TEMPLATES)].format(pw=pw, port=6379))
+                                           for i, pw in enumerate(PASSWORDS)])
+def test_the_celery_agent_never_shows_the_password(tmp_path, password, url):
+    """The agent's own program text (hostlib shipped along), with an app whose import quotes the URLs."""
+    (tmp_path / "loudapp.py").write_text("import os\nraise RuntimeError(os.environ['CELERY_BROKER_URL'] + ' ' + "
+                                         "os.environ['CELERY_RESULT_BACKEND'])\n")
+    env = {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url.replace("amqp", "rpc"), "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", celery_agent.program(), "loudapp"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    answer = json.loads(proc.stdout.splitlines()[0])
+    assert answer["ok"] is False
+    assert_hidden(proc.stdout + proc.stderr, password)
+    if not hostlib.url_problem(url, "CELERY_BROKER_URL"):
+        assert answer["detail"].startswith("RuntimeError: ") and "://***@127.0.0.1:6379" in answer["detail"]
