@@ -14,23 +14,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from deploy_kit.remote import hostlib
+
 # The modules a program may import; the loader adds them to sys.modules in this order.
 MODULES = ("contracts", "hostlib", "celery_agent")
-
-_LOADER = '''import json, sys, types
-def _deploy_kit_load(sources):
-    for name in ("deploy_kit", "deploy_kit.remote"):
-        package = sys.modules.setdefault(name, types.ModuleType(name))
-        package.__path__ = []
-    for name, source in sources:
-        module = types.ModuleType("deploy_kit.remote." + name)
-        module.__file__ = "<deploy-kit %s>" % name
-        module.__source__ = source
-        sys.modules[module.__name__] = module
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
-        setattr(sys.modules["deploy_kit.remote"], name, module)
-    return module
-'''
 
 
 @cache
@@ -41,5 +28,4 @@ def source(name: str) -> str:
 def program(name: str, params: dict[str, Any]) -> str:
     """The text of a program that runs `deploy_kit.remote.NAME.main(params)` on a host."""
     modules = [m for m in MODULES if m != name] + [name]
-    sources = json.dumps([(m, source(m)) for m in modules])
-    return (f"{_LOADER}_deploy_kit_load(json.loads({sources!r})).main(json.loads({json.dumps(params)!r}))\n")
+    return hostlib.bundle([(m, source(m)) for m in modules], f"module.main(json.loads({json.dumps(params)!r}))\n")

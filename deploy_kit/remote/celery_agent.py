@@ -25,34 +25,15 @@ import select
 import subprocess
 import sys
 import time
-from urllib.parse import quote, unquote, urlsplit
 
+from deploy_kit.remote import hostlib
 
-def _secrets() -> list:
-    found = []
-    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
-        url = os.environ.get(name, "")
-        # Cut the password out by position, so one with an unencoded '/', '#' or '?' is still found.
-        rest = url.split("://", 1)[-1]
-        userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
-        if ":" in userinfo:
-            found.append(userinfo.split(":", 1)[1])
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            found.append(password)
-    return [v for s in found for v in (s, unquote(s), quote(unquote(s), safe="")) if v]
-
-
-SECRETS = _secrets()
+URL_NAMES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+SECRETS = set().union(*(hostlib.url_secrets(os.environ.get(name, "")) for name in URL_NAMES))
 
 
 def say(ok: bool, detail: str) -> None:
-    for secret in SECRETS:
-        detail = detail.replace(secret, "***")
-    sys.stdout.write(json.dumps({"ok": ok, "detail": detail}) + "\n")
+    sys.stdout.write(json.dumps({"ok": ok, "detail": hostlib.hide(detail, SECRETS)}) + "\n")
     sys.stdout.flush()
 
 
@@ -151,6 +132,10 @@ def handle(app, request: dict) -> str:
 
 
 def main(celery_app: str) -> None:
+    problem = hostlib.url_problem(os.environ.get("CELERY_BROKER_URL", ""), "CELERY_BROKER_URL")
+    if problem:
+        say(False, problem)
+        return
     try:
         from celery.app.utils import find_app
         from celery.backends.base import DisabledBackend
@@ -188,14 +173,11 @@ class Agent:
     """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
 
     def __init__(self, params: dict, release: str):
-        # Here, not at the top: the service's Python that runs main() has no deploy_kit package.
-        from deploy_kit.remote import hostlib
-
         directory = os.path.join(params["releases_dir"], release)
         python = os.path.join(directory, params["venv"], "bin", "python")
         self.proc = subprocess.Popen(
             hostlib.service_argv(params["service_environment"], directory,
-                                 [python, "-c", source(), params["app"]["celery_app"]]),
+                                 [python, "-c", program(), params["app"]["celery_app"]]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
@@ -230,16 +212,8 @@ class Agent:
             self.proc.kill()
 
 
-def source() -> str:
-    """This module's text: shipped inside the cutover program (deploy_kit.remote.program), or its file."""
-    module = sys.modules[__name__]
-    shipped = getattr(module, "__source__", None)
-    if shipped:
-        return shipped
-    with open(__file__) as handle:
-        return handle.read()
-
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+def program() -> str:
+    """This module and hostlib as one text that runs `main(sys.argv[1])` on the service's Python,
+    which has no deploy_kit package."""
+    sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "celery_agent")]
+    return hostlib.bundle(sources, "module.main(sys.argv[1])\n")

@@ -4,6 +4,10 @@ command as the service (the unit's user, env file and sandbox), and `systemctl s
 Also the deploy lock: taken with mkdir (atomic), its holder (`contracts.LockHolder`) in a file
 beside it; a run releases it only while the holder carries that run's token.
 
+And what never lets a URL's credentials out (`url_secrets`, `hide`, `mask_url`), and the loader
+that ships host modules inside one program text (`bundle`), here so a host program can ship
+this module again to the Python it starts (the broker probe, the Celery agent).
+
 Runs on hosts (Python 3.8+, stdlib only) and on the control machine alike: `fab env.show`,
 `fab check` and the units themselves read an env file by the same rule.
 """
@@ -14,8 +18,27 @@ import json
 import os
 import re
 import subprocess
+import sys
+from urllib.parse import quote, unquote, urlsplit
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+LOADER = '''import json, sys, types
+def _deploy_kit_load(sources):
+    for name in ("deploy_kit", "deploy_kit.remote"):
+        package = sys.modules.setdefault(name, types.ModuleType(name))
+        package.__path__ = []
+    for name, source in sources:
+        module = types.ModuleType("deploy_kit.remote." + name)
+        module.__file__ = "<deploy-kit %s>" % name
+        module.__source__ = source
+        sys.modules[module.__name__] = module
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        setattr(sys.modules["deploy_kit.remote"], name, module)
+    return module
+'''
+
+_ENCODE = "percent-encode them: / as %2F, # as %23, ? as %3F, @ as %40, ; as %3B"
 
 
 def env_value(raw: str) -> str:
@@ -112,3 +135,72 @@ def take_lock(state_dir: str, holder: dict) -> dict:
     with open(os.path.join(lock, "holder.json"), "w") as handle:
         json.dump(holder, handle)
     return {"acquired": True, "holder": holder}
+
+
+def bundle(sources: list, tail: str) -> str:
+    """Python text that loads `sources` [(NAME, text)] as deploy_kit.remote.NAME, then runs `tail`
+    (where `module` is the last of them): runs on a python3 that has no deploy_kit package."""
+    return f"{LOADER}module = _deploy_kit_load(json.loads({json.dumps(sources)!r}))\n{tail}"
+
+
+def source_of(name: str) -> str:
+    """The text of deploy_kit.remote.NAME (loaded already): as shipped in a program, or its file."""
+    module = sys.modules["deploy_kit.remote." + name]
+    shipped = getattr(module, "__source__", None)
+    if shipped:
+        return shipped
+    with open(module.__file__) as handle:
+        return handle.read()
+
+
+def _split_url(url: str) -> tuple:
+    """(`scheme://`, user info, the rest): the user info runs to the LAST `@`, so a password with
+    an unencoded / # ? or @ is cut out whole (urlsplit would end it at the first / # or ?)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    return scheme + sep, userinfo if at else "", host if at else rest
+
+
+def mask_url(url: str) -> str:
+    """The URL with its whole user info (user and password) shown as `***`."""
+    head, userinfo, rest = _split_url(url)
+    return head + "***@" + rest if userinfo else url
+
+
+def url_secrets(url: str) -> set:
+    """Every text that output must never show of a URL: its user info and its password, each raw,
+    percent-decoded and percent-encoded (as a client library may print them); of the whole URL
+    and of each of a failover list's (`URL;URL`, as Celery reads it)."""
+    found = set()
+    for one in {url, *url.split(";")}:
+        userinfo = _split_url(one)[1]
+        for part in (userinfo, userinfo.partition(":")[2]):
+            found |= {form for raw in (part, unquote(part)) for form in (raw, quote(raw, safe=""))}
+    return {secret for secret in found if secret}
+
+
+def hide(text: str, secrets) -> str:
+    """`text` with every secret replaced by `***`, the longest first (so no part of one is left)."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def url_problem(url: str, name: str) -> str:
+    """Why clients (urllib, kombu, redis-py) would misread the URL in variable `name` (each URL of
+    a `URL;URL` failover list), or "". Never quotes the URL: what they misread is part of the password."""
+    for one in url.split(";"):
+        try:
+            parts = urlsplit(one)
+        except ValueError:
+            return f"{name} is not a valid URL (if the password holds / # ? @ ; [ or ], {_ENCODE}, [ as %5B, ] as %5D)"
+        if parts.netloc.rpartition("@")[0] != _split_url(one)[1]:
+            return (f"the password of {name} holds an unencoded / # or ?, so Celery would read part of it as "
+                    f"the host: {_ENCODE}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            return f"the port of {name} is not a number (if the password holds / # ? ; or @, {_ENCODE})"
+    return ""

@@ -19,18 +19,22 @@ from dataclasses import asdict
 
 from deploy_kit.remote import contracts, hostlib
 
+# Run by the service's python3, which has no deploy_kit: `broker_probe()` ships hostlib with it.
 BROKER_PROBE = r'''
 import os, socket, ssl, sys
 from urllib.parse import urlsplit, unquote
+from deploy_kit.remote.hostlib import hide, url_problem, url_secrets
 url = os.environ.get("CELERY_BROKER_URL", "").strip()
-secret = ""
+secrets = url_secrets(url)
 def out(ok, text):
-    if secret:
-        text = text.replace(secret, "***")
-    print(("ok " if ok else "fail ") + text)
+    print(("ok " if ok else "fail ") + hide(text, secrets))
     sys.exit(0 if ok else 1)
+sys.excepthook = lambda kind, exc, tb: print("fail " + hide("%s: %s" % (kind.__name__, exc), secrets))
 if not url:
     out(False, "CELERY_BROKER_URL is empty in the service's environment")
+problem = url_problem(url, "CELERY_BROKER_URL")
+if problem:
+    out(False, problem)
 parts = urlsplit(url)
 secret = unquote(parts.password or "")
 try:
@@ -122,6 +126,11 @@ def env_keys(path: str) -> list:
             return [key for key, value in hostlib.env_values(handle.read()).items() if value.strip()]
     except OSError:
         return []
+
+
+def broker_probe() -> str:
+    """The broker probe with hostlib shipped along (it masks the URL's credentials)."""
+    return hostlib.bundle([("hostlib", hostlib.source_of("hostlib"))], BROKER_PROBE)
 
 
 def as_service(params: dict, code: str, args: list, with_release: bool) -> dict:
@@ -277,7 +286,7 @@ def check_facts(params: dict, facts: dict) -> dict:
     can_run = facts["user"] is not None and facts["group"] is not None \
         and facts["paths"].get("env_file") is not None
     if can_run:
-        result["broker"] = as_service(params, BROKER_PROBE, [], has_release)
+        result["broker"] = as_service(params, broker_probe(), [], has_release)
         if has_release:
             code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", params["release_python"], "-m",
                               "celery", "--version"])
