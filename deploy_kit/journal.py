@@ -3,9 +3,11 @@
 One `journalctl -o json` per host, on a channel of that host's SSH connection, filtered on
 the host (units, --since, -n, --grep), so only the wanted lines cross the network. Each
 line carries its journal cursor: a host that drops is reported once, reconnected with
-backoff, and resumed after the last line shown, with nothing duplicated or skipped. The
-remote journalctl is tied to the channel's stdin, so it ends as soon as the channel does
-(Ctrl-C, a closed connection): no journalctl is left running on a host.
+backoff, and resumed after the last line shown, with nothing duplicated or skipped. A listing
+(no follow) is finished the same way, within LISTING_RESUMES tries, or reported incomplete; a
+host it cannot reach at all is reported unreachable at once. The remote journalctl is tied
+to the channel's stdin, so it ends as soon as the channel does (Ctrl-C, a closed
+connection): no journalctl is left running on a host.
 
 `fab logs` and `fab deploy` (during restart and verification) use the same code.
 """
@@ -30,6 +32,10 @@ from deploy_kit.errors import DeployKitError
 from deploy_kit.ssh import RemoteHost, connect
 
 q = shlex.quote
+
+# How many times a listing (no follow) cut by a dropped connection is resumed before the host is
+# reported incomplete: 1+2+4+8+10 s of backoff.
+LISTING_RESUMES = 5
 
 # The classic reasons a Celery worker fails under systemd, and what each usually means.
 HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -146,20 +152,21 @@ def parse_line(host: str, raw: str | bytes) -> JournalLine | None:
 
 
 class HostStream(threading.Thread):
-    """Follows one host's journal into `out`; reconnects by itself unless `remote` was given."""
+    """Follows (or lists) one host's journal into `out`; reconnects by itself unless `remote` was given."""
 
     def __init__(self, host: Host, stage: Stage, out: queue.Queue[object], *, units: list[str],
                  since: str | None, lines: int | None, grep: str | None, follow: bool,
-                 remote: RemoteHost | None = None, max_backoff: float = 10.0):
+                 remote: RemoteHost | None = None, backoff: float = 1.0, max_backoff: float = 10.0):
         super().__init__(name=f"journal-{host.name}", daemon=True)
         self.host, self.stage, self.out = host, stage, out
         self.units, self.since, self.lines, self.grep, self.follow = units, since, lines, grep, follow
         self.remote = remote
         self.own_connection = remote is None
-        self.cursor: str | None = None
+        self.cursor: str | None = None  # of the last line shown: a resume starts after it
+        self.shown = 0
         self.stopping = threading.Event()
         self.channel: paramiko.Channel | None = None
-        self.max_backoff = max_backoff
+        self.first_backoff, self.max_backoff = backoff, max_backoff
 
     def stop(self) -> None:
         self.stopping.set()
@@ -177,17 +184,21 @@ class HostStream(threading.Thread):
             self.out.put(None)  # this host is done, whatever happened
 
     def _follow(self) -> None:
-        backoff = 1.0
+        backoff = self.first_backoff
         down = False
+        reached = False  # a listing only resumes on a host it reached once
+        tries = 0  # resumes of a listing since its last new line
         while not self.stopping.is_set():
+            shown = self.shown
             try:
                 if self.remote is None:
                     self.remote = connect(self.host, self.stage.ssh)
+                reached = True
                 if down:
                     self.out.put(HostEvent(self.host.name, "reconnected; resuming after the last line shown",
                                            error=False))
                     down = False
-                backoff = 1.0
+                backoff = self.first_backoff
                 self._stream()
                 if not self.follow or self.stopping.is_set():
                     break
@@ -198,13 +209,26 @@ class HostStream(threading.Thread):
                 if not self.own_connection:
                     self.out.put(HostEvent(self.host.name, f"journal stream lost: {_reason(exc)}"))
                     break
+                if self.shown > shown:
+                    tries = 0
+                if not self.follow and (not reached or tries == LISTING_RESUMES):
+                    self.out.put(HostEvent(self.host.name, self._failed_listing(reached, exc), fatal=True))
+                    break
+                tries += 1
                 if not down:
-                    self.out.put(HostEvent(self.host.name, f"unreachable ({_reason(exc)}); "
-                                           "retrying with backoff, the other hosts keep streaming"))
+                    ahead = ("retrying with backoff, the other hosts keep streaming" if self.follow
+                             else "retrying with backoff to finish the listing")
+                    self.out.put(HostEvent(self.host.name, f"unreachable ({_reason(exc)}); {ahead}"))
                     down = True
                 self._drop_connection()
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
+
+    def _failed_listing(self, reached: bool, exc: BaseException) -> str:
+        """Why a listing ends unfinished: the host was never reached, or it was cut and not resumed."""
+        if not reached:
+            return f"unreachable: {_reason(exc)}"
+        return f"incomplete: cut after {self.shown} line{'' if self.shown == 1 else 's'} ({_reason(exc)})"
 
     def _drop_connection(self) -> None:
         if self.remote is not None and self.own_connection:
@@ -213,6 +237,10 @@ class HostStream(threading.Thread):
             self.remote = None
 
     def _stream(self) -> None:
+        """One journalctl on a new channel, until it ends by itself or is stopped; ConnectionError
+        when the connection drops first. Resumed (after a line was shown), it starts after that
+        line and lists no more than the rest of the first request's -n window; before any line,
+        it repeats that request as it was."""
         assert self.remote is not None
         command = journal_command(self.units, since=self.since, lines=self.lines, grep=self.grep,
                                   follow=self.follow, after_cursor=self.cursor)
@@ -234,17 +262,24 @@ class HostStream(threading.Thread):
                     line = parse_line(self.host.name, raw)
                     if line is not None:
                         self.cursor = line.cursor
+                        self.shown += 1
                         self.out.put(line)
-            if not self.stopping.is_set() and channel.exit_status_ready():
-                status = channel.recv_exit_status()
-                error = channel.recv_stderr(4096).decode(errors="replace").strip() if status not in (0, -1) else ""
-                if "sudo:" in error and "password" in error:  # retrying would not help
-                    self.out.put(HostEvent(self.host.name, f"sudo asks {self.host.user} for a password: "
-                                           "allow it passwordless sudo to read the journal", fatal=True))
-                    self.stopping.set()
-                elif status not in (0, -1) and error:
-                    self.out.put(HostEvent(self.host.name, f"journalctl failed: {error}", fatal=True))
-                    self.stopping.set()
+                        if not self.follow and self.lines is not None and self.shown >= self.lines:
+                            return  # the window is complete (a resumed listing runs past it)
+            if self.stopping.is_set():
+                return
+            status = channel.recv_exit_status()  # -1: the channel closed without one, the connection dropped
+            if status == -1:
+                raise ConnectionError("the connection dropped")
+            # Any other status ends it: journalctl exits 1 when --grep matched nothing.
+            error = channel.recv_stderr(4096).decode(errors="replace").strip() if status != 0 else ""
+            if "sudo:" in error and "password" in error:  # retrying would not help
+                self.out.put(HostEvent(self.host.name, f"sudo asks {self.host.user} for a password: "
+                                       "allow it passwordless sudo to read the journal", fatal=True))
+                self.stopping.set()
+            elif error:
+                self.out.put(HostEvent(self.host.name, f"journalctl failed: {error}", fatal=True))
+                self.stopping.set()
         finally:
             self.channel = None
             with contextlib.suppress(Exception):

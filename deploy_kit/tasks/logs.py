@@ -17,7 +17,7 @@ from ._stage import STAGE_HELP, load_stage
     "since": "what journalctl --since takes: '10 min ago', '2026-11-24 12:00'",
     "n": "the last N lines per host",
     "grep": "only lines matching this pattern (matched on the hosts)",
-    "follow": "keep streaming new lines (default); --no-follow prints and ends",
+    "follow": "keep streaming new lines (default); --no-follow prints and ends (exit 7: a host not listed whole)",
     "json": "one JSON object per line: host, unit, timestamp, priority, message",
 })
 def logs(c, stage=None, service=None, host=None, since=None, n=None, grep=None, follow=True, json=False):
