@@ -15,7 +15,7 @@ traceback:
     ├── ReleaseError            the release could not be made here (git); exit code 9
     │   └── WheelError          the wheels for the hosts could not be fetched
     ├── PreflightFailed         a `fab check` check failed; nothing was changed; exit code 3
-    ├── Locked                  another deploy or rollback holds the lock; exit code 4
+    ├── Locked                  another deploy, rollback or setup holds the lock; exit code 4
     ├── DeployFailed            the cutover failed; exit code 5 (every host back) or 6 (not)
     └── SandboxError            the sandbox hosts could not be booted or torn down; exit code 8
 
@@ -43,7 +43,7 @@ EXIT_CODES: Mapping[int, str] = {
     EXIT_ERROR: "unexpected error",
     EXIT_CONFIG: "invalid configuration or command-line usage",
     EXIT_PREFLIGHT: "a preflight check failed; nothing was changed",
-    EXIT_LOCKED: "another deploy or rollback holds the lock",
+    EXIT_LOCKED: "another deploy, rollback or setup holds the lock",
     EXIT_ROLLED_BACK: "the deploy failed and every host was rolled back",
     EXIT_ROLLBACK_FAILED: "the deploy failed and the rollback failed too: act now",
     EXIT_HOST: "a host could not be reached or a remote command failed",

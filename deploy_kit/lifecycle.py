@@ -19,18 +19,17 @@ prints the same steps, built from a read-only probe.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from datetime import datetime
 
 from deploy_kit import checks, outcome
 from deploy_kit import plan as plans
 from deploy_kit.config import Stage
-from deploy_kit.errors import DeployKitError, HostsFailed, Locked, PreflightFailed
+from deploy_kit.errors import DeployKitError, HostsFailed, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Script, Step
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, LockHolder, Mode
-from deploy_kit.runner import Outcome, Run, Say
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.runner import Outcome, Run, Say, locked_error
 
 
 def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Outcome:
@@ -70,8 +69,7 @@ def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = N
             if warning:
                 run.outcome.notes.append(f"{step.host}: {warning}")
                 say(step.host, f"warning: {warning}")
-        run.outcome.release = run.history.release = the_plan.release
-        run.history.from_release = plans.current_release(next(iter(facts.values())))
+        run.outcome.release = run.history.release = the_plan.release  # each host records its own move
         beat = run.cutover(the_plan.phase(Phase.BEAT))
         if outcome.verdict(Mode.ROLLBACK, beat).ok:
             beat.update(run.cutover(the_plan.phase(Phase.CUTOVER)))
@@ -109,12 +107,10 @@ def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
     except BaseException:
         release_locks(run)
         raise
-    held = {h: f.lock.holder for h, f in facts.items() if f.lock and not f.lock.acquired}
-    if held:
+    locked = locked_error(run.stage, facts)
+    if locked:
         release_locks(run)
-        lines = [f"  {host}: {LockHolder.from_json(json.dumps(h)).describe()}" for host, h in held.items()]
-        raise Locked(f"another deploy or rollback holds the lock of {run.stage.app.name}:\n" + "\n".join(lines)
-                     + f"\nWait for it, or if it is dead: `fab unlock --stage {run.stage.name}`")
+        raise locked
     run.facts = facts
     return facts
 

@@ -96,9 +96,12 @@ class Finish:
     delete: tuple[str, ...] = ()
     unlock: bool = True
     history: bool = True
+    release: str = ""  # what the history line records for this host: the release it went to
+    previous: str = ""  # and the one it left
 
     def lines(self) -> list[Line]:
-        return [*([("", "append the history line to .deploy-kit/history.jsonl")] if self.history else []),
+        moved = f" ({self.previous or 'none'} -> {self.release})" if self.release else ""
+        return [*([("", f"append the history line{moved} to .deploy-kit/history.jsonl")] if self.history else []),
                 *(("", f"rm -rf releases/{name}") for name in self.delete),
                 *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
 
@@ -212,9 +215,15 @@ def cleanup(stage: Stage, facts: HostFacts, new: str) -> tuple[str, ...]:
 
 
 def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tuple[str, ...]] | None = None,
-                 unlock: bool = True, history: bool = True) -> list[Step]:
+                 unlock: bool = True, history: bool = True,
+                 moves: Mapping[str, tuple[str | None, str]] | None = None) -> list[Step]:
+    """Record (each host's own move: the release it left, the one it went to), clean up, unlock."""
     summary = "record, clean up, unlock" if history else "release the lock"
-    return [Step(h, Phase.FINISH, summary, Finish((delete or {}).get(h, ()), unlock, history)) for h in hosts]
+    moved = moves or {}
+    return [Step(h, Phase.FINISH, summary, Finish((delete or {}).get(h, ()), unlock, history,
+                                                  moved[h][1] if h in moved else "",
+                                                  (moved[h][0] or "") if h in moved else ""))
+            for h in hosts]
 
 
 def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id: str,
@@ -236,7 +245,8 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
     steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += beat_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts],
-                          delete={h: cleanup(stage, f, source.name) for h, f in facts.items()})
+                          delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},
+                          moves={h: (c, source.name) for h, c in current.items()})
     back = {h: c for h, c in current.items() if c}
     on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
     on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",
@@ -251,7 +261,7 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
     targets = {h: releases.rollback_target(f.releases, current[h], to, f.live) for h, f in facts.items()}
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)
-    steps += finish_steps(stage, [h.name for h in stage.hosts])
+    steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in targets.items()})
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 
 

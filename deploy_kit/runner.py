@@ -8,6 +8,7 @@ each host's steps in order, and keeps what it ran in `executed` (tests compare i
 from __future__ import annotations
 
 import getpass
+import json
 import secrets
 import socket
 import time
@@ -20,10 +21,10 @@ from typing import Any
 
 from deploy_kit import follow, hostfacts, release, wheels
 from deploy_kit.config import Stage
-from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError
+from deploy_kit.errors import HostError, Locked, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script, Step, lock_release_script
-from deploy_kit.remote.contracts import CutoverState, HistoryLine, Mode
+from deploy_kit.remote.contracts import CutoverState, HistoryLine, LockHolder, Mode
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost, quote
 
@@ -42,6 +43,22 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
+def new_holder(action: str, ref: str, now: datetime) -> dict[str, str]:
+    """Who takes the deploy lock, with a token of its own (only its holder removes the lock)."""
+    return {"who": getpass.getuser(), "host": socket.gethostname(), "action": action, "ref": ref,
+            "since": now.isoformat(timespec="seconds"), "token": secrets.token_hex(8)}
+
+
+def locked_error(stage: Stage, facts: dict[str, HostFacts]) -> Locked | None:
+    """The lock is held by another run on some host: who holds it, and what to do."""
+    held = {h: f.lock.holder for h, f in facts.items() if f.lock and not f.lock.acquired}
+    if not held:
+        return None
+    lines = [f"  {host}: {LockHolder.from_json(json.dumps(h)).describe()}" for host, h in held.items()]
+    return Locked(f"another deploy, rollback or setup holds the lock of {stage.app.name}:\n" + "\n".join(lines)
+                  + f"\nWait for it, or if it is dead: `fab unlock --stage {stage.name}`")
+
+
 class Run:
     """One deploy or rollback: what every phase needs, in one place."""
 
@@ -49,9 +66,8 @@ class Run:
         self.stage, self.mode, self.say, self.ref = stage, mode, say, ref
         self.now = now or datetime.now(UTC)
         self.run_id = self.now.strftime("%Y%m%d%H%M%S")
-        self.token = secrets.token_hex(8)
-        self.holder = {"who": getpass.getuser(), "host": socket.gethostname(), "action": mode.value,
-                       "ref": ref, "since": self.now.isoformat(timespec="seconds"), "token": self.token}
+        self.holder = new_holder(mode.value, ref, self.now)
+        self.token = self.holder["token"]
         self.history = HistoryLine(action=mode.value, result="", when=self.now.isoformat(timespec="seconds"),
                                    who=getpass.getuser(), ref=ref, origin=socket.gethostname())
         self.outcome = Outcome()
@@ -101,7 +117,12 @@ class Run:
         if isinstance(action, Cutover):
             return follow.cutover(self, remote, action)
         if isinstance(action, Finish):
-            return remote.run_script(self._finish_script(remote.name, action), sudo=True, what="finishing")
+            result = remote.run_script(self._finish_script(remote.name, action), sudo=True, what="finishing")
+            for line in result.stdout.splitlines():
+                if line.startswith("warning: "):
+                    self.say(remote.name, line)
+                    self.outcome.notes.append(f"{remote.name}: {line.removeprefix('warning: ')}")
+            return result
         raise TypeError(f"no way to run {action!r}")
 
     def timed(self, host: str, step: str, started: float) -> None:
@@ -163,13 +184,16 @@ class Run:
 
     def _finish_script(self, host: str, action: Finish) -> str:
         app = self.stage.app
-        lines = []
+        # Old releases go first (space for the rest); a history line the disk cannot take is a
+        # warning, never a reason to keep the lock of a deploy that is over.
+        lines = [f"rm -rf {quote(str(app.releases_dir / name))}" for name in action.delete]
         if action.history:
-            line = HistoryLine(**{**self.history.__dict__, "host": host, "seconds": self.seconds(),
+            moved = {"release": action.release, "from_release": action.previous or None} if action.release else {}
+            line = HistoryLine(**{**self.history.__dict__, **moved, "host": host, "seconds": self.seconds(),
                                   "durations": self.outcome.timings.get(host, {})})
             path = release.state_dir(app) / "history.jsonl"
-            lines.append(f"printf '%s\\n' {quote(line.to_json())} >> {quote(str(path))}")
-        lines += [f"rm -rf {quote(str(app.releases_dir / name))}" for name in action.delete]
+            lines.append(f"printf '%s\\n' {quote(line.to_json())} >> {quote(str(path))} 2>/dev/null || "
+                         f"echo {quote(f'warning: the history line could not be written to {path} (disk full?)')}")
         if action.unlock:
             lines.append(lock_release_script(self.stage, self.token).rstrip("\n"))
         return "\n".join(lines) + "\n"

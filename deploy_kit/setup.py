@@ -1,6 +1,7 @@
 """`fab setup`: make a bare host ready to run the app's Celery services, idempotently.
 
-Probe every host (one round trip), plan the changes as plain data (pure: `plan_host`),
+Take the deploy lock and probe every host (one round trip; a held lock refuses: setup never
+restarts a unit under a running deploy), plan the changes as plain data (pure: `plan_host`),
 show them, ask before replacing a unit that differs from what the configuration renders,
 then apply each host's plan as one script (one more round trip). A second run finds
 nothing to do and says so.
@@ -13,15 +14,18 @@ Ownership on the host:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from deploy_kit import envfile, hostfacts, units
+from deploy_kit import envfile, hostfacts, runner, units
 from deploy_kit.config import Host, Stage
-from deploy_kit.errors import UsageError
+from deploy_kit.errors import DeployKitError, UsageError
 from deploy_kit.hostfacts import HostFacts
+from deploy_kit.plan import lock_release_script
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
 
@@ -201,32 +205,50 @@ def _active(facts: HostFacts, unit: str) -> str:
 def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPlan], None],
         confirm: Callable[[str], bool], assume_yes: bool, interactive: bool) -> SetupReport:
     """Plan and apply `fab setup` on every host of `stage`."""
-    report = SetupReport()
+    holder = runner.new_holder("setup", "-", datetime.now(UTC))
+    unlock = lock_release_script(stage, holder["token"])
     with Session(stage) as session:
-        facts = session.each(lambda r: hostfacts.gather(r, stage, check=False), what="probing hosts")
-        for host in stage.hosts:
-            report.plans[host.name] = plan_host(stage, host, facts[host.name])
-            show(host.name, report.plans[host.name])
-        risky = [(h, c) for h, p in report.plans.items() for c in p.consent_needed]
-        if risky and not assume_yes:
-            listing = ", ".join(f"{c.summary.split(' (')[0]} on {h}" for h, c in risky)
-            if not interactive:
-                raise UsageError(f"{listing}: the unit on the host differs from what hosts.toml "
-                                 "renders (diff above). Nothing was changed. Rerun with --yes to "
-                                 "replace it, or update hosts.toml to match")
-            if not confirm(f"Replace: {listing}?"):
-                say("nothing changed: the units on the hosts were kept")
-                return report
-        todo = {h: p for h, p in report.plans.items() if p.changes}
-        if not todo:
-            say("every host already matches hosts.toml: no change")
+        try:
+            facts = session.each(lambda r: hostfacts.gather(r, stage, check=False, lock=holder),
+                                 what="locking and probing hosts")
+            locked = runner.locked_error(stage, facts)
+            if locked:
+                raise locked
+            return _run(stage, session, facts, say=say, show=show, confirm=confirm, assume_yes=assume_yes,
+                        interactive=interactive)
+        finally:  # best effort: only where the lock is still this run's
+            with contextlib.suppress(DeployKitError):
+                session.each(lambda r: r.run_script(unlock, sudo=True, what="releasing the lock"),
+                             what="releasing the lock")
+
+
+def _run(stage: Stage, session: Session, facts: dict[str, HostFacts], *, say: Callable[[str], None],
+         show: Callable[[str, HostPlan], None], confirm: Callable[[str], bool], assume_yes: bool,
+         interactive: bool) -> SetupReport:
+    report = SetupReport()
+    for host in stage.hosts:
+        report.plans[host.name] = plan_host(stage, host, facts[host.name])
+        show(host.name, report.plans[host.name])
+    risky = [(h, c) for h, p in report.plans.items() for c in p.consent_needed]
+    if risky and not assume_yes:
+        listing = ", ".join(f"{c.summary.split(' (')[0]} on {h}" for h, c in risky)
+        if not interactive:
+            raise UsageError(f"{listing}: the unit on the host differs from what hosts.toml "
+                             "renders (diff above). Nothing was changed. Rerun with --yes to "
+                             "replace it, or update hosts.toml to match")
+        if not confirm(f"Replace: {listing}?"):
+            say("nothing changed: the units on the hosts were kept")
             return report
+    todo = {h: p for h, p in report.plans.items() if p.changes}
+    if not todo:
+        say("every host already matches hosts.toml: no change")
+        return report
 
-        def apply(remote: RemoteHost) -> None:
-            plan = todo.get(remote.name)
-            if plan is not None:
-                remote.run_script(plan.script(), sudo=True, what="applying the setup", timeout=300)
+    def apply(remote: RemoteHost) -> None:
+        plan = todo.get(remote.name)
+        if plan is not None:
+            remote.run_script(plan.script(), sudo=True, what="applying the setup", timeout=300)
 
-        session.each(apply, what="setting up hosts")
-        report.applied = True
+    session.each(apply, what="setting up hosts")
+    report.applied = True
     return report

@@ -213,8 +213,10 @@ def main(params: dict) -> None:
     facts["live"] = live_log(os.path.join(params["state_dir"], contracts.LIVE_LOG))
     wheel_dir = os.path.join(params["state_dir"], "wheels")
     facts["wheels"] = sorted(os.listdir(wheel_dir)) if os.path.isdir(wheel_dir) else []
-    if params.get("lock"):
+    if params.get("lock") and os.path.isdir(params["paths"]["deploy_to"]):
         facts["lock"] = hostlib.take_lock(params["state_dir"], params["lock"])
+    elif params.get("lock"):  # a host never set up: nothing there to protect, nothing to create
+        facts["lock"] = {"acquired": True, "holder": params["lock"]}
     unit_dir = params["unit_dir"]
     facts["units"] = {}
     for name in sorted(os.listdir(unit_dir)):

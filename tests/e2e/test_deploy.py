@@ -225,6 +225,9 @@ def test_a_second_deploy_is_refused_while_the_lock_is_held(stage, sandbox_config
     assert proc.returncode == 4
     assert "held by alice from alice-laptop" in proc.stderr and "fab unlock" in proc.stderr
     assert on_host(stage, 0, "test -d /srv/exampleapp/.deploy-kit/lock && echo held || echo free").strip() == "free"
+    setup = fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config)  # never under a deploy
+    assert setup.returncode == 4 and "held by alice from alice-laptop" in setup.stderr
+    assert on_host(stage, 0, "test -d /srv/exampleapp/.deploy-kit/lock && echo held || echo free").strip() == "free"
     shown = fab("unlock", "--stage", TEST_SANDBOX, config_file=sandbox_config)
     assert shown.returncode == 2 and "alice" in shown.stdout  # no terminal, no --yes: asks for it
     fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)

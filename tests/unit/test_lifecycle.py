@@ -2,6 +2,8 @@
 and every failure path does what the decision table says (no host needed)."""
 
 import json
+import shlex
+import subprocess
 from datetime import UTC, datetime
 
 import pytest
@@ -9,10 +11,11 @@ import pytest
 from deploy_kit import hostfacts, lifecycle, release
 from deploy_kit.errors import DeployFailed, Locked, PreflightFailed
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, Mode
 from deploy_kit.runner import Run
+from deploy_kit.ssh import SCRIPT_PREAMBLE
 
-from .samples import stage_of
+from .samples import STAGE, stage_of
 from .test_checks import healthy
 
 NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
@@ -209,6 +212,21 @@ def test_rollback_goes_to_the_previous_good_release(fake):
         {(OLD, NEW, "rollback")}
 
 
+def test_each_host_records_its_own_move_in_the_history(fake):
+    """Hosts on different releases: each history line names that host's own target and origin."""
+    on_new_after_old()
+    older = "2026-11-23-120000"
+    web2 = FakeRun.facts_override["web2"]
+    web2["releases"] = [{"name": older, "building": False, "bad": False, "revision": {}}, *web2["releases"][:1]]
+    web2["paths"] = dict(web2["paths"], current=dict(web2["paths"]["current"], target=f"releases/{OLD}"))
+    lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
+    finish = {s.host: s.action for s in fake[-1].executed if s.phase == Phase.FINISH}
+    assert (finish["web1"].previous, finish["web1"].release) == (NEW, OLD)
+    assert (finish["web2"].previous, finish["web2"].release) == (OLD, older)
+    line = HistoryLine.from_json(shlex.split(fake[-1]._finish_script("web2", finish["web2"]))[2])
+    assert (line.action, line.from_release, line.release, line.host) == ("rollback", OLD, older, "web2")
+
+
 def test_the_rollback_executes_exactly_its_plan(fake):
     on_new_after_old()
     printed = lifecycle.rollback_plan(stage_of(), to=None, say=say, now=NOW)
@@ -234,3 +252,19 @@ def test_a_failed_migration_discards_the_release_everywhere_and_unlocks(fake, mo
     assert {s.host for s in undone} == {"web1", "web2"}
     assert all(f"/srv/shop/releases/{NEW}" in s.action.text.split() for s in undone)  # built here: removed
     assert [s.action for s in fake[-1].executed if s.phase == Phase.FINISH] == [Finish()] * 2
+
+
+def test_finish_releases_the_lock_even_when_the_history_line_cannot_be_written(tmp_path):
+    """A full disk after a successful deploy: old releases go, the lock goes, the line is a warning."""
+    stage = stage_of(STAGE.replace('celery_app = "shop"', f'celery_app = "shop"\ndeploy_to = "{tmp_path}"'))
+    run = Run(stage, Mode.DEPLOY, say, ref="main", now=NOW)
+    state = tmp_path / ".deploy-kit"
+    (state / "lock").mkdir(parents=True)
+    (state / "lock" / "holder.json").write_text(json.dumps({"token": run.token}))
+    (state / "history.jsonl").mkdir()  # any write error, as a full disk gives
+    (tmp_path / "releases" / OLD).mkdir(parents=True)
+    script = run._finish_script("web1", Finish((OLD,), unlock=True, history=True, release=NEW, previous=OLD))
+    done = subprocess.run(["bash", "-c", SCRIPT_PREAMBLE + script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "warning: the history line could not be written" in done.stdout
+    assert not (state / "lock").exists() and not (tmp_path / "releases" / OLD).exists()
