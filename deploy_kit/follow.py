@@ -7,6 +7,7 @@ reconnects and goes on; what cannot be read is UNKNOWN, never guessed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +58,10 @@ def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
         watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"])]
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
-    if not watched:
-        return CutoverState(**{**blank.__dict__, "status": S.DONE})  # nothing runs here to switch
     limit = budget(params)
-    with journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)):
+    tail = journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)) \
+        if watched else contextlib.nullcontext()  # no unit here: no journal to show (never the whole one)
+    with tail:
         try:
             remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),
                                              str(state_dir(stage.app))), sudo=True, what="starting the cutover")

@@ -190,7 +190,7 @@ def cutover_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[st
     return [Step(h.name, Phase.CUTOVER, f"{mode.value}: hand the workers over to {targets[h.name]} "
                  f"(from {previous.get(h.name) or 'none'})",
                  Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id), h.name))
-            for h in stage.hosts if h.name in targets and stage.workers_on(h)]
+            for h in stage.hosts if h.name in targets]
 
 
 def beat_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,

@@ -42,6 +42,8 @@ def steps(params: dict, hostname: str = "") -> list:
                 ("restart beat", f"systemctl restart {params['beat_unit']}"),
                 ("wait for beat", f"until Beat runs from releases/{target}")]
     workers = params["workers"]
+    if not workers:
+        return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]
 
     def new(w: dict) -> str:
         return w["template"].replace("@.", f"@{target}.")
@@ -374,6 +376,9 @@ class Cutover:
             self.step("switch", self.switch, target)
             self.step("restart beat", self.systemctl, "restart", self.p["beat_unit"])
             self.step("wait for beat", self.wait_beat, target)
+            return
+        if not workers:  # e.g. a host that only migrates: its `current` moves with the stage
+            self.step("switch", self.switch, target)
             return
         self.step("start", self.start, target, workers)
         self.step("verify", self.verify, target, workers)

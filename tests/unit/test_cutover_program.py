@@ -1,6 +1,7 @@
 """The cutover program (`remote/cutover.py`) against a fake systemctl and a fake Celery agent:
 what it asks of systemd and Celery, and where each failure leaves the host (no host needed)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from deploy_kit.remote import cutover, hostprobe
 from deploy_kit.remote.celery_agent import StepFailed
 from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode
 
-from .samples import stage_of
+from .samples import STAGE, stage_of
 
 OLD, NEW = "2026-11-24-120000", "2026-11-24-123000"
 UNIT = "shop-worker-default@{}.service"
@@ -251,3 +252,46 @@ def test_a_way_back_does_not_wait_for_the_live_log(host, monkeypatch):
     monkeypatch.setattr(cutover.Cutover, "record_live", full_after_first)
     state = run_program(monkeypatch, FakeSystemd({"shop-beat.service": "active"}), params(phase="beat"))
     assert state.status == CutoverStatus.ROLLED_BACK and os.readlink(tmp / "current") == f"releases/{OLD}"
+
+
+def test_a_host_without_workers_only_moves_current(host, monkeypatch):
+    """A host that only migrates: no unit is started or asked, `current` moves with the stage."""
+    tmp, params = host
+    p = dict(params(), workers=[])
+    assert [name for name, _ in cutover.steps(p, "web3")] == ["switch"]
+    systemd = FakeSystemd({})
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE and [s.name for s in state.steps] == ["switch"]
+    assert systemd.verbs() == [] and FakeAgent.requests == []
+    assert os.readlink(tmp / "current") == f"releases/{NEW}"
+
+
+def test_following_a_host_without_units_streams_no_journal(monkeypatch):
+    """journalctl with no -u shows the whole journal: a host without units gets no Tail at all."""
+    from deploy_kit import follow
+    from deploy_kit.errors import RemoteCommandError
+
+    stage = stage_of()
+    tails = []
+    monkeypatch.setattr(follow.journal, "Tail", lambda *a, **k: tails.append(a) or contextlib.nullcontext())
+
+    class Remote:
+        name = "web2"
+
+        def run_script(self, *a, **k):
+            raise RemoteCommandError("web2", "starting the cutover", 3, "refused")
+
+    action = plan.Cutover(dict(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "r1"),
+                               workers=[]), "web2")
+    state = follow.cutover(type("R", (), {"stage": stage})(), Remote(), action)
+    assert state.status == CutoverStatus.NOT_STARTED and tails == []
+
+
+def test_every_host_gets_a_cutover_step_even_one_without_workers():
+    stage = stage_of(STAGE.replace('[stages.prod.app]', '[[stages.prod.hosts]]\nname = "db1"\naddress = "10.0.0.7"\n'
+                                   'roles = ["migrate"]\n[stages.prod.app]').replace(
+                                       'roles = ["worker", "beat", "migrate"]', 'roles = ["worker", "beat"]'))
+    targets = {h.name: NEW for h in stage.hosts}
+    steps = plan.cutover_steps(stage, targets, {h: OLD for h in targets}, Mode.DEPLOY, "r1")
+    assert [s.host for s in steps] == ["web1", "web2", "db1"]
+    assert steps[-1].action.params["workers"] == [] and stage.migrate_host.name == "db1"
