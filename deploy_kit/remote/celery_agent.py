@@ -99,13 +99,37 @@ def restore_stranded(app, queues: list, settle: float = 2.0) -> str:
     return f"returned {restored} message(s) a dead worker held to their queues"
 
 
+class Unanswered(Exception):
+    """The verification had no answer, for a reason said in the user's terms."""
+
+
+def ignores_results(app, name: str) -> bool:
+    task = app.tasks.get(name)
+    return bool(getattr(task, "ignore_result", None) if task is not None else app.conf.task_ignore_result)
+
+
 def handle(app, request: dict) -> str:
     op = request["op"]
     if op == "verify":
         echo = request["task"] == "celery.accumulate"  # built in to every app: returns its arguments
         nonce = request["nonce"]
-        result = app.send_task(request["task"], args=[nonce] if echo else [], queue=request["queue"])
-        value = result.get(timeout=float(request["timeout"]), propagate=True, disable_sync_subtasks=False)
+        args = {"args": [nonce] if echo else [], "queue": request["queue"]}
+        try:  # ask for the result even where the app ignores results (Celery 5.1+ honours it per call)
+            result = app.send_task(request["task"], ignore_result=False, **args)
+        except TypeError:
+            result = app.send_task(request["task"], **args)
+        unseen = Unanswered(
+            f"no result for {request['task']}, and the app ignores results (task_ignore_result or the task's "
+            "ignore_result): a worker may have run it unseen. Fix: upgrade to Celery 5.1+ (which stores it "
+            "when asked), or set [verify] task to a task of yours with ignore_result=False")
+        try:
+            value = result.get(timeout=float(request["timeout"]), propagate=True, disable_sync_subtasks=False)
+        except Exception as exc:
+            if type(exc).__name__ == "TimeoutError" and ignores_results(app, request["task"]):
+                raise unseen from None
+            raise
+        if echo and value is None and ignores_results(app, request["task"]):
+            raise unseen
         if echo and list(value) != [nonce]:
             raise RuntimeError(f"celery.accumulate answered {value!r} instead of echoing {nonce!r}")
         return "echoed the nonce" if echo else repr(value)[:80]
@@ -154,6 +178,8 @@ def main(celery_app: str) -> None:
     for line in sys.stdin:
         try:
             say(True, handle(app, json.loads(line)))
+        except Unanswered as exc:
+            say(False, str(exc))
         except Exception as exc:  # noqa: BLE001
             name = type(exc).__name__
             if name == "TimeoutError":

@@ -1,0 +1,40 @@
+"""The Celery agent's verification against a real Celery app and worker (in-memory broker)."""
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from deploy_kit.remote import celery_agent
+
+
+@pytest.fixture
+def app():
+    app = Celery("shop", broker="memory://", backend="cache+memory://")
+    app.conf.task_ignore_result = True  # the app ignores results: a verification must still see one
+    return app
+
+
+def verify(app, queue="celery"):
+    return celery_agent.handle(app, {"op": "verify", "task": "celery.accumulate", "queue": queue,
+                                     "timeout": 10, "nonce": "n0nce"})
+
+
+def test_verification_passes_for_an_app_that_ignores_results(app):
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=10):
+        assert verify(app) == "echoed the nonce"
+
+
+def test_an_unanswered_verification_says_the_app_ignores_results(app, monkeypatch):
+    """A Celery that cannot ask for a result per call: the timeout names the cause and the fix."""
+    real = app.send_task
+
+    def old_send_task(name, **options):
+        if "ignore_result" in options:
+            raise TypeError("unexpected keyword argument 'ignore_result'")
+        return real(name, ignore_result=True, **options)
+
+    monkeypatch.setattr(app, "send_task", old_send_task)
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=10), \
+            pytest.raises(celery_agent.Unanswered, match="the app ignores results.*Celery 5.1"):
+        celery_agent.handle(app, {"op": "verify", "task": "celery.accumulate", "queue": "celery",
+                                  "timeout": 1, "nonce": "n0nce"})
