@@ -46,11 +46,12 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
         except BaseException as exc:
             undo(run, facts, built if not isinstance(exc, HostsFailed) else exc.succeeded, exc)
             raise
-        results = run.cutover(the_plan.phase(Phase.CUTOVER))
-        beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
-        if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
-            results = roll_back(run, the_plan, results, beat)
-        return finish(run, the_plan, results, facts)
+        with run.shielded():  # from here the hosts finish by themselves: a first Ctrl-C waits for them
+            results = run.cutover(the_plan.phase(Phase.CUTOVER))
+            beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
+            if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
+                results = roll_back(run, the_plan, results, beat)
+            return finish(run, the_plan, results, facts)
 
 
 def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Outcome:
@@ -70,10 +71,11 @@ def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = N
                 run.outcome.notes.append(f"{step.host}: {warning}")
                 say(step.host, f"warning: {warning}")
         run.outcome.release = run.history.release = the_plan.release  # each host records its own move
-        beat = run.cutover(the_plan.phase(Phase.BEAT))
-        if outcome.verdict(Mode.ROLLBACK, beat).ok:
-            beat.update(run.cutover(the_plan.phase(Phase.CUTOVER)))
-        return finish(run, the_plan, beat, facts)
+        with run.shielded():
+            beat = run.cutover(the_plan.phase(Phase.BEAT))
+            if outcome.verdict(Mode.ROLLBACK, beat).ok:
+                beat.update(run.cutover(the_plan.phase(Phase.CUTOVER)))
+            return finish(run, the_plan, beat, facts)
 
 
 def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Plan:
@@ -112,6 +114,10 @@ def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
         release_locks(run)
         raise locked
     run.facts = facts
+    currents = {h: plans.current_release(f) or "none" for h, f in facts.items()}
+    if len(set(currents.values())) > 1:
+        run.say("", "note: the hosts run different releases (" + ", ".join(f"{h}: {c}" for h, c in currents.items())
+                + "), as a cut-off run leaves them; this run moves every host")
     return facts
 
 

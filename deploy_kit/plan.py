@@ -15,6 +15,7 @@ from typing import Any
 
 from deploy_kit import hostfacts, releases, units
 from deploy_kit.config import Host, Stage
+from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.release import Source, host_env_key, state_dir
 from deploy_kit.remote import cutover as cutover_program
@@ -258,6 +259,10 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
 
 def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str | None) -> Plan:
     current = {h: current_release(f) for h, f in facts.items()}
+    if to is None and len(set(current.values())) > 1:  # each host's own previous would keep them apart
+        raise UsageError("the hosts run different releases (" + ", ".join(f"{h}: {c or 'none'}" for h, c in
+                         current.items()) + "): a deploy or rollback was cut off. Name the release every "
+                         "host goes to: `fab rollback --to RELEASE`, or deploy again")
     targets = {h: releases.rollback_target(f.releases, current[h], to, f.live) for h, f in facts.items()}
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)

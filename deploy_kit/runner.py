@@ -10,7 +10,9 @@ from __future__ import annotations
 import getpass
 import json
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -77,6 +79,31 @@ class Run:
         self.source: release.Source | None = None
         self.houses: dict[str, wheels.Wheelhouse] = {}
         self.facts: dict[str, HostFacts] = {}
+
+    @contextmanager
+    def shielded(self) -> Iterator[None]:
+        """From the first cutover to the end of finish, a first Ctrl-C or SIGTERM does not leave:
+        the hosts hand over (or back) by themselves, and staying lets the stage end on one release,
+        recorded and unlocked. A second one leaves at once (`fab status` then says what is left)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        asked: list[int] = []
+
+        def handler(signum: int, frame: object) -> None:
+            if asked:
+                raise KeyboardInterrupt
+            asked.append(signum)
+            self.say("", "interrupted: the cutover runs on the hosts by itself; waiting for it to end so the "
+                         "stage ends on one release (interrupt again to leave now; `fab status` then shows "
+                         "what is left)")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     @contextmanager
     def connected(self) -> Iterator[Run]:

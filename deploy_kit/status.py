@@ -32,6 +32,7 @@ class HostStatus:
     lock: dict[str, Any] | None
     last: dict[str, Any] | None = field(default=None)
     cutovers: tuple[str, ...] = ()  # detached cutovers still running on the host
+    runs: dict[str, str] = field(default_factory=dict)  # Beat's unit -> the release its process runs
 
 
 def program(stage: Stage, host: Host) -> str:
@@ -58,7 +59,28 @@ def parse(host: Host, output: str) -> HostStatus:
                      info.get("ActiveEnterTimestamp", "") or "-", info.get("NRestarts", "-"))
         for unit, info in data["units"].items())
     return HostStatus(host, data.get("current"), data.get("revision", {}), services, data.get("ping", {}),
-                      data.get("lock"), data.get("last"), tuple(data.get("cutovers", ())))
+                      data.get("lock"), data.get("last"), tuple(data.get("cutovers", ())), data.get("runs", {}))
+
+
+def unfinished(stage: Stage, hosts: list[HostStatus]) -> list[str]:
+    """What a cut-off deploy or rollback left for the next one to finish, each with its fix (pure)."""
+    found = []
+    fix = f"`fab deploy --stage {stage.name}` (or `fab rollback --to RELEASE`) moves every host and Beat"
+    running = [h.host.name for h in hosts if h.cutovers]
+    if running:
+        return [f"a cutover still runs on {', '.join(running)}: it ends by itself; look again in a moment"]
+    currents = {h.host.name: h.current or "none" for h in hosts}
+    if len(set(currents.values())) > 1:
+        found.append("the hosts run different releases (" + ", ".join(f"{h}: {c}" for h, c in currents.items())
+                     + f"): a deploy or rollback was cut off. Fix: {fix}")
+    for h in hosts:
+        for unit, runs in h.runs.items():
+            if runs and h.current and runs != h.current:
+                found.append(f"{h.host.name}: {unit} still runs {runs}, though current is {h.current}: "
+                             f"a deploy was cut off before Beat moved. Fix: {fix}")
+    if found and any(h.lock for h in hosts):
+        found.append(f"the lock is still held by the run that was cut off: `fab unlock --stage {stage.name}` first")
+    return found
 
 
 def gather(stage: Stage) -> list[HostStatus]:

@@ -1,9 +1,9 @@
 """Runs ON a host, as root, read-only: what `fab status` shows of it, as one JSON object.
 
-The current release and its REVISION, every unit of the app that runs or drains (each worker
-instance, Beat, plain units of older deploy-kits), a ping of each running worker (Celery's
-`inspect ping`, as the service), the lock holder, the last history line, and the detached
-cutovers still running.
+The current release and its REVISION, the release Beat's process runs, every unit of the app
+that runs or drains (each worker instance, Beat, plain units of older deploy-kits), a ping of
+each running worker (Celery's `inspect ping`, as the service), the lock holder, the last
+history line, and the detached cutovers still running.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ def main(params: dict) -> None:
     for unit in units:
         out["units"][unit] = hostlib.show(unit, "ActiveState,SubState,ActiveEnterTimestamp,NRestarts,MainPID,"
                                                 "LoadState")
+    for unit in params["units"]:  # Beat: the release its process runs, whatever `current` says
+        pid = out["units"][unit].get("MainPID", "0")
+        try:
+            out.setdefault("runs", {})[unit] = os.path.basename(os.readlink(f"/proc/{pid}/cwd")) if pid != "0" else ""
+        except OSError:
+            out.setdefault("runs", {})[unit] = ""
     out["lock"] = read_json(os.path.join(params["state_dir"], "lock", "holder.json"))
     out["last"] = read_json(os.path.join(params["state_dir"], "history.jsonl"), last_line=True)
     out["cutovers"] = [p[0] for p in listed([params["app"] + "-cutover-*"], "active,activating")]

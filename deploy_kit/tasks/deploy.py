@@ -94,7 +94,8 @@ def status(c, stage=None):
     console = ui.make_console()
     with ui.user_errors():
         chosen = load_stage(stage)
-        for host in status_lib.gather(chosen):
+        hosts = status_lib.gather(chosen)
+        for host in hosts:
             revision = host.revision
             head = (f"{host.host.name}: current {host.current or 'none'}"
                     + (f" ({revision.get('sha', '')[:10]} {revision.get('ref', '')}, "
@@ -113,3 +114,5 @@ def status(c, stage=None):
                 last = host.last
                 console.print(f"  last {last.get('action')}: {last.get('result')} of {last.get('release')} "
                               f"by {last.get('who')} at {last.get('when')}", markup=False)
+        for problem in status_lib.unfinished(chosen, hosts):
+            console.print(f"UNFINISHED: {problem}", markup=False, style="bold red")

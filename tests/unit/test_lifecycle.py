@@ -2,14 +2,17 @@
 and every failure path does what the decision table says (no host needed)."""
 
 import json
+import os
 import shlex
+import signal
 import subprocess
+import time
 from datetime import UTC, datetime
 
 import pytest
 
 from deploy_kit import hostfacts, lifecycle, release
-from deploy_kit.errors import DeployFailed, Locked, PreflightFailed
+from deploy_kit.errors import DeployFailed, Locked, PreflightFailed, UsageError
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, Mode
 from deploy_kit.runner import Run
@@ -213,15 +216,20 @@ def test_rollback_goes_to_the_previous_good_release(fake):
 
 
 def test_each_host_records_its_own_move_in_the_history(fake):
-    """Hosts on different releases: each history line names that host's own target and origin."""
+    """Hosts a cut-off run left on different releases: a plain rollback refuses (each host's own
+    previous would keep them apart); with --to, each history line names that host's own origin."""
     on_new_after_old()
     older = "2026-11-23-120000"
+    for host in ("web1", "web2"):
+        facts = FakeRun.facts_override[host]
+        facts["releases"] = [{"name": older, "building": False, "bad": False, "revision": {}}, *facts["releases"]]
     web2 = FakeRun.facts_override["web2"]
-    web2["releases"] = [{"name": older, "building": False, "bad": False, "revision": {}}, *web2["releases"][:1]]
     web2["paths"] = dict(web2["paths"], current=dict(web2["paths"]["current"], target=f"releases/{OLD}"))
-    lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
+    with pytest.raises(UsageError, match="the hosts run different releases .*--to RELEASE"):
+        lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
+    lifecycle.rollback(stage_of(), to=older, say=say, now=NOW)
     finish = {s.host: s.action for s in fake[-1].executed if s.phase == Phase.FINISH}
-    assert (finish["web1"].previous, finish["web1"].release) == (NEW, OLD)
+    assert (finish["web1"].previous, finish["web1"].release) == (NEW, older)
     assert (finish["web2"].previous, finish["web2"].release) == (OLD, older)
     line = HistoryLine.from_json(shlex.split(fake[-1]._finish_script("web2", finish["web2"]))[2])
     assert (line.action, line.from_release, line.release, line.host) == ("rollback", OLD, older, "web2")
@@ -268,3 +276,37 @@ def test_finish_releases_the_lock_even_when_the_history_line_cannot_be_written(t
     assert done.returncode == 0, done.stderr
     assert "warning: the history line could not be written" in done.stdout
     assert not (state / "lock").exists() and not (tmp_path / "releases" / OLD).exists()
+
+
+def interrupting(monkeypatch, times: int) -> list[str]:
+    """Each host's cutover sends this process SIGINT `times` times in all (a user's Ctrl-C)."""
+    sent: list[str] = []
+    real = FakeRun.perform
+
+    def perform(self, remote, step):
+        if isinstance(step.action, Cutover) and len(sent) < times:
+            sent.append(remote.name)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the signal is handled in the main thread, which waits for this one
+        return real(self, remote, step)
+
+    monkeypatch.setattr(FakeRun, "perform", perform)
+    return sent
+
+
+def test_a_first_ctrl_c_during_the_cutover_waits_for_the_hosts_and_finishes(fake, monkeypatch):
+    interrupting(monkeypatch, 1)
+    before = signal.getsignal(signal.SIGINT)  # whatever the suite was started with (SIG_IGN in the background)
+    said = []
+    result = lifecycle.deploy(stage_of(), ref="main", say=lambda h, m: said.append(m), now=NOW)
+    assert result.result == "success" and any("waiting for it to end" in m for m in said)
+    assert {s.host for s in fake[-1].executed if s.phase == Phase.FINISH} == {"web1", "web2"}  # recorded, unlocked
+    assert signal.getsignal(signal.SIGINT) is before  # handlers given back
+
+
+def test_a_second_ctrl_c_leaves_at_once(fake, monkeypatch):
+    interrupting(monkeypatch, 2)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert signal.getsignal(signal.SIGINT) is before

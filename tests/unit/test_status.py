@@ -1,0 +1,29 @@
+"""`fab status` says what a cut-off deploy or rollback left unfinished, and how to finish it."""
+
+from deploy_kit import status
+
+from .samples import BEAT, stage_of
+
+NEW, OLD = "2026-11-24-123000", "2026-11-24-120000"
+
+
+def host(name, current, *, beat_runs=None, lock=None, cutovers=()):
+    stage = stage_of()
+    return status.HostStatus(stage.host(name), current, {}, (), {}, lock, None, tuple(cutovers),
+                             {BEAT: beat_runs} if beat_runs is not None else {})
+
+
+def test_a_consistent_stage_has_nothing_unfinished():
+    assert status.unfinished(stage_of(), [host("web1", NEW, beat_runs=NEW), host("web2", NEW)]) == []
+
+
+def test_hosts_on_different_releases_and_a_beat_left_behind_are_named_with_the_fix():
+    found = status.unfinished(stage_of(), [host("web1", NEW, beat_runs=OLD, lock={"who": "ci"}), host("web2", OLD)])
+    assert f"web1: {NEW}, web2: {OLD}" in found[0] and "`fab deploy --stage prod`" in found[0]
+    assert f"{BEAT} still runs {OLD}, though current is {NEW}" in found[1]
+    assert "`fab unlock --stage prod` first" in found[2]
+
+
+def test_a_cutover_that_still_runs_is_waited_for_not_finished():
+    found = status.unfinished(stage_of(), [host("web1", NEW, cutovers=["shop-cutover-1"]), host("web2", OLD)])
+    assert len(found) == 1 and "ends by itself" in found[0]
