@@ -8,7 +8,8 @@ Phase "workers" (every host at once): for each worker service, a handover
     watch    it must keep running for a few seconds
     retire   the old instance stops taking tasks and drains in the background (warm shutdown)
 then `current` moves to the target (atomic rename) and the instance is enabled at boot.
-A service with `handover = false` restarts in place instead (stop the old, start the new).
+A service with `handover = false` restarts in place instead (stop the old, then start, verify
+and join the new: the queue waits, but verification is never starved by user tasks).
 
 Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
     switch `current`, restart Beat, wait until it runs from the target.
@@ -53,12 +54,11 @@ def steps(params: dict, hostname: str = "") -> list:
 
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
-                            else f"{new(w)} once the old instance stopped (restart in place: the queue waits)"
-                            for w in workers)),
+                            else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
+                                 f"consuming only {queue(w)}" for w in workers)),
         ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
                    + ", ".join(queue(w) for w in workers)),
-        ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)"
-                           for w in workers if w["handover"]) or "nothing to join (restart in place)"),
+        ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)" for w in workers)),
         ("watch", f"the new instances keep running for {params['watch']}s"),
         ("retire", "the older instances stop taking tasks and drain in the background (warm shutdown)"),
     ]
@@ -168,10 +168,9 @@ class Cutover:
         os.makedirs(self.p["run_dir"], mode=0o755, exist_ok=True)
         for worker in workers:
             unit = self.instance(worker, release)
-            if worker["handover"]:
-                with open(self.handover_file(worker, release), "w") as handle:
-                    handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
-            else:
+            with open(self.handover_file(worker, release), "w") as handle:  # its private queue only, until it joins
+                handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
+            if not worker["handover"]:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + 30)
@@ -202,8 +201,6 @@ class Cutover:
     def join(self, release: str, workers: list) -> str:
         assert self.agent is not None
         for worker in workers:
-            if not worker["handover"]:
-                continue
             node = self.node(worker, self.instance(worker, release))
             for queue in worker["queues"]:
                 self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, 30)
@@ -305,7 +302,7 @@ class Cutover:
         for unit in self.started_units:
             worker = next(w for w in self.p["workers"] if self.instance(w, self.p["target"]) == unit)
             joined = any(w is worker for w, _ in self.joined)
-            if worker["handover"] and not joined:  # it held no user task: at once, whatever TimeoutStopSec says
+            if not joined:  # it held no user task: at once, whatever TimeoutStopSec says
                 run(["systemctl", "kill", "--signal=SIGKILL", unit])
                 run(["systemctl", "stop", unit], timeout=30)
             else:  # it may hold user tasks: a warm shutdown returns what it reserved to the queue

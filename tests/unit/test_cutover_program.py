@@ -209,9 +209,21 @@ def test_restart_in_place_stops_the_old_worker_first_and_starts_it_again_on_fail
     assert state.status == CutoverStatus.ROLLED_BACK
     verbs = systemd.verbs()
     assert verbs.index(f"stop {UNIT.format(OLD)}") < verbs.index(f"start {UNIT.format(NEW)}")  # the queue waits
-    assert not (tmp / "run" / f"default@{NEW}.env").exists()  # it consumed the real queues at once
-    assert f"kill --signal=SIGKILL {UNIT.format(NEW)}" not in verbs  # it may hold user tasks: warm stop
+    assert "add_consumer" not in [r["op"] for r in FakeAgent.requests]  # verified on its private queue only
+    assert f"kill --signal=SIGKILL {UNIT.format(NEW)}" in verbs  # it held no user task: at once
     assert verbs[-2:] == [f"reset-failed {UNIT.format(NEW)}", f"start {UNIT.format(OLD)}"]
+
+
+def test_restart_in_place_joins_the_real_queues_only_once_verified(host, monkeypatch):
+    tmp, params = host
+    p = params()
+    p["workers"][0]["handover"] = False
+    narrowed = []
+    FakeAgent.on_request = lambda r: narrowed.append((r["op"], os.path.exists(tmp / "run" / f"default@{NEW}.env")))
+    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), p)
+    assert state.status == CutoverStatus.DONE
+    assert ("verify", True) in narrowed and narrowed.index(("verify", True)) < \
+        [op for op, _ in narrowed].index("add_consumer")
 
 
 def live_log(tmp) -> list[LiveEvent]:
