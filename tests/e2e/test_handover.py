@@ -227,3 +227,25 @@ def test_status_shows_one_instance_per_service_after_the_handover(stage, sandbox
     assert enabled.split() == [f"exampleapp-worker-default@{release}.service"]  # exactly current's at boot
     assert units.private_queue(stage, stage.workers[0], release, "dktest1") in on_host(
         stage, 0, f"systemctl show -p Environment exampleapp-worker-default@{release}.service")
+
+
+def test_restart_in_place_verifies_on_the_private_queue_then_serves_every_task_once(stage, sandbox_config):
+    """`handover = false`: the queue waits while the old worker stops and the new one is proven on
+    its private queue; then it joins, and every task sent meanwhile runs exactly once."""
+    text = sandbox_config.read_text()
+    in_place = sandbox_config.with_name("in-place.toml")
+    in_place.write_text(text.replace('name = "default"\nqueues = ["celery"]',
+                                     'name = "default"\nqueues = ["celery"]\nhandover = false'))
+    assert in_place.read_text() != text
+    with Producer() as producer:
+        proc = fab("deploy", "--stage", TEST_SANDBOX, config_file=in_place, timeout=900)
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "joined default." in proc.stdout
+    results = producer.results()
+    release = current_release(stage, 0)
+    assert len(results) == len(producer.sent) and results[-1]["release"] == f"/srv/exampleapp/releases/{release}"
+    counts = ran_counts(stage, producer.tag)
+    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent)))
+    live = on_host(stage, 0, "systemctl list-units --plain --no-legend --state=active 'exampleapp-worker-default@*'")
+    assert [line.split()[0] for line in live.splitlines()] == [f"exampleapp-worker-default@{release}.service"]
