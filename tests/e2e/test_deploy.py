@@ -179,15 +179,22 @@ def test_a_killed_laptop_cannot_leave_a_host_half_switched(stage, sandbox_config
     proc.wait(timeout=30)
     deadline = time.monotonic() + 120
     while True:
-        state = json.loads(on_host(stage, 1, "cat /srv/exampleapp/.deploy-kit/cutover.json"))
-        if state["status"] != "running" or time.monotonic() > deadline:
+        states = [json.loads(on_host(stage, i, "cat /srv/exampleapp/.deploy-kit/cutover.json")) for i in (0, 1)]
+        state = states[1]
+        if all(s["status"] != "running" for s in states) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert state["status"] == "done"  # finished on its own, verified, with nobody watching
+    assert [s["status"] for s in states] == ["done", "done"]  # finished on their own, verified, unwatched
     assert current_release(stage, 1) == state["target"] != before
     own = units.private_queue(stage, stage.workers[0], state["target"], "dktest2")
     assert call_task(stage, 1, "ledger.tasks.release", queue=own) == \
         repr(f"/srv/exampleapp/releases/{state['target']}")  # asked of dktest2's own new worker
+    # Beat never moved (the laptop died before its turn): status names what is left and how to finish it.
+    shown = fab("status", "--stage", TEST_SANDBOX, config_file=sandbox_config).stdout
+    beat_cwd = on_host(stage, 0, "readlink /proc/$(systemctl show -p MainPID --value exampleapp-beat.service)/cwd")
+    if not beat_cwd.strip().endswith(state["target"]):  # (at "switch" the laptop may just have sent Beat on)
+        assert f"exampleapp-beat.service still runs {before}, though current is {state['target']}" in shown
+        assert f"`fab unlock --stage {TEST_SANDBOX}` first" in shown
     # The lock stays, so nobody deploys over an unfinished deploy without looking.
     refused = deploy(sandbox_config)
     assert refused.returncode == 4
