@@ -310,3 +310,22 @@ def test_a_second_ctrl_c_leaves_at_once(fake, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_probe_that_fails_on_one_host_leaves_no_lock_on_any(fake, monkeypatch):
+    """web2's probe times out after web1's took the lock: every host gets the token-checked release."""
+    from deploy_kit.errors import HostError
+
+    real = FakeRun.perform
+
+    def perform(self, remote, step):
+        if isinstance(step.action, Probe) and remote.name == "web2":
+            raise HostError("web2", "probing the host did not finish within 180 s")
+        return real(self, remote, step)
+
+    monkeypatch.setattr(FakeRun, "perform", perform)
+    with pytest.raises(HostError):
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    released = [s for s in fake[-1].executed if s.phase == Phase.FINISH]
+    assert {s.host for s in released} == {"web1", "web2"}
+    assert all(s.action == Finish(unlock=True, history=False) for s in released)

@@ -1,0 +1,70 @@
+"""How the control machine reads a host's cutover (`follow.py`): a lost launch is UNKNOWN, never
+"not started"; a state file of another run is never taken for this one's; a refused launch is."""
+
+import contextlib
+import types
+
+from deploy_kit import follow, plan
+from deploy_kit.errors import HostError, RemoteCommandError
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.runner import Outcome
+
+from .samples import stage_of
+
+NEW, OLD = "2026-11-24-123000", "2026-11-24-120000"
+
+
+class Remote:
+    """Answers the launch with `launch` (an exception or None) and each poll with the next of `polls`."""
+
+    name = "web2"
+
+    def __init__(self, launch=None, polls=()):
+        self.launch, self.polls = launch, list(polls)
+
+    def run_script(self, script, **kwargs):
+        if kwargs.get("what") == "starting the cutover":
+            if self.launch:
+                raise self.launch
+            return types.SimpleNamespace(stdout="")
+        return types.SimpleNamespace(stdout=self.polls.pop(0) if len(self.polls) > 1 else self.polls[0])
+
+
+def follow_with(remote, monkeypatch):
+    stage = stage_of()
+    monkeypatch.setattr(follow.journal, "Tail", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(follow.time, "sleep", lambda s: None)
+    said = []
+    session = types.SimpleNamespace(remote=lambda name: remote, reconnect=lambda name: None)
+    run = types.SimpleNamespace(stage=stage, session=session, outcome=Outcome(), say=lambda h, m: said.append(m))
+    action = plan.Cutover(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "run1"), "web2")
+    return follow.cutover(run, remote, action), said
+
+
+def state(run_id, status):
+    return CutoverState(id=run_id, mode=Mode.DEPLOY, target=NEW, previous=OLD, status=status).to_json()
+
+
+def test_a_launch_whose_answer_is_lost_is_unknown_not_not_started(monkeypatch):
+    found, _ = follow_with(Remote(launch=HostError("web2", "the SSH connection failed: reset")), monkeypatch)
+    assert found.status == CutoverStatus.UNKNOWN and "may have started" in found.rollback_failure
+
+
+def test_a_launch_refused_because_another_cutover_runs_is_not_started(monkeypatch):
+    refused = RemoteCommandError("web2", "starting the cutover", 3, "another cutover of shop is still running")
+    found, _ = follow_with(Remote(launch=refused), monkeypatch)
+    assert found.status == CutoverStatus.NOT_STARTED and "another cutover" in found.failure
+
+
+def test_another_runs_state_file_is_never_read_as_this_ones(monkeypatch):
+    """An older run's "done" sits in the file while this run's unit has died: unknown, not done."""
+    polls = [f"active\n---\n{state('older', CutoverStatus.DONE)}", f"inactive\n---\n{state('older', CutoverStatus.DONE)}"]
+    monkeypatch.setattr(follow, "STARTUP_GRACE", -1)
+    found, _ = follow_with(Remote(polls=polls), monkeypatch)
+    assert found.status == CutoverStatus.UNKNOWN and found.id == "run1"
+
+
+def test_this_runs_state_file_ends_the_following(monkeypatch):
+    polls = [f"active\n---\n{state('run1', CutoverStatus.RUNNING)}", f"inactive\n---\n{state('run1', CutoverStatus.DONE)}"]
+    found, _ = follow_with(Remote(polls=polls), monkeypatch)
+    assert found.status == CutoverStatus.DONE
