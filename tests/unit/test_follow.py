@@ -58,13 +58,15 @@ def test_a_launch_refused_because_another_cutover_runs_is_not_started(monkeypatc
 
 def test_another_runs_state_file_is_never_read_as_this_ones(monkeypatch):
     """An older run's "done" sits in the file while this run's unit has died: unknown, not done."""
-    polls = [f"active\n---\n{state('older', CutoverStatus.DONE)}", f"inactive\n---\n{state('older', CutoverStatus.DONE)}"]
+    older = state("older", CutoverStatus.DONE)
+    polls = [f"active\n---\n{older}", f"inactive\n---\n{older}"]
     monkeypatch.setattr(follow, "STARTUP_GRACE", -1)
     found, _ = follow_with(Remote(polls=polls), monkeypatch)
     assert found.status == CutoverStatus.UNKNOWN and found.id == "run1"
 
 
 def test_this_runs_state_file_ends_the_following(monkeypatch):
-    polls = [f"active\n---\n{state('run1', CutoverStatus.RUNNING)}", f"inactive\n---\n{state('run1', CutoverStatus.DONE)}"]
+    polls = [f"active\n---\n{state('run1', CutoverStatus.RUNNING)}",
+             f"inactive\n---\n{state('run1', CutoverStatus.DONE)}"]
     found, _ = follow_with(Remote(polls=polls), monkeypatch)
     assert found.status == CutoverStatus.DONE

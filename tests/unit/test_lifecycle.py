@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 from deploy_kit import hostfacts, lifecycle, release
-from deploy_kit.errors import DeployFailed, Locked, PreflightFailed, UsageError
+from deploy_kit.errors import DeployFailed, HostsFailed, Locked, PreflightFailed, UsageError
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, Mode
 from deploy_kit.runner import Run
@@ -324,7 +324,7 @@ def test_a_probe_that_fails_on_one_host_leaves_no_lock_on_any(fake, monkeypatch)
         return real(self, remote, step)
 
     monkeypatch.setattr(FakeRun, "perform", perform)
-    with pytest.raises(HostError):
+    with pytest.raises(HostsFailed, match="web2: probing the host did not finish"):
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
     released = [s for s in fake[-1].executed if s.phase == Phase.FINISH]
     assert {s.host for s in released} == {"web1", "web2"}
