@@ -1,0 +1,75 @@
+"""No secret anywhere: a full deploy, rollback, `fab logs`, `fab status`, `fab check`, `--plan`,
+the hosts' history and state files, the journal lines deploy-kit prints, and the command lines
+visible in the hosts' process list while the deploy runs are grepped for every secret value."""
+
+import threading
+
+from deploy_kit.sandbox import Sandbox
+
+from .conftest import TEST_SANDBOX, fab, in_container, on_host
+
+# A value with the characters that break naive quoting and masking.
+TOKEN = "s3cr3t-Tok en'\"$HOME;#=%x`id`"
+
+
+def forms(secret: str) -> set[str]:
+    """The secret and its parts a careless printer might show (4 characters or more)."""
+    return {secret} | {part for part in secret.replace("'", " ").replace('"', " ").split() if len(part) >= 8}
+
+
+class ProcessList:
+    """Every command line of both hosts, sampled while something runs."""
+
+    def __init__(self, machines):
+        self.machines, self.seen, self.stop = machines, set(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            for machine in self.machines:
+                try:
+                    self.seen.update(in_container(machine, "ps -eo args --no-headers").splitlines())
+                except Exception:  # noqa: BLE001 - a sample lost while a host is busy is no finding
+                    pass
+            self.stop.wait(0.3)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def test_no_secret_in_any_output_file_journal_or_process_list(deployed, sandbox_config):
+    box = Sandbox(TEST_SANDBOX)
+    password = box.redis_password_file.read_text().strip()
+    fab("env.set", "PAYMENT_API_TOKEN", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True,
+        stdin=TOKEN + "\n")
+    secrets = forms(TOKEN) | forms(password)
+    outputs = []
+    try:
+        for args in (("deploy", "--plan"), ("check",), ("env.show",)):
+            outputs.append(fab(*args, "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True))
+        with ProcessList([h.name for h in deployed.hosts]) as processes:
+            outputs.append(fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True,
+                               timeout=900))
+            outputs.append(fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True,
+                               timeout=900))
+        for args in (("logs", "--no-follow", "-n", "300"), ("status",), ("releases",), ("deploy", "--plan")):
+            outputs.append(fab(*args, "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True))
+        files = "".join(on_host(deployed, i, "cat /srv/exampleapp/.deploy-kit/history.jsonl "
+                                             "/srv/exampleapp/.deploy-kit/cutover.json "
+                                             "/srv/exampleapp/.deploy-kit/live.jsonl") for i in (0, 1))
+        # The value did reach the service's environment: deploy-kit hid it, it did not lose it.
+        assert "PAYMENT_API_TOKEN=" in on_host(deployed, 0, f"cat {deployed.app.env_file}")
+    finally:
+        fab("env.unset", "PAYMENT_API_TOKEN", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
+    assert len(processes.seen) > 50  # the sampler did see the deploy's processes
+    assert any("cutover" in line for line in processes.seen)
+    places = {f"fab {' '.join(p.args[1:3])}": p.stdout + p.stderr for p in outputs}
+    places.update({"files on the hosts": files, "process list": "\n".join(processes.seen)})
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret appears in {where}"
