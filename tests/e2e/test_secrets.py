@@ -2,6 +2,7 @@
 the hosts' history and state files, the journal lines deploy-kit prints, and the command lines
 visible in the hosts' process list while the deploy runs are grepped for every secret value."""
 
+import contextlib
 import threading
 
 from deploy_kit.sandbox import Sandbox
@@ -27,10 +28,8 @@ class ProcessList:
     def _run(self):
         while not self.stop.is_set():
             for machine in self.machines:
-                try:
+                with contextlib.suppress(Exception):  # a sample lost while a host is busy is no finding
                     self.seen.update(in_container(machine, "ps -eo args --no-headers").splitlines())
-                except Exception:  # noqa: BLE001 - a sample lost while a host is busy is no finding
-                    pass
             self.stop.wait(0.3)
 
     def __enter__(self):
