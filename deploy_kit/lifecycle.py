@@ -25,7 +25,7 @@ from datetime import datetime
 from deploy_kit import checks, outcome
 from deploy_kit import plan as plans
 from deploy_kit.config import Stage
-from deploy_kit.errors import DeployKitError, HostsFailed, PreflightFailed
+from deploy_kit.errors import DeployKitError, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Script, Step
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
@@ -36,15 +36,14 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
     run = Run(stage, Mode.DEPLOY, say, ref=ref or stage.app.ref, now=now)
     with run.connected():
         facts = lock_and_check(run, check=True)
-        built: list[str] = []
         try:
             preflight(run, facts)
             wheels = run.pack(facts, plans.reuses_env)
             the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels)  # type: ignore[arg-type]
-            built = list(run.execute(the_plan.phase(Phase.RELEASE), what="building the release"))
+            run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
             run.execute(the_plan.phase(Phase.MIGRATE))
         except BaseException as exc:
-            undo(run, facts, built if not isinstance(exc, HostsFailed) else exc.succeeded, exc)
+            undo(run, facts, exc)
             raise
         with run.shielded():  # from here the hosts finish by themselves: a first Ctrl-C waits for them
             results = run.cutover(the_plan.phase(Phase.CUTOVER))
@@ -136,14 +135,17 @@ def release_locks(run: Run) -> None:
                     what="releasing the lock")
 
 
-def undo(run: Run, facts: Mapping[str, HostFacts], built: list[str], exc: BaseException) -> None:
+def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
     """Nothing was switched: discard the release, record why, release the lock."""
     run.history.result = "preflight failed" if isinstance(exc, PreflightFailed) else "failed"
     run.history.error = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     steps: list[Step] = []
-    if run.source is not None:
+    if isinstance(exc, KeyboardInterrupt):
+        run.say("", "interrupted before the switch: discarding the release, releasing the lock")
+    if run.source is not None:  # what this run made: the release where the probe did not see it
+        name = run.source.name
         steps += [Step(h, Phase.UNDO, "discard the release", Script(plans.discard_script(
-            run.stage, run.source.name, h in built))) for h in facts]
+            run.stage, name, name not in {r.name for r in f.releases}))) for h, f in facts.items()]
     steps += plans.finish_steps(run.stage, list(facts))
     try:
         run.execute(steps, what="undoing")

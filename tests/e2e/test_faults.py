@@ -1,0 +1,130 @@
+"""Faults injected on the two-host sandbox stage. After each: every host's `current` is the old
+release or the verified new one, the lock is released (or kept and reported), the output says
+what happened, and the next deploy works.
+
+The tests of this module run in order; each leaves the stage deployed and healthy.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from deploy_kit import config
+from deploy_kit.sandbox import Sandbox
+
+from .conftest import FAB, ROOT, TEST_SANDBOX, commit, current_release, fab, in_container, on_host, prepare_env
+
+LOCK = "/srv/exampleapp/.deploy-kit/lock"
+
+
+@pytest.fixture(scope="module")
+def stage(sandbox_config):
+    fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    prepare_env(Sandbox(TEST_SANDBOX), sandbox_config, TEST_SANDBOX)
+    stage = config.load(sandbox_config).stage(TEST_SANDBOX)
+    if not current_release(stage, 0):
+        fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
+    return stage
+
+
+def deploy(config_file, *args):
+    return fab("deploy", "--stage", TEST_SANDBOX, *args, config_file=config_file, timeout=900)
+
+
+def unlocked(stage) -> bool:
+    return all(on_host(stage, i, f"test -d {LOCK} && echo held || echo free").strip() == "free" for i in (0, 1))
+
+
+def started(config_file) -> subprocess.Popen:
+    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file), COLUMNS="200")
+    return subprocess.Popen([str(FAB), "deploy", "--stage", TEST_SANDBOX], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def test_a_dependency_that_cannot_be_had_stops_before_any_host_changes(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    requirements = (app_repo / "examples/exampleapp/requirements.txt").read_text()
+    commit(app_repo, {"requirements.txt": requirements + "deploy-kit-no-such-distribution==9.9\n"}, "bad dep")
+    try:
+        proc = deploy(sandbox_config)
+    finally:
+        commit(app_repo, {"requirements.txt": requirements}, "drop the bad dependency")
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    assert "deploy-kit-no-such-distribution" in proc.stderr and "Traceback" not in proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+
+
+def test_beat_that_cannot_start_sends_every_host_back(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    settings = (app_repo / "examples/exampleapp/exampleapp/settings.py").read_text()
+    commit(app_repo, {"exampleapp/settings.py": settings + '\nCELERY_BEAT_SCHEDULER = "ledger.nosuch:Scheduler"\n'},
+           "a Beat scheduler that does not exist (workers do not use it)")
+    tight = sandbox_config.with_name("verify15-beat.toml")
+    tight.write_text(sandbox_config.read_text().replace('task = "celery.accumulate"\ntimeout = 60',
+                                                        'task = "celery.accumulate"\ntimeout = 15'))
+    try:
+        proc = deploy(tight)
+    finally:
+        commit(app_repo, {"exampleapp/settings.py": settings}, "the default Beat scheduler again")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+    beat_cwd = on_host(stage, 0, "readlink /proc/$(systemctl show -p MainPID --value exampleapp-beat.service)/cwd")
+    assert beat_cwd.strip() == f"/srv/exampleapp/releases/{good}"  # Beat runs the old release again
+    assert deploy(sandbox_config).returncode == 0
+
+
+def test_the_broker_down_stops_the_deploy_in_its_preflight(stage, sandbox_config):
+    good = current_release(stage, 0)
+    on_host(stage, 0, "systemctl stop redis-server")
+    try:
+        proc = deploy(sandbox_config)
+    finally:
+        on_host(stage, 0, "systemctl start redis-server")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "broker" in proc.stderr and "nothing was changed" in proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+    time.sleep(3)  # the workers reconnect to the broker by themselves
+    assert deploy(sandbox_config).returncode == 0
+
+
+def test_a_host_unreachable_from_the_start_changes_nothing_anywhere(stage, sandbox_config):
+    good = current_release(stage, 0)
+    in_container("dktest2", "systemctl stop ssh.socket ssh.service 2>/dev/null; pkill -f '[s]shd: ' || true")
+    try:
+        proc = deploy(sandbox_config)
+    finally:
+        in_container("dktest2", "systemctl start ssh.service")
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "dktest2" in proc.stderr and "Traceback" not in proc.stderr
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+
+
+@pytest.mark.parametrize("when", ["built ", "migrations applied"])
+def test_ctrl_c_before_the_switch_cleans_up_and_releases_the_lock(stage, sandbox_config, when):
+    good = current_release(stage, 0)
+    proc = started(sandbox_config)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if when in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 130, "".join(lines)
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+    listing = fab("releases", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True).stdout
+    assert "half-built" not in listing
+    assert deploy(sandbox_config).returncode == 0
+
+
+def test_two_deploys_at_the_same_moment_one_wins_the_other_is_refused(stage, sandbox_config):
+    first, second = started(sandbox_config), started(sandbox_config)
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    codes = sorted(p.returncode for p in (first, second))
+    assert codes == [0, 4], outputs
+    loser = outputs[[first.returncode, second.returncode].index(4)]
+    assert "holds the lock" in loser
+    assert current_release(stage, 0) == current_release(stage, 1) and unlocked(stage)
