@@ -22,6 +22,7 @@ from deploy_kit.config import Host, SSHSettings
 from deploy_kit.errors import ConnectError, HostError, RemoteCommandError, SudoError
 
 SCRIPT_PREAMBLE = "set -euo pipefail\nexport LC_ALL=C.UTF-8\n"
+DEAD_AFTER = 30  # seconds of unacknowledged data after which a silent host's connection is dead
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,13 @@ def _tcp_connect(host: Host, timeout: float) -> socket.socket:
                            "address and port in hosts.toml and that sshd runs there") from None
     # Paramiko leaves Nagle on; small SSH packets then wait for ACKs (measured 64 ms -> 22 ms).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A host that stops answering without closing TCP is given up within about 45 s: SSH
+    # keepalives (every 15 s) that stay unacknowledged for DEAD_AFTER, or TCP keepalives on an idle link.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", DEAD_AFTER * 1000)):
+        if hasattr(socket, option):  # Linux; elsewhere the SSH keepalives and phase timeouts remain
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return sock
 
 

@@ -128,3 +128,32 @@ def test_two_deploys_at_the_same_moment_one_wins_the_other_is_refused(stage, san
     loser = outputs[[first.returncode, second.returncode].index(4)]
     assert "holds the lock" in loser
     assert current_release(stage, 0) == current_release(stage, 1) and unlocked(stage)
+
+
+def test_a_host_that_goes_silent_during_the_build_is_given_up_and_the_other_left_as_it_was(stage, sandbox_config):
+    """dktest2 stops answering without closing TCP (its link goes down): unacknowledged SSH
+    keepalives end its connection (ssh.DEAD_AFTER, about 45 s in all), the deploy ends with exit 7,
+    dktest1 is untouched and unlocked; dktest2's lock is the only thing left, and `fab unlock` says so."""
+    good = current_release(stage, 0)
+    proc = started(sandbox_config)
+    lines, silenced = [], 0.0
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "KiB packed" in line:  # the builds start now
+                subprocess.run(["ip", "link", "set", "dk-dktest2", "down"], check=True)
+                silenced = time.monotonic()
+                break
+        lines += proc.stdout.readlines()
+        code = proc.wait(timeout=600)  # a guard against a hang, not a measurement
+        print(f"the silent host was given up after {time.monotonic() - silenced:.0f} s")
+    finally:
+        subprocess.run(["ip", "link", "set", "dk-dktest2", "up"], check=True)
+    output = "".join(lines)
+    assert code == 7, output
+    assert "dktest2" in output and "Traceback" not in output
+    assert current_release(stage, 0) == good and current_release(stage, 1) == good
+    assert on_host(stage, 0, f"test -d {LOCK} && echo held || echo free").strip() == "free"
+    shown = fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert deploy(sandbox_config).returncode == 0
