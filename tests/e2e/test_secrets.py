@@ -3,8 +3,10 @@ the hosts' history and state files, the journal lines deploy-kit prints, and the
 visible in the hosts' process list while the deploy runs are grepped for every secret value."""
 
 import contextlib
+import json
 import threading
 
+from deploy_kit import units
 from deploy_kit.sandbox import Sandbox
 
 from .conftest import TEST_SANDBOX, fab, in_container, on_host
@@ -72,3 +74,53 @@ def test_no_secret_in_any_output_file_journal_or_process_list(deployed, sandbox_
     for where, text in places.items():
         for secret in secrets:
             assert secret not in text, f"a secret appears in {where}"
+
+
+HOSTILE_VALUES = {
+    "DK_SPACES": "two  words and a tab\there",
+    "DK_QUOTES": "it's \"quoted\" 'twice'",
+    "DK_HASH": "#not-a-comment # nor this",
+    "DK_EQUALS": "a=b==c",
+    "DK_DOLLAR": "$HOME ${PATH} $(id) `id`",
+    "DK_BACKSLASH": "C:\\path\\n\\t\\\\",
+    "DK_PERCENT": "100% %i %h %%",
+    "DK_EMPTY": "",
+}
+
+
+def test_env_values_reach_the_service_unchanged_and_every_reader_agrees(deployed, sandbox_config):
+    """`fab env.set` of values with spaces, quotes, #, =, $, backslashes and systemd's % reach the
+    service byte for byte; `fab env.show --reveal` shows the same; `fab check` sees every key."""
+    for key, value in HOSTILE_VALUES.items():
+        fab("env.set", key, "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, stdin=value + "\n")
+    try:
+        code = ("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in "
+                f"{sorted(HOSTILE_VALUES)!r}}}))\n")
+        command = units.as_service_command(deployed, str(deployed.app.current_link),
+                                           [str(units.python(deployed.app)), "-c", code])
+        for index in (0, 1):
+            seen = json.loads(on_host(deployed, index, command + "\n").strip().splitlines()[-1])
+            assert seen == HOSTILE_VALUES
+        shown = fab("env.show", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True).stdout
+        assert all(key in shown for key in HOSTILE_VALUES)
+        assert fab("check", "--stage", TEST_SANDBOX, config_file=sandbox_config).returncode == 0
+    finally:
+        for key in HOSTILE_VALUES:
+            fab("env.unset", key, "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
+
+
+def test_services_never_run_as_root_and_nothing_they_run_is_theirs_to_write(deployed, sandbox_config):
+    fab("env.set", "DK_PERMS=1", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
+    fab("env.unset", "DK_PERMS", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True)
+    app = deployed.app
+    for index in (0, 1):
+        script = (f"echo env $(stat -c '%a %U:%G' {app.env_file})\n"
+                  "for pid in $(systemctl show -p MainPID --value 'exampleapp-worker-*' exampleapp-beat.service); do\n"
+                  "  [ \"$pid\" = 0 ] || echo user $(ps -o user= -p \"$pid\")\ndone\n"
+                  f"runuser -u {app.user} -- sh -c 'touch {app.current_link}/x 2>/dev/null && echo code writable "
+                  f"|| echo code read-only'\n")
+        lines = on_host(deployed, index, script).splitlines()
+        assert f"env 640 root:{app.group}" in lines
+        users = {line.split()[1] for line in lines if line.startswith("user ")}
+        assert users == {app.user}  # every worker (and Beat) process runs as the service account
+        assert "code read-only" in lines
