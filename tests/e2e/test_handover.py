@@ -2,8 +2,8 @@
 its private queue before it takes a user task, the old release serves until then and drains,
 and a release that fails is over in seconds without taking or stranding a task.
 
-Tasks are sent from this machine straight to the sandbox broker, every 100 ms, while `fab
-deploy` or `fab rollback` runs; each logs `probe TAG ran` in the journal of the worker that
+Tasks are sent from this machine straight to the sandbox broker (every 100 ms, or 20 ms for the
+load test) while `fab deploy` or `fab rollback` runs; each logs `probe TAG ran` in the journal of the worker that
 ran it, so "exactly once" is counted in the journals of both hosts.
 """
 
@@ -44,9 +44,11 @@ def stage(sandbox_config):
 
 
 class Producer:
-    """Sends `ledger.tasks.probe` to the default queue every 100 ms until stopped."""
+    """Sends `ledger.tasks.probe` to the default queue every `interval` seconds until stopped; with
+    `slow_every`, every so many tasks one runs for `slow` seconds."""
 
-    def __init__(self):
+    def __init__(self, interval: float = 0.1, slow_every: int = 0, slow: float = 3.0):
+        self.interval, self.slow_every, self.slow = interval, slow_every, slow
         url = Sandbox(TEST_SANDBOX).broker_url()
         self.app = Celery("e2e-producer", broker=url, backend=url)
         self.tag = f"p{time.time_ns()}"
@@ -57,10 +59,10 @@ class Producer:
     def _run(self):
         n = 0
         while not self.stop.is_set():
-            self.sent.append((time.time(), self.app.send_task("ledger.tasks.probe", args=[f"{self.tag}-{n}"],
-                                                              queue="celery")))
+            args = [f"{self.tag}-{n}"] + ([self.slow] if self.slow_every and n % self.slow_every == 0 else [])
+            self.sent.append((time.time(), self.app.send_task("ledger.tasks.probe", args=args, queue="celery")))
             n += 1
-            time.sleep(0.1)
+            time.sleep(self.interval)
 
     def long(self, seconds: float):
         return self.app.send_task("ledger.tasks.probe", args=[f"{self.tag}-long", seconds], queue="celery")
@@ -98,13 +100,14 @@ def unacked(stage) -> int:
 def test_every_task_sent_through_a_deploy_and_a_rollback_runs_exactly_once(stage, sandbox_config, app_repo):
     old = current_release(stage, 0)
     commit(app_repo, {"ledger/handover.txt": f"{time.time()}\n"}, "a one-file change")
-    with Producer() as producer:
+    with Producer(interval=0.02, slow_every=150) as producer:  # 50 a second, some running 3 s
         long = producer.long(20)  # running on the old release when the handover comes
         time.sleep(2)
         deployed = fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, timeout=900)
         new = current_release(stage, 0)
         rolled = fab("rollback", "--stage", TEST_SANDBOX, config_file=sandbox_config, timeout=900)
-        time.sleep(1)
+        while len(producer.sent) < 1000:  # at least a thousand in all, most of them during the two
+            time.sleep(0.2)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     assert new != old and current_release(stage, 0) == old == current_release(stage, 1)
@@ -113,7 +116,7 @@ def test_every_task_sent_through_a_deploy_and_a_rollback_runs_exactly_once(stage
     releases = {r["release"].rsplit("/", 1)[-1] for r in results}
     assert releases <= {old, new} and new in releases  # the new release served in between
     counts = ran_counts(stage, producer.tag)
-    assert len(producer.sent) > 50
+    assert len(producer.sent) >= 1000
     assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent))), \
         {k: v for k, v in counts.items() if v != 1}
     assert counts.get(f"{producer.tag}-long") == 1
