@@ -157,3 +157,69 @@ def test_a_host_that_goes_silent_during_the_build_is_given_up_and_the_other_left
     shown = fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert deploy(sandbox_config).returncode == 0
+
+
+def test_a_laptop_killed_during_the_build_leaves_only_its_lock(stage, sandbox_config):
+    """SIGKILL before the switch: nothing runs differently; the lock names the dead run, `fab status`
+    says so, and after `fab unlock` the next deploy works; the orphan release never goes live."""
+    good = current_release(stage, 0)
+    proc = started(sandbox_config)
+    for line in proc.stdout:
+        if "KiB packed" in line:
+            time.sleep(1)  # the builds run
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    time.sleep(15)  # whatever the hosts were building ends
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good]
+    refused = deploy(sandbox_config)
+    assert refused.returncode == 4 and "fab unlock" in refused.stderr
+    fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert deploy(sandbox_config).returncode == 0
+    listing = fab("releases", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True).stdout
+    assert "half-built" not in listing
+
+
+def test_a_dropped_connection_during_the_migrations_leaves_current_untouched(stage, sandbox_config, app_repo):
+    good = current_release(stage, 0)
+    migration = ("import time\n\nfrom django.db import migrations\n\n\ndef slow(apps, schema_editor):\n"
+                 "    time.sleep(8)\n\n\nclass Migration(migrations.Migration):\n"
+                 "    dependencies = [('ledger', '0001_initial')]\n"
+                 "    operations = [migrations.RunPython(slow, migrations.RunPython.noop)]\n")
+    latest = sorted(p.name for p in (app_repo / "examples/exampleapp/ledger/migrations").glob("0*.py"))[-1]
+    name = f"{int(latest[:4]) + 1:04d}_slow.py"
+    commit(app_repo, {f"ledger/migrations/{name}": migration.replace("'0001_initial'", f"'{latest[:-3]}'")},
+           "a slow migration")
+    proc = started(sandbox_config)
+    lines, built = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        built += " built " in line
+        if built == 2:  # both hosts built: the migrations run on dktest1 now
+            time.sleep(3)
+            in_container("dktest1", "pkill -f '[s]shd: deploy' || true")
+            break
+    lines += proc.stdout.readlines()
+    code = proc.wait(timeout=600)
+    output = "".join(lines)
+    assert code == 7, output
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good]
+    if not unlocked(stage):  # the lock could not be released over the cut connection: it says so
+        fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert deploy(sandbox_config).returncode == 0  # the migration runs again and completes
+
+
+def test_ctrl_c_during_the_handover_waits_for_the_hosts_and_ends_on_one_release(stage, sandbox_config):
+    proc = started(sandbox_config)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "start: ok" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    code = proc.wait(timeout=600)
+    output = "".join(lines)
+    assert code == 0, output
+    assert "waiting for it to end" in output
+    assert current_release(stage, 0) == current_release(stage, 1) and unlocked(stage)
