@@ -15,7 +15,8 @@ FAB = Path(sys.executable).with_name("fab")
 
 
 def fab(*args, config_file):
-    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file))
+    """Run fab on this checkout's deploy_kit (not the one the virtualenv has installed)."""
+    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file), PYTHONPATH=str(ROOT))
     return subprocess.run([str(FAB), *args], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
