@@ -218,6 +218,9 @@ def parse(text: str, file: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits; arrays nested thousands deep
+        raise ConfigError(f"{file}: not valid TOML for deploy-kit: it holds an integer too long or "
+                          "values nested too deep to read") from None
     from deploy_kit.config_loader import Loader  # it builds the objects defined here
 
     return Loader(file).config(data)

@@ -14,11 +14,14 @@ from typing import Any
 from deploy_kit.config import ROLES
 from deploy_kit.errors import ConfigError
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
-_POSIX_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$")
-_QUEUE = re.compile(r"^[A-Za-z0-9_.:-]+$")
-_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")
+_POSIX_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?\Z")
+_QUEUE = re.compile(r"^[A-Za-z0-9_.:-]+\Z")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_ADDRESS = re.compile(r"^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*\Z")  # a DNS name, an IPv4 or IPv6 address
+_LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*\Z")
+_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./~^@+-]*\Z")  # what `git rev-parse` reads, HEAD~1 too
 _SECRET_KEY = re.compile(r"(pass|secret|token|credential|broker_url|_url$|api_key|private)", re.I)
 _URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]+@", re.I)
 
@@ -75,6 +78,9 @@ class _Table:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             expected = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
             self.problems.add(self.where(key), f"expected {expected}, got {_describe(value)}")
+            return None
+        if isinstance(value, int | float) and not -2**63 <= value < 2**63:  # nan compares false too
+            self.problems.add(self.where(key), f"must be a finite number of sane size, got {_describe(value)}")
             return None
         if check is not None:
             message = check(value)
@@ -143,7 +149,7 @@ def _name_check(what: str) -> Callable[[str], str | None]:
     return check
 
 
-_SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-]+\Z")
 
 
 def _absolute(value: str) -> str | None:
@@ -189,6 +195,34 @@ def _not_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _local_file(value: str) -> str | None:
+    """A path on this machine, `~` or `~user` allowed."""
+    try:
+        Path(value).expanduser()
+    except RuntimeError:
+        return f"{value!r} starts with ~user, but this machine has no such user's home"
+    return _not_empty(value)
+
+
+def _address(value: str) -> str | None:
+    if _ADDRESS.match(value):
+        return None
+    return f"must be a host name or an IP address, such as '203.0.113.10', got {value!r}"
+
+
+def _login(value: str) -> str | None:
+    if _LOGIN.match(value):
+        return None
+    return f"must be an SSH login name (letters, digits, '.', '_', '@' and '-'), got {value!r}"
+
+
+def _ref(value: str) -> str | None:
+    if _REF.match(value) and ".." not in value:
+        return None
+    return (f"must be a git branch, tag or commit (letters, digits and . _ / ~ ^ @ + -, not starting "
+            f"with '-', no '..'), got {value!r}")
+
+
 def _module(value: str) -> str | None:
     if _MODULE.match(value):
         return None
@@ -201,7 +235,9 @@ def _repo(value: str) -> str | None:
     if _URL_WITH_PASSWORD.match(value):
         return ("holds a password or token; secrets never go in hosts.toml. Fix: use an SSH URL "
                 "with a deploy key, or a git credential helper")
-    return None
+    if value.startswith("-"):
+        return f"must be a git URL or a path, not start with '-' (git would read an option), got {value!r}"
+    return _local_file(value)
 
 
 def _loglevel(value: str) -> str | None:
@@ -226,7 +262,7 @@ def _string_list(what: str, pattern: re.Pattern[str] | None = None) -> Callable[
 
 def _relative_paths(value: list[Any]) -> str | None:
     for item in value:
-        if not isinstance(item, str) or not item.strip("/"):
+        if not isinstance(item, str) or not PurePosixPath(item).parts:
             return f"must be a list of paths inside the release, got {_describe(item)} in it"
         if item.startswith("/") or ".." in PurePosixPath(item).parts:
             return f"{item!r} must be relative to the release (it is linked to the same path under shared/)"

@@ -24,7 +24,10 @@ from deploy_kit.config_checks import (
     _NAME,
     _QUEUE,
     _absolute,
+    _address,
     _at_least,
+    _local_file,
+    _login,
     _loglevel,
     _merge,
     _module,
@@ -33,6 +36,7 @@ from deploy_kit.config_checks import (
     _port,
     _positive,
     _Problems,
+    _ref,
     _relative_paths,
     _repo,
     _roles,
@@ -115,12 +119,12 @@ class Loader:
         names: set[str] = set()
         for index, item in enumerate(raw):
             t = _Table(item, f"{path}[{index}]", self.problems)
-            address = t.get("address", str, check=_not_empty, hint='"203.0.113.10"')
+            address = t.get("address", str, check=_address, hint='"203.0.113.10"')
             host_name = t.get("name", str, address or f"host{index + 1}",
                               check=lambda v: None if _HOST_NAME.match(v) else
                               f"must be a name of letters, digits, '.', '_' or '-', got {v!r}")
             port = t.get("port", int, 22, check=_port)
-            user = t.get("user", str, "deploy", check=_not_empty)
+            user = t.get("user", str, "deploy", check=_login)
             roles = t.get("roles", list, ["worker"], check=_roles)
             t.unknown_keys()
             if host_name in names:
@@ -144,8 +148,8 @@ class Loader:
     def ssh(self, t: _Table | None) -> SSHSettings | None:
         if t is None:
             return None
-        known_hosts = t.get("known_hosts", str, "~/.ssh/known_hosts", check=_not_empty)
-        identity = t.get("identity_file", str, None, check=_not_empty)
+        known_hosts = t.get("known_hosts", str, "~/.ssh/known_hosts", check=_local_file)
+        identity = t.get("identity_file", str, None, check=_local_file)
         timeout = t.get("connect_timeout", (int, float), 10.0, check=_positive)
         t.unknown_keys()
         if known_hosts is None or timeout is None:
@@ -159,7 +163,7 @@ class Loader:
             return None
         name = t.get("name", str, check=_name_check("app name"), hint='"myapp"')
         repo = t.get("repo", str, check=_repo, hint='"git@example.com:acme/myapp.git"')
-        ref = t.get("ref", str, "HEAD", check=_not_empty)
+        ref = t.get("ref", str, "HEAD", check=_ref)
         subdir = t.get("path", str, "", check=lambda v: None if not v.startswith("/") and ".." not in v
                        else f"must be a directory inside the repository, got {v!r}")
         celery_app = t.get("celery_app", str, check=_module, hint='"myproject"')
@@ -278,7 +282,7 @@ class Loader:
                                                                    "descriptors for its pool"))
         margin = t.get("stop_margin", int, 30, check=_positive)
         broker_unit = t.get("broker_unit", str, None,
-                            check=lambda v: None if re.match(r"^[\w@.:-]+\.service$", v)
+                            check=lambda v: None if re.match(r"^[\w@.:-]+\.service\Z", v)
                             else f"must be a unit name such as 'redis-server.service', got {v!r}")
         t.unknown_keys()
         if nofile is None or margin is None:

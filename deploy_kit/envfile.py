@@ -22,8 +22,8 @@ from deploy_kit.errors import UsageError
 from deploy_kit.session import Session
 
 REQUIRED_KEYS = ("DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL")
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PLAIN = re.compile(r"^[A-Za-z0-9_./:@%+,=-]*$")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_PLAIN = re.compile(r"^[A-Za-z0-9_./:@%+,=-]*\Z")
 
 
 def template(app: App) -> str:

@@ -36,7 +36,7 @@ from deploy_kit.remote.hostprobe import APP_PROBE
 from deploy_kit.ssh import RemoteHost
 
 NAME_FORMAT = "%Y-%m-%d-%H%M%S"
-_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}-\d{6}$")
+_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}-\d{6}\Z", re.ASCII)
 q = shlex.quote
 
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from urllib.parse import quote, unquote, urlsplit
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 LOADER = '''import json, sys, types
 def _deploy_kit_load(sources):

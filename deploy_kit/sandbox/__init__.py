@@ -34,7 +34,7 @@ STATE_ROOT = Path(os.environ.get("DEPLOY_KIT_SANDBOX_DIR", "/var/lib/deploy-kit/
 DEFAULT_NAME = "sandbox"
 MAX_HOSTS = 20
 SUBNET = "10.199.{index}.0/24"
-_NAME = re.compile(r"^[a-z][a-z0-9]{0,8}$")
+_NAME = re.compile(r"^[a-z][a-z0-9]{0,8}\Z")
 
 Say = Callable[[str], None]
 

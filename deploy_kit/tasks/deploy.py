@@ -6,16 +6,20 @@ import sys
 from invoke import task
 
 from deploy_kit import history, lifecycle, ui
+from deploy_kit.config_checks import _ref
 from deploy_kit.errors import Locked, UsageError
+from deploy_kit.release import is_release_name
 from deploy_kit.remote.contracts import LockHolder
 
-from ._stage import STAGE_HELP, load_stage
+from ._stage import STAGE_HELP, checked, load_stage
 
 
 @task(help={"stage": STAGE_HELP, "ref": "git branch, tag or commit to deploy (default: app.ref)",
             "plan": "probe the hosts read-only and print the steps the deploy would run, per host"})
 def deploy(c, stage=None, ref=None, plan=False):
     """Ship a release, migrate, hand the workers over on every host, then Beat; roll back by itself."""
+    with ui.user_errors():
+        checked("--ref", ref, _ref)
     _run(stage, plan, lambda s, say: lifecycle.plan(s, ref=ref, say=say),
          lambda s, say: lifecycle.deploy(s, ref=ref, say=say),
          lambda s, o: f"deployed {o.release} ({o.sha[:10]}) to stage {s.name}: verified")
@@ -25,9 +29,17 @@ def deploy(c, stage=None, ref=None, plan=False):
             "plan": "probe the hosts read-only and print the steps the rollback would run, per host"})
 def rollback(c, stage=None, to=None, plan=False):
     """Put the previous good release (or --to RELEASE) back with the same handover, Beat first."""
+    with ui.user_errors():
+        checked("--to", to, _release)
     _run(stage, plan, lambda s, say: lifecycle.rollback_plan(s, to=to, say=say),
          lambda s, say: lifecycle.rollback(s, to=to, say=say),
          lambda s, o: f"rolled back stage {s.name} to {o.release}: verified")
+
+
+def _release(value: str) -> str | None:
+    if is_release_name(value):
+        return None
+    return f"takes a release name such as 2026-11-24-120000 (`fab releases` lists them), got {value!r}"
 
 
 def _run(stage, plan_only, make_plan, run, done) -> None:

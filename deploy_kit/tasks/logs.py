@@ -7,7 +7,7 @@ from invoke import task
 from deploy_kit import journal, ui
 from deploy_kit.errors import HostError, UsageError
 
-from ._stage import STAGE_HELP, load_stage
+from ._stage import STAGE_HELP, count, load_stage
 
 
 @task(iterable=["service", "host"], help={
@@ -28,12 +28,7 @@ def logs(c, stage=None, service=None, host=None, since=None, n=None, grep=None, 
         services = list(service or [])
         journal.check_services(chosen, services)
         hosts = [chosen.host(name) for name in host] if host else list(chosen.hosts)
-        lines = None
-        if n is not None:
-            try:
-                lines = int(n)
-            except ValueError:
-                raise UsageError(f"-n takes a number of lines, got {n!r}") from None
+        lines = None if n is None else count("-n", n, "lines")
         streams, items = journal.stream(chosen, hosts=hosts, services=services, since=since, lines=lines,
                                         grep=grep, follow=follow)
         if not streams:

@@ -3,8 +3,9 @@
 from invoke import task
 
 from deploy_kit import config, ui
-from deploy_kit.errors import UsageError
 from deploy_kit.sandbox import DEFAULT_NAME, Sandbox
+
+from ._stage import count
 
 STAGE_HELP = f"name of the sandbox and of the stage it writes (default: {DEFAULT_NAME})"
 
@@ -14,10 +15,9 @@ def up(c, hosts="1", stage=DEFAULT_NAME):
     """Boot fresh sandbox hosts and write their stage into hosts.toml."""
     console = ui.make_console()
     with ui.user_errors():
-        if not str(hosts).isdigit():  # parsed here, so a typo gets a message and not a traceback
-            raise UsageError(f"--hosts takes a number of hosts, got {hosts!r}")
+        number = count("--hosts", hosts, "hosts")
         path = config.config_path()
-        booted = Sandbox(stage).up(int(hosts), path, ui.sayer(console))
+        booted = Sandbox(stage).up(number, path, ui.sayer(console))
         console.print(ui.table(f"sandbox {stage}", ("host", "address", "ssh user", "roles"),
                                [(h.name, h.address, h.user, ", ".join(h.roles)) for h in booted]))
         console.print(f"Use it with --stage {stage}, e.g. `fab hosts --stage {stage}`; "

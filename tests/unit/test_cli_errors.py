@@ -10,13 +10,16 @@ import pytest
 from deploy_kit import sandbox
 from deploy_kit.errors import EXIT_CODES, SandboxError, UsageError
 
+from .samples import STAGE
+
 ROOT = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
 
 
-def fab(*args, config_file):
-    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file))
-    return subprocess.run([str(FAB), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+def fab(*args, config_file, program=FAB):
+    """Run fab (or deploy-kit) on this checkout's deploy_kit (not the one the virtualenv has installed)."""
+    env = dict(os.environ, DEPLOY_KIT_CONFIG=str(config_file), PYTHONPATH=str(ROOT))
+    return subprocess.run([str(program), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_fab_list_shows_every_task_with_help():
@@ -146,3 +149,56 @@ def test_an_unwritable_cache_is_a_release_error(tmp_path, monkeypatch):
     with pytest.raises(ReleaseError) as info:
         run.pack({}, lambda f, s: False)
     assert "Fix: make" in str(info.value) and info.value.exit_code == 9
+
+
+# A stage whose known_hosts file does not exist: a task that got as far as SSH ends in exit 7 at once,
+# without a packet sent; exit 2 proves the flag was refused before any host was reached.
+UNREACHABLE = (STAGE.replace("10.0.0.5", "192.0.2.5").replace("10.0.0.6", "192.0.2.6")
+               + '[stages.prod.ssh]\nknown_hosts = "absent_known_hosts"\nconnect_timeout = 1\n')
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("logs", "-n", "abc"), "-n takes a number of lines, got 'abc'"),
+    (("logs", "-n", "-5"), "-n takes a number of lines, got '-5'"),
+    (("logs", "--service", "nosuch"), "no service named 'nosuch' in stage 'prod' (services: default, beat)"),
+    (("logs", "--host", "nosuch"), "no host named 'nosuch'"),
+    (("rollback", "--to", "bad name"), "--to takes a release name such as 2026-11-24-120000"),
+    (("rollback", "--plan", "--to", "2026-11-24-120000\n"), "--to takes a release name"),
+    (("deploy", "--ref", "main; reboot"), "--ref must be a git branch, tag or commit"),
+    (("deploy", "--plan", "--ref", "--upload-pack=x"), "not starting with '-'"),
+    (("deploy", "--stage", "prodd"), "did you mean 'prod'?"),
+    (("sandbox.up", "--hosts", "-1"), "--hosts takes a number of hosts, got '-1'"),
+    (("sandbox.up", "--hosts", "\u00b2"), "--hosts takes a number of hosts, got '\u00b2'"),
+    (("sandbox.up", "--hosts", "0"), "--hosts must be between 1 and"),
+    (("sandbox.down", "--stage", "Bad"), "sandbox name 'Bad' must be 1-9 lowercase letters"),
+    (("env.set", "BAD KEY=x"), "'BAD KEY' is not a valid variable name"),
+    (("env.set", "KEY=a\nb"), "the value of KEY spans several lines"),
+    (("env.unset", "KEY\n"), "'KEY\\n' is not a valid variable name"),
+    (("env.show", "--host", "nosuch"), "no host named 'nosuch'"),
+    (("init", "--directory", "/nonexistent/dir"), "is not a directory"),
+])
+def test_a_bad_flag_value_exits_2_before_any_host_is_reached(tmp_path, args, expected):
+    path = tmp_path / "hosts.toml"
+    path.write_text(UNREACHABLE)
+    proc = fab(*args, config_file=path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+    assert not (tmp_path / "known_hosts").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("deploy", "--nosuch"), "No idea what '--nosuch' is!"),
+    (("--nosuch",), "No idea what '--nosuch' is!"),
+    (("nosuch",), "No idea what 'nosuch' is!"),
+    (("setup", "--yes", "please"), "No idea what 'please' is!"),
+    (("deploy", "--ref"), "needed value and was not given one"),
+    (("env.set",), "did not receive required positional arguments: 'assignment'"),
+])
+def test_a_command_line_that_does_not_parse_exits_2_with_the_fix(tmp_path, args, expected):
+    path = tmp_path / "hosts.toml"
+    path.write_text(UNREACHABLE)
+    proc = fab(*args, config_file=path, program=FAB.with_name("deploy-kit"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr
+    assert "deploy-kit --help TASK" in proc.stderr and "Traceback" not in proc.stderr
