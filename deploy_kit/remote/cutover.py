@@ -12,7 +12,7 @@ A service with `handover = false` restarts in place instead (stop the old, then 
 and join the new: the queue waits, but verification is never starved by user tasks).
 
 Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
-    switch `current`, restart Beat, wait until it runs from the target.
+    switch `current`, restart Beat, wait until it runs from the target and still does after the watch.
 
 Failure before the join: the new instance is killed at once (it held no user task); the old
 one never stopped. Failure during the watch: the new instance leaves the real queues and
@@ -41,7 +41,7 @@ def steps(params: dict, hostname: str = "") -> list:
     if params.get("phase") == "beat":
         return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
                 ("restart beat", f"systemctl restart {params['beat_unit']}"),
-                ("wait for beat", f"until Beat runs from releases/{target}")]
+                ("wait for beat", f"until Beat runs from releases/{target}, and still does {params['watch']}s later")]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]
@@ -79,7 +79,7 @@ class Cutover:
         self.state = CutoverState(id=params["id"], mode=Mode(params["mode"]), target=params["target"],
                                   previous=params.get("previous"), started=time.time(), pid=os.getpid())
         self.started_units: list = []  # new instances this run started (stopped again on failure)
-        self.stopped: list = []  # old units a restart in place stopped (started again on failure)
+        self.stopped: list = []  # (worker, old unit) a restart in place stopped (started again on failure)
         self.joined: list = []  # (worker, node) that joined the real queues
         self.restarts: dict = {}
         self.agent: Agent | None = None
@@ -174,7 +174,7 @@ class Cutover:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + 30)
-                        self.stopped.append(old)
+                        self.stopped.append((worker, old))
             self.systemctl("start", unit)  # Type=simple: returns once the process runs
             self.started_units.append(unit)
             units.append(unit)
@@ -220,18 +220,22 @@ class Cutover:
         return f"ran {self.p['watch']}s on the real queues without a crash"
 
     def retire(self, release: str, workers: list) -> str:
+        """The older instances stop taking tasks and drain; none starts at boot any more (one a
+        restart in place stopped already included)."""
         assert self.agent is not None
         retired = []
         for worker in workers:
-            for old in self.running(worker):
-                if old == self.instance(worker, release):
+            for old in self.running(worker) + [u for w, u in self.stopped if w is worker]:
+                if old == self.instance(worker, release) or old in retired:
                     continue
-                for queue in worker["queues"]:  # best effort: the warm shutdown stops consuming anyway
-                    try:
-                        self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": self.node(worker, old)}, 15)
-                    except StepFailed:
-                        break
-                self.systemctl("stop", "--no-block", old)  # drains in the background
+                if (worker, old) not in self.stopped:
+                    for queue in worker["queues"]:  # best effort: the warm shutdown stops consuming anyway
+                        try:
+                            self.agent.ask({"op": "cancel_consumer", "queue": queue,
+                                            "node": self.node(worker, old)}, 15)
+                        except StepFailed:
+                            break
+                    self.systemctl("stop", "--no-block", old)  # drains in the background
                 self.systemctl("disable", "--quiet", old)
                 if old != worker["legacy"]:
                     self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
@@ -282,11 +286,23 @@ class Cutover:
             if info.get("ActiveState") == "active" and pid != "0":
                 try:
                     if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == want:
-                        return f"Beat runs from releases/{release}"
+                        return self.watch_beat(unit, pid, release)
                 except OSError:
                     pass
             time.sleep(0.2)
         raise StepFailed(f"Beat does not run from releases/{release} after {self.p['verify']['timeout']}s")
+
+    def watch_beat(self, unit: str, pid: str, release: str) -> str:
+        """Beat started is not Beat running: it loads its scheduler and schedule after the start.
+        The same process must still run after the watch."""
+        deadline = time.time() + float(self.p["watch"])
+        while time.time() < deadline:
+            time.sleep(0.3)
+            info = self.show(unit)
+            if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
+                raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
+                                 f"{info.get('SubState')}); see its journal")
+        return f"Beat runs from releases/{release} (ran {self.p['watch']}s)"
 
     # --- giving back --------------------------------------------------------------------------
 
@@ -316,10 +332,11 @@ class Cutover:
             if os.path.exists(path):
                 os.unlink(path)
             self.discard_private(worker, self.p["target"])
-        for old in self.stopped:  # a restart in place stopped it: it serves again
+        restarted = [old for _, old in self.stopped]
+        for old in restarted:  # a restart in place stopped it: it serves again
             self.systemctl("start", old)
         return "stopped " + (", ".join(stopped) or "nothing") + \
-            ("; started " + ", ".join(self.stopped) if self.stopped else "") + (f"; {detail}" if detail else "")
+            ("; started " + ", ".join(restarted) if restarted else "") + (f"; {detail}" if detail else "")
 
     def restore(self, draining: list) -> str:
         """A worker that joined the real queues and died (or was stopped) may have left messages

@@ -214,6 +214,32 @@ def test_restart_in_place_stops_the_old_worker_first_and_starts_it_again_on_fail
     assert verbs[-2:] == [f"reset-failed {UNIT.format(NEW)}", f"start {UNIT.format(OLD)}"]
 
 
+def test_restart_in_place_leaves_no_older_instance_to_start_at_boot(host, monkeypatch):
+    _tmp, params = host
+    p = params()
+    p["workers"][0]["handover"] = False
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE
+    verbs = systemd.verbs()
+    assert f"disable --quiet {UNIT.format(OLD)}" in verbs and f"enable --quiet {UNIT.format(NEW)}" in verbs
+    assert {"op": "discard_queue", "queue": f"deploy-kit.shop.prod.default.{OLD}@{os.uname().nodename}"} \
+        in FakeAgent.requests
+
+
+def test_beat_that_stops_right_after_its_start_is_a_failure(host, monkeypatch):
+    """Beat loads its scheduler after it started: a process that is gone within the watch fails."""
+    _tmp, params = host
+    systemd = FakeSystemd({"shop-beat.service": "active"})
+    monkeypatch.setattr(cutover, "run", systemd)
+    program = cutover.Cutover(params(phase="beat", watch=1.0))
+    ticks = iter(range(1000))
+    monkeypatch.setattr(cutover.time, "time", lambda: next(ticks) * 0.1)
+    monkeypatch.setattr(cutover.time, "sleep", lambda s: systemd.crash("shop-beat.service"))
+    with pytest.raises(StepFailed, match="stopped after it started"):
+        program.watch_beat("shop-beat.service", "42", NEW)
+
+
 def test_restart_in_place_joins_the_real_queues_only_once_verified(host, monkeypatch):
     tmp, params = host
     p = params()
