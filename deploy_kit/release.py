@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from deploy_kit import remote as remote_programs
 from deploy_kit import units, wheels
 from deploy_kit.config import App, Stage
 from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError, UsageError
 from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
-from deploy_kit.remote.hostprobe import APP_PROBE
 from deploy_kit.ssh import RemoteHost
 
 NAME_FORMAT = "%Y-%m-%d-%H%M%S"
@@ -171,8 +171,8 @@ def read_source(app: App, ref: str, now: datetime, cache_dir: Path) -> Source:
                   constraints=constraints)
 
 
-def bundle(source: Source, wheel_files: Iterable[Path], script: str) -> bytes:
-    """One tar stream with the code, the wheels the host lacks, and the build script."""
+def bundle(source: Source, wheel_files: Iterable[Path], program: str) -> bytes:
+    """One tar stream with the code, the wheels the host lacks, and the build program."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         def add(name: str, data: bytes) -> None:
@@ -185,27 +185,10 @@ def bundle(source: Source, wheel_files: Iterable[Path], script: str) -> bytes:
         add("REVISION", (json.dumps(source.revision, indent=2) + "\n").encode())
         for name, text in source.requirement_files().items():
             add(name, text.encode())
-        add("build.sh", script.encode())
+        add("build.py", program.encode())
         for wheel in wheel_files:
             add(f"wheels/{wheel.name}", wheel.read_bytes())
     return out.getvalue()
-
-
-def _link_shared(app: App) -> str:
-    """Lines linking the release's linked_dirs/linked_files to the same paths under shared/."""
-    lines = []
-    for path in app.linked_dirs:
-        shared = app.shared_dir / path
-        lines += [f"install -d -o {q(app.user)} -g {q(app.group)} -m 0750 {q(str(shared))}",
-                  f'rm -rf "$building"/{q(path)}; mkdir -p "$(dirname "$building"/{q(path)})"',
-                  f'ln -s {q(str(shared))} "$building"/{q(path)}']
-    for path in app.linked_files:
-        shared = app.shared_dir / path
-        lines += [f"if [ ! -e {q(str(shared))} ]; then echo 'RELEASE CHECK FAILED: linked file {shared} does not "
-                  f"exist: create it on the host first' >&2; rm -rf \"$building\"; outcome check_failed; fi",
-                  f'rm -f "$building"/{q(path)}; mkdir -p "$(dirname "$building"/{q(path)})"',
-                  f'ln -s {q(str(shared))} "$building"/{q(path)}']
-    return "".join(line + "\n" for line in lines)
 
 
 def host_env_key(source: Source, python_version: str) -> str:
@@ -213,82 +196,19 @@ def host_env_key(source: Source, python_version: str) -> str:
     return f"{source.env_key}-py{python_version}"
 
 
-def build_script(stage: Stage, source: Source, wheels_sent: bool = True, python_version: str = "",
-                 allow_reuse: bool = True) -> str:
-    """Build releases/NAME on the host from the unpacked bundle in $1 (runs as root)."""
+def build_params(stage: Stage, source: Source, wheels_sent: bool = True, python_version: str = "",
+                 allow_reuse: bool = True) -> dict[str, object]:
+    """What the build program (`remote/build.py`) needs to build releases/NAME on a host."""
     app = stage.app
-    releases = app.releases_dir
-    final = releases / source.name
-    building = releases / f".{source.name}.building"
-    cache = state_dir(app) / "wheels"
-    pip_source = f"--no-index --find-links {q(str(cache))}" if app.install == "wheels" else ""
-    # The release check runs as the service, in the new code: "$building" is only known there.
-    as_service = units.as_service_command(stage, "@BUILDING@", ["@PYTHON@"])
-    as_service = as_service.replace("WorkingDirectory=@BUILDING@", 'WorkingDirectory="$building"')
-    as_service = as_service.replace("@PYTHON@", f'"$building/{VENV}/bin/python"')
-    return f"""set -euo pipefail
-stage_dir=$1
-final={q(str(final))}
-building={q(str(building))}
-# The last line on stdout says how it ended (contracts.BuildOutcome); details go to stderr.
-outcome() {{
-    printf '{{"status": "%s", "reused_env": %s, "missing": "%s"}}\\n' "$1" \\
-        "$([ "${{reused:-no}}" = yes ] && echo true || echo false)" \\
-        "$(printf %s "${{2:-}}" | tr -cd 'A-Za-z0-9._=<>!~+-')"
-    exit 0
-}}
-if [ -e "$final" ]; then echo "release {source.name} already exists on this host" >&2; outcome exists; fi
-rm -rf "$building"
-install -d -o root -g {q(app.group)} -m 0750 {q(str(releases))}
-install -d -m 0700 {q(str(cache))}
-mkdir "$building"
-tar -xzf "$stage_dir/code.tar.gz" -C "$building"
-cp "$stage_dir/REVISION" "$building/REVISION"
-mkdir -p "$building/.deploy-kit"
-echo {q(host_env_key(source, python_version))} > "$building/.deploy-kit/env-key"
-current={q(str(app.current_link))}
-reused=no
-if [ {"yes" if allow_reuse else "no"} = yes ] && [ -e "$current/.deploy-kit/env-key" ] \\
-   && [ "$(cat "$current/.deploy-kit/env-key")" = {q(host_env_key(source, python_version))} ] \\
-   && [ -x "$current/{VENV}/bin/python" ]; then
-    cp -al "$(readlink -f "$current")/{VENV}" "$building/{VENV}"
-    reused=yes
-    echo "env=yes (reused from the current release)" >&2
-fi
-if [ "$reused" = no ]; then
-    if [ {"yes" if wheels_sent or app.install == "index" else "no"} = no ]; then
-        rm -rf "$building"; outcome needs_wheels
-    fi
-    for wheel in "$stage_dir"/wheels/*.whl; do  # sent because missing or unknown here: replace
-        [ -e "$wheel" ] || continue
-        cp "$wheel" {q(str(cache))}/.incoming && mv -f {q(str(cache))}/.incoming {q(str(cache))}/"$(basename "$wheel")"
-    done
-    {q(str(app.python))} -m venv "$building/{VENV}"
-    if ! "$building/{VENV}/bin/python" -m pip install --quiet --disable-pip-version-check {pip_source} \\
-            -r "$stage_dir/requirements.txt" > "$stage_dir/pip.log" 2>&1; then
-        missing=$(sed -n 's/.*No matching distribution found for \\([^ ]*\\).*/\\1/p' "$stage_dir/pip.log" | head -1)
-        if [ -n "$missing" ]; then rm -rf "$building"; outcome missing_distribution "$missing"; fi
-        cat "$stage_dir/pip.log" >&2; rm -rf "$building"; outcome failed
-    fi
-fi
-{_link_shared(app)}chown -R root:{q(app.group)} "$building"
-chmod -R g+rX,g-w,o-rwx "$building"
-chmod 0750 "$building"
-# Release check, as the service runs: its user, env file, sandboxing, in the new code.
-as_service() {{
-    {as_service} "$@" 2>&1
-}}
-if ! out=$(as_service manage.py check --fail-level ERROR); then
-    echo "RELEASE CHECK FAILED: manage.py check" >&2; echo "$out" | tail -25 >&2; rm -rf "$building"
-    outcome check_failed
-fi
-if ! out=$(as_service -c {q(APP_PROBE)} {q(app.celery_app)}); then
-    echo "RELEASE CHECK FAILED: the Celery app -A {app.celery_app} does not import" >&2
-    echo "$out" | tail -25 >&2; rm -rf "$building"; outcome check_failed
-fi
-mv -T "$building" "$final"
-outcome built
-"""
+    return {
+        "name": source.name, "releases_dir": str(app.releases_dir), "current": str(app.current_link),
+        "cache": str(state_dir(app) / "wheels"), "install": app.install, "venv": VENV,
+        "python": str(app.python), "env_key": host_env_key(source, python_version),
+        "allow_reuse": allow_reuse, "wheels_sent": wheels_sent,
+        "user": app.user, "group": app.group, "shared_dir": str(app.shared_dir),
+        "linked_dirs": list(app.linked_dirs), "linked_files": list(app.linked_files),
+        "celery_app": app.celery_app, "service_environment": list(units.service_environment(stage)),
+    }
 
 
 VENV = units.VENV
@@ -328,12 +248,12 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
     allow_reuse = True
     for _attempt in range(6):
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
-        script = build_script(stage, source, wheels_sent=send_wheels, python_version=python_version,
+        params = build_params(stage, source, wheels_sent=send_wheels, python_version=python_version,
                               allow_reuse=allow_reuse)
-        payload = bundle(source, files, script)
+        payload = bundle(source, files, remote_programs.program("build", params))
         command = ("sudo -n -- /bin/bash -c " + q(
             'set -euo pipefail; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; '
-            'tar -x -C "$d"; bash "$d/build.sh" "$d"'))
+            f'tar -x -C "$d"; {q(str(stage.app.python))} "$d/build.py" "$d"'))
         result = remote.run(command, payload, sudo=True, what=f"building release {source.name}",
                             timeout=timeout, check=False)
         outcome = read_outcome(result.stdout)

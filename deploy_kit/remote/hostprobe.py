@@ -17,78 +17,7 @@ import stat
 import sys
 from dataclasses import asdict
 
-from deploy_kit.remote import contracts, hostlib
-
-# Run by the service's python3, which has no deploy_kit: `broker_probe()` ships hostlib with it.
-BROKER_PROBE = r'''
-import os, socket, ssl, sys
-from urllib.parse import urlsplit, unquote
-from deploy_kit.remote.hostlib import hide, url_problem, url_secrets
-url = os.environ.get("CELERY_BROKER_URL", "").strip()
-secrets = url_secrets(url)
-def out(ok, text):
-    print(("ok " if ok else "fail ") + hide(text, secrets))
-    sys.exit(0 if ok else 1)
-sys.excepthook = lambda kind, exc, tb: print("fail " + hide("%s: %s" % (kind.__name__, exc), secrets))
-if not url:
-    out(False, "CELERY_BROKER_URL is empty in the service's environment")
-problem = url_problem(url, "CELERY_BROKER_URL")
-if problem:
-    out(False, problem)
-parts = urlsplit(url)
-secret = unquote(parts.password or "")
-try:
-    import kombu
-except ImportError:
-    kombu = None
-if kombu is not None:
-    try:
-        with kombu.Connection(url, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=1, timeout=5)
-        out(True, "connected with kombu as the service")
-    except Exception as exc:
-        out(False, "%s: %s" % (type(exc).__name__, exc))
-scheme = parts.scheme.split("+")[0]
-port = parts.port or {"redis": 6379, "rediss": 6380, "amqp": 5672, "amqps": 5671}.get(scheme, 0)
-if not parts.hostname or not port:
-    out(False, "cannot probe a %r broker URL without kombu" % scheme)
-try:
-    sock = socket.create_connection((parts.hostname, port), timeout=5)
-    if scheme in ("rediss", "amqps"):
-        sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-    if scheme.startswith("redis"):
-        def cmd(*args):
-            data = "*%d\r\n" % len(args) + "".join("$%d\r\n%s\r\n" % (len(a.encode()), a) for a in args)
-            sock.sendall(data.encode())
-            return sock.recv(512).decode(errors="replace").strip()
-        if secret:
-            reply = cmd("AUTH", unquote(parts.username), secret) if parts.username else cmd("AUTH", secret)
-            if not reply.startswith("+OK"):
-                out(False, "redis refused the password: " + reply.lstrip("-"))
-        reply = cmd("PING")
-        if reply != "+PONG":
-            out(False, "redis answered PING with " + reply.lstrip("-"))
-        out(True, "redis answered PING as the service")
-    if scheme.startswith("amqp"):
-        sock.sendall(b"AMQP\x00\x00\x09\x01")
-        if sock.recv(1) != b"\x01":
-            out(False, "no AMQP handshake")
-    out(True, "broker port answers as the service")
-except Exception as exc:
-    out(False, "%s:%s: %s" % (parts.hostname, port, exc))
-'''
-
-APP_PROBE = r'''
-import sys
-try:
-    from celery.app.utils import find_app
-    app = find_app(sys.argv[1])
-    app.loader.import_default_modules()
-    print("ok %d tasks registered" % len(app.tasks))
-except BaseException as exc:
-    print("fail %s: %s" % (type(exc).__name__, str(exc).splitlines()[-1] if str(exc) else ""))
-    sys.exit(1)
-'''
+from deploy_kit.remote import contracts, hostlib, probes
 
 
 def lstat(path: str) -> dict | None:
@@ -128,17 +57,12 @@ def env_keys(path: str) -> list:
         return []
 
 
-def broker_probe() -> str:
-    """The broker probe with hostlib shipped along (it masks the URL's credentials)."""
-    return hostlib.bundle([("hostlib", hostlib.source_of("hostlib"))], BROKER_PROBE)
-
-
-def as_service(params: dict, code: str, args: list, with_release: bool) -> dict:
-    """Run python `code` the way the units run the app: systemd-run with the same user, env file,
-    working directory and sandboxing, so "works in my shell" cannot hide a failure."""
+def as_service(params: dict, args: list, with_release: bool) -> dict:
+    """Run a probe (`probes.py`) the way the units run the app: systemd-run with the same user,
+    env file, working directory and sandboxing, so "works in my shell" cannot hide a failure."""
     python = params["release_python"] if with_release else params["python"]
     directory = params["paths"]["current"] if with_release else "/"
-    return hostlib.as_service(params["service_environment"], directory, [python, "-c", code, *args])
+    return hostlib.as_service(params["service_environment"], directory, [python, "-c", probes.program(), *args])
 
 
 def target() -> dict:
@@ -288,11 +212,11 @@ def check_facts(params: dict, facts: dict) -> dict:
     can_run = facts["user"] is not None and facts["group"] is not None \
         and facts["paths"].get("env_file") is not None
     if can_run:
-        result["broker"] = as_service(params, broker_probe(), [], has_release)
+        result["broker"] = as_service(params, ["broker"], has_release)
         if has_release:
             code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", params["release_python"], "-m",
                               "celery", "--version"])
             result["release_runs"] = code == 0
-            result["app_import"] = as_service(params, APP_PROBE, [app["celery_app"]], True)
+            result["app_import"] = as_service(params, ["app", app["celery_app"]], True)
     return result
 

@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from deploy_kit.remote import celery_agent, hostlib, hostprobe
+from deploy_kit.remote import celery_agent, hostlib, probes
 
 # Mixed case and digits, so that no run of four of their characters is an English word of the output.
 PASSWORDS = ["Xk9/qZ#wRt?8vQ", "pQ@Ss/Wz#rD?x7", "q3+Z/Kw9Lm8Vt==", "Gh 7qZx 9Bv", "a%2Fb%zzQw9/Jk",
@@ -59,7 +59,7 @@ def closed_port() -> int:
 def probe(tmp_path, url: str, kombu: str = "raise ImportError('no kombu')\n") -> str:
     """Run the broker probe as the service would, with CELERY_BROKER_URL=url: stdout and stderr."""
     (tmp_path / "kombu.py").write_text(kombu)
-    proc = subprocess.run([sys.executable, "-c", hostprobe.broker_probe()], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", probes.program(), "broker"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=30, env={"CELERY_BROKER_URL": url, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1 and proc.stdout.startswith("fail ")
     return proc.stdout + proc.stderr

@@ -69,7 +69,7 @@ def test_bundle_holds_code_revision_requirements_script_and_wheels(tmp_path):
     wheel.write_bytes(b"wheel bytes")
     data = release.bundle(make_source(), [wheel], "echo build\n")
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert tar.getnames() == ["code.tar.gz", "REVISION", "requirements.txt", "build.sh",
+        assert tar.getnames() == ["code.tar.gz", "REVISION", "requirements.txt", "build.py",
                                   "wheels/celery-5.4.0-py3-none-any.whl"]
 
         def read(name: str) -> bytes:
@@ -80,7 +80,7 @@ def test_bundle_holds_code_revision_requirements_script_and_wheels(tmp_path):
         assert read("code.tar.gz") == b"\x1f\x8bcode"
         assert json.loads(read("REVISION")) == make_source().revision
         assert read("requirements.txt") == b"celery==5.4.0\n"
-        assert read("build.sh") == b"echo build\n"
+        assert read("build.py") == b"echo build\n"
         assert read("wheels/celery-5.4.0-py3-none-any.whl") == b"wheel bytes"
 
 
@@ -104,30 +104,10 @@ def _stage(extra_app: str = ""):
 SOURCE = release.Source("2026-11-24-120000", "abc", "main", b"", "Django==5.2\n", {})
 
 
-def test_build_script_installs_from_the_sent_wheels_only_by_default():
-    script = release.build_script(_stage(), SOURCE)
-    assert "--no-index --find-links /srv/shop/.deploy-kit/wheels" in script
-    assert 'mv -T "$building" "$final"' in script  # complete releases only appear under their name
-
-
-def test_build_script_with_install_index_uses_the_hosts_package_index():
-    script = release.build_script(_stage('install = "index"\n'), SOURCE, wheels_sent=False)
-    assert "--no-index" not in script and "pip install" in script
-    assert "if [ yes = no ]" in script  # never asks for wheels it does not need
-
-
-def test_build_script_links_shared_dirs_and_requires_shared_files():
-    script = release.build_script(_stage('linked_dirs = ["media"]\nlinked_files = ["config/local.py"]\n'), SOURCE)
-    assert "install -d -o shop -g shop -m 0750 /srv/shop/shared/media" in script
-    assert 'ln -s /srv/shop/shared/media "$building"/media' in script
-    assert "linked file /srv/shop/shared/config/local.py does not exist" in script
-    assert 'ln -s /srv/shop/shared/config/local.py "$building"/config/local.py' in script
-
-
-def test_release_check_runs_as_the_service_before_the_release_appears():
-    script = release.build_script(_stage(), SOURCE)
-    check = script.index("manage.py check")
-    assert script.index("-p User=shop") < check < script.index('mv -T "$building" "$final"')
+def test_build_params_install_from_the_sent_wheels_only_by_default():
+    params = release.build_params(_stage(), SOURCE)
+    assert params["install"] == "wheels" and params["cache"] == "/srv/shop/.deploy-kit/wheels"
+    assert release.build_params(_stage('install = "index"\n'), SOURCE, wheels_sent=False)["install"] == "index"
 
 
 def test_nested_requirement_files_are_inlined_and_constraints_collected():

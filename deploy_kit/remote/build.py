@@ -1,0 +1,150 @@
+"""Runs ON a host, as root, with the host's python3: build `releases/NAME` from the bundle that
+came on stdin and was unpacked in a staging directory (`sys.argv[1]`): the code, REVISION, the
+requirements, the wheels the host lacked.
+
+    .NAME.building   the code; the environment reused (hard links) from `current` when its key
+                     matches, else a new virtualenv from the wheel cache (or the index)
+    shared links     linked_dirs / linked_files point into shared/
+    ownership        root:GROUP, not writable by the service
+    release check    as the service: `manage.py check`, then the Celery app imports (`probes.py`)
+    NAME             renamed into place only when all of that passed
+
+The last line on stdout is a `contracts.BuildOutcome`; details go to stderr. Python 3.8+, stdlib only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from deploy_kit.remote import hostlib, probes
+from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
+
+
+class Stop(Exception):
+    """The build ends here with this outcome (the half-built directory is removed)."""
+
+    def __init__(self, outcome: BuildOutcome, detail: str = ""):
+        super().__init__(detail)
+        self.outcome = outcome
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True)
+
+
+def directory(path: str, owner: str, group: str, mode: int) -> None:
+    """`install -d -o OWNER -g GROUP -m MODE`: create, or fix an existing one."""
+    os.makedirs(path, exist_ok=True)
+    shutil.chown(path, owner, group)
+    os.chmod(path, mode)
+
+
+def environment(p: dict, stage_dir: str, building: str) -> bool:
+    """The release's virtualenv: True when reused from `current` (hard links), else built anew."""
+    venv, current = os.path.join(building, p["venv"]), p["current"]
+    key_file = os.path.join(current, ".deploy-kit", "env-key")
+    if p["allow_reuse"] and os.path.exists(key_file) and os.access(os.path.join(current, p["venv"], "bin",
+                                                                                 "python"), os.X_OK):
+        with open(key_file) as handle:
+            if handle.read().strip() == p["env_key"]:
+                sh("cp", "-al", os.path.join(os.path.realpath(current), p["venv"]), venv)
+                print("env=yes (reused from the current release)", file=sys.stderr)
+                return True
+    if not p["wheels_sent"] and p["install"] != "index":
+        raise Stop(BuildOutcome(BuildStatus.NEEDS_WHEELS))
+    for wheel in sorted(glob.glob(os.path.join(stage_dir, "wheels", "*.whl"))):  # missing or unknown: replace
+        incoming = os.path.join(p["cache"], ".incoming")
+        shutil.copyfile(wheel, incoming)
+        os.replace(incoming, os.path.join(p["cache"], os.path.basename(wheel)))
+    sh(p["python"], "-m", "venv", venv)
+    source = ["--no-index", "--find-links", p["cache"]] if p["install"] == "wheels" else []
+    pip = subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", *source, "-r", os.path.join(stage_dir, "requirements.txt")],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        log = pip.stdout + pip.stderr
+        missing = re.search(r"No matching distribution found for (\S+)", log)
+        if missing:
+            name = re.sub(r"[^A-Za-z0-9._=<>!~+-]", "", missing.group(1))
+            raise Stop(BuildOutcome(BuildStatus.MISSING_DISTRIBUTION, missing=name))
+        raise Stop(BuildOutcome(BuildStatus.FAILED), log)
+    return False
+
+
+def link_shared(p: dict, building: str) -> None:
+    """linked_dirs and linked_files of the release point to the same paths under shared/."""
+    for path in p["linked_dirs"]:
+        shared = os.path.join(p["shared_dir"], path)
+        directory(shared, p["user"], p["group"], 0o750)
+        shutil.rmtree(os.path.join(building, path), ignore_errors=True)
+        os.makedirs(os.path.dirname(os.path.join(building, path)), exist_ok=True)
+        os.symlink(shared, os.path.join(building, path))
+    for path in p["linked_files"]:
+        shared = os.path.join(p["shared_dir"], path)
+        if not os.path.exists(shared):
+            raise Stop(BuildOutcome(BuildStatus.CHECK_FAILED),
+                       f"RELEASE CHECK FAILED: linked file {shared} does not exist: create it on the host first")
+        target = os.path.join(building, path)
+        if os.path.lexists(target):
+            os.unlink(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.symlink(shared, target)
+
+
+def check(p: dict, building: str) -> None:
+    """The release check, as the service runs it (its user, env file, sandbox) in the new code."""
+    python = os.path.join(building, p["venv"], "bin", "python")
+    for what, argv in (("manage.py check", [python, "manage.py", "check", "--fail-level", "ERROR"]),
+                       (f"the Celery app -A {p['celery_app']} does not import",
+                        [python, "-c", probes.program(), "app", p["celery_app"]])):
+        code, out, err = hostlib.run(hostlib.service_argv(p["service_environment"], building, argv), timeout=600)
+        if code != 0:
+            tail = "\n".join((out + err).strip().splitlines()[-25:])
+            raise Stop(BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=p.get("reused", False)),
+                       f"RELEASE CHECK FAILED: {what}\n{tail}")
+
+
+def build(p: dict, stage_dir: str) -> BuildOutcome:
+    final = os.path.join(p["releases_dir"], p["name"])
+    building = os.path.join(p["releases_dir"], f".{p['name']}.building")
+    if os.path.exists(final):
+        raise Stop(BuildOutcome(BuildStatus.EXISTS), f"release {p['name']} already exists on this host")
+    shutil.rmtree(building, ignore_errors=True)
+    directory(p["releases_dir"], "root", p["group"], 0o750)
+    directory(p["cache"], "root", "root", 0o700)
+    os.mkdir(building)
+    try:
+        sh("tar", "-xzf", os.path.join(stage_dir, "code.tar.gz"), "-C", building)
+        shutil.copyfile(os.path.join(stage_dir, "REVISION"), os.path.join(building, "REVISION"))
+        os.makedirs(os.path.join(building, ".deploy-kit"))
+        with open(os.path.join(building, ".deploy-kit", "env-key"), "w") as handle:
+            handle.write(p["env_key"] + "\n")
+        p["reused"] = environment(p, stage_dir, building)
+        link_shared(p, building)
+        sh("chown", "-R", f"root:{p['group']}", building)
+        sh("chmod", "-R", "g+rX,g-w,o-rwx", building)
+        os.chmod(building, 0o750)
+        check(p, building)
+        os.rename(building, final)  # complete releases only ever appear under their name
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return BuildOutcome(BuildStatus.BUILT, reused_env=p["reused"])
+
+
+def main(params: dict) -> None:
+    try:
+        outcome = build(params, sys.argv[1])
+    except Stop as stop:
+        outcome = stop.outcome
+        if str(stop):
+            print(str(stop), file=sys.stderr)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        outcome = BuildOutcome(BuildStatus.FAILED, detail=str(exc)[-300:])
+        print(f"the build failed: {exc}", file=sys.stderr)
+    print(outcome.to_json())

@@ -1,0 +1,120 @@
+"""The build program (`remote/build.py`) in a temporary deploy_to: what it builds, reuses, links
+and checks, and that only a complete, checked release appears under its name (no host needed)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from deploy_kit import release
+from deploy_kit.remote import build
+from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
+
+from .samples import STAGE, stage_of
+
+SOURCE = release.Source("2026-11-24-123000", "abc", "main", b"", "Django==5.2\n", {"release": "2026-11-24-123000"})
+OLD = "2026-11-24-120000"
+
+
+def code_archive() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        data = b"print('manage')\n"
+        info = tarfile.TarInfo("manage.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    """deploy_to in tmp_path with a current release whose environment matches; the bundle unpacked."""
+    srv = tmp_path / "srv"
+    extra = f'deploy_to = "{srv}"\nlinked_dirs = ["media"]\n'
+    stage = stage_of(STAGE.replace('celery_app = "shop"', 'celery_app = "shop"\n' + extra))
+    params = release.build_params(stage, SOURCE, wheels_sent=False, python_version="3.11.2")
+    old = srv / "releases" / OLD
+    (old / ".venv/bin").mkdir(parents=True)
+    (old / ".venv/bin/python").write_text("#!/bin/sh\n")
+    (old / ".venv/bin/python").chmod(0o755)
+    (old / ".deploy-kit").mkdir()
+    (old / ".deploy-kit/env-key").write_text(params["env_key"] + "\n")
+    os.symlink(f"releases/{OLD}", srv / "current")
+    stage_dir = tmp_path / "stage"
+    stage_dir.mkdir()
+    (stage_dir / "code.tar.gz").write_bytes(code_archive())
+    (stage_dir / "REVISION").write_text(json.dumps(SOURCE.revision))
+    (stage_dir / "requirements.txt").write_text(SOURCE.requirements)
+    ran = []
+
+    def sh(*argv):
+        ran.append(argv)
+        if argv[0] not in ("chown", "chmod"):  # ownership needs the service's group: not here
+            subprocess.run(argv, check=True)
+
+    monkeypatch.setattr(build, "sh", sh)
+    monkeypatch.setattr(build, "directory", lambda path, owner, group, mode: os.makedirs(path, exist_ok=True))
+    checks = []
+    monkeypatch.setattr(build.hostlib, "run", lambda argv, timeout=60: checks.append(argv) or (0, "ok", ""))
+    return params, stage_dir, srv, ran, checks
+
+
+def test_a_release_reuses_the_matching_environment_and_is_checked_as_the_service(host):
+    params, stage_dir, srv, ran, checks = host
+    outcome = build.build(params, str(stage_dir))
+    assert outcome == BuildOutcome(BuildStatus.BUILT, reused_env=True)
+    final = srv / "releases" / SOURCE.name
+    assert (final / "manage.py").exists() and (final / ".venv/bin/python").exists()
+    assert os.readlink(final / "media") == str(srv / "shared/media")
+    assert not (srv / "releases" / f".{SOURCE.name}.building").exists()
+    assert [a[0] for a in ran if a[0] == "cp"] == ["cp"] and ran[-2][:3] == ("chown", "-R", "root:shop")
+    assert [c[0] for c in checks] == ["systemd-run", "systemd-run"]  # manage.py check, then the app import
+    assert "User=shop" in checks[0] and f"WorkingDirectory={srv}/releases/.{SOURCE.name}.building" in checks[0]
+    assert "manage.py" in checks[0] and checks[1][-2:] == ["app", "shop"]
+
+
+def test_a_release_that_fails_its_check_never_appears(host, monkeypatch):
+    params, stage_dir, srv, _ran, _checks = host
+    monkeypatch.setattr(build.hostlib, "run", lambda argv, timeout=60: (1, "", "SystemCheckError: boom"))
+    with pytest.raises(build.Stop) as stopped:
+        build.build(params, str(stage_dir))
+    assert stopped.value.outcome == BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=True)
+    assert "RELEASE CHECK FAILED: manage.py check" in str(stopped.value) and "boom" in str(stopped.value)
+    assert sorted(os.listdir(srv / "releases")) == [OLD]
+
+
+def test_a_missing_linked_file_is_named_and_nothing_is_left(host):
+    params, stage_dir, srv, _ran, _checks = host
+    params["linked_files"] = ["config/local.py"]
+    with pytest.raises(build.Stop, match="linked file .*/shared/config/local.py does not exist"):
+        build.build(params, str(stage_dir))
+    assert sorted(os.listdir(srv / "releases")) == [OLD]
+
+
+def test_without_a_reusable_environment_it_asks_for_the_wheels(host):
+    params, stage_dir, srv, _ran, _checks = host
+    params["env_key"] = "other"
+    with pytest.raises(build.Stop) as stopped:
+        build.build(params, str(stage_dir))
+    assert stopped.value.outcome.status == BuildStatus.NEEDS_WHEELS
+    assert sorted(os.listdir(srv / "releases")) == [OLD]
+
+
+def test_an_existing_release_is_never_overwritten(host):
+    params, stage_dir, srv, _ran, _checks = host
+    params["name"] = OLD
+    with pytest.raises(build.Stop) as stopped:
+        build.build(params, str(stage_dir))
+    assert stopped.value.outcome.status == BuildStatus.EXISTS
+
+
+def test_the_last_line_is_the_typed_outcome(host, monkeypatch, capsys):
+    params, stage_dir, _srv, _ran, _checks = host
+    monkeypatch.setattr(sys, "argv", ["build.py", str(stage_dir)])
+    build.main(params)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert release.read_outcome(out[-1]) == BuildOutcome(BuildStatus.BUILT, reused_env=True)
