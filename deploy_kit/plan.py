@@ -18,7 +18,6 @@ from deploy_kit.config import Host, Stage
 from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.release import Source, host_env_key, state_dir
-from deploy_kit.remote import cutover as cutover_program
 from deploy_kit.remote.contracts import LiveEvent, Mode
 
 q = shlex.quote
@@ -77,6 +76,40 @@ class Script:
         return [("", line) for line in self.text.rstrip("\n").splitlines()]
 
 
+def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
+    """The (name, description) of each step the cutover program (`remote/cutover.py`) runs with
+    these params when nothing fails, as `--plan` shows them (a test compares them with a run)."""
+    target = params["target"]
+    if params.get("phase") == "beat":
+        return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
+                ("restart beat", f"systemctl restart {params['beat_unit']}"),
+                ("wait for beat", f"until Beat runs from releases/{target}, and still does {params['watch']}s later")]
+    workers = params["workers"]
+    if not workers:
+        return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]
+
+    def new(w: dict[str, Any]) -> str:
+        return w["template"].replace("@.", f"@{target}.")
+
+    def queue(w: dict[str, Any]) -> str:
+        return w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
+
+    found = [
+        ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
+                            else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
+                                 f"consuming only {queue(w)}" for w in workers)),
+        ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
+                   + ", ".join(queue(w) for w in workers)),
+        ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)" for w in workers)),
+        ("watch", f"the new instances keep running for {params['watch']}s"),
+        ("retire", "the older instances stop taking tasks and drain in the background (warm shutdown)"),
+    ]
+    found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
+    back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
+    found.append(("on failure", f"stop the new instances at once; the old ones keep serving{back}"))
+    return found
+
+
 @dataclass(frozen=True)
 class Cutover:
     """The detached cutover program (`remote/cutover.py`) under systemd-run, followed from here."""
@@ -87,7 +120,7 @@ class Cutover:
     def lines(self) -> list[Line]:
         return [("", f"systemd-run --unit={self.params['app']['name']}-cutover-{self.params['id']} python3 "
                  "deploy_kit/remote/cutover.py (detached from SSH; progress in .deploy-kit/cutover.json)"),
-                *cutover_program.steps(self.params, self.hostname)]
+                *handover_lines(self.params, self.hostname)]
 
 
 @dataclass(frozen=True)

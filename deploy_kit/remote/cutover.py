@@ -35,39 +35,6 @@ from deploy_kit.remote.celery_agent import Agent, StepFailed
 from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode, Step
 
 
-def steps(params: dict, hostname: str = "") -> list:
-    """The (name, description) of each step these params run when nothing fails (`--plan`)."""
-    target = params["target"]
-    if params.get("phase") == "beat":
-        return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
-                ("restart beat", f"systemctl restart {params['beat_unit']}"),
-                ("wait for beat", f"until Beat runs from releases/{target}, and still does {params['watch']}s later")]
-    workers = params["workers"]
-    if not workers:
-        return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]
-
-    def new(w: dict) -> str:
-        return w["template"].replace("@.", f"@{target}.")
-
-    def queue(w: dict) -> str:
-        return w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
-
-    found = [
-        ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
-                            else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
-                                 f"consuming only {queue(w)}" for w in workers)),
-        ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
-                   + ", ".join(queue(w) for w in workers)),
-        ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)" for w in workers)),
-        ("watch", f"the new instances keep running for {params['watch']}s"),
-        ("retire", "the older instances stop taking tasks and drain in the background (warm shutdown)"),
-    ]
-    found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
-    back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
-    found.append(("on failure", f"stop the new instances at once; the old ones keep serving{back}"))
-    return found
-
-
 def run(argv: list, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 

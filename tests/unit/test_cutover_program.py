@@ -192,7 +192,7 @@ def test_the_state_file_is_this_runs_and_typed(host, monkeypatch):
 
 def test_steps_describe_what_the_program_runs(host, monkeypatch):
     _tmp, params = host
-    described = cutover.steps(params(), "web2")
+    described = plan.handover_lines(params(), "web2")
     assert [name for name, _ in described] == ["start", "verify", "join", "watch", "retire", "switch", "on failure"]
     assert f"deploy-kit.shop.prod.default.{NEW}@web2" in " ".join(d for _, d in described)
     ran = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
@@ -296,7 +296,7 @@ def test_a_host_without_workers_only_moves_current(host, monkeypatch):
     """A host that only migrates: no unit is started or asked, `current` moves with the stage."""
     tmp, params = host
     p = dict(params(), workers=[])
-    assert [name for name, _ in cutover.steps(p, "web3")] == ["switch"]
+    assert [name for name, _ in plan.handover_lines(p, "web3")] == ["switch"]
     systemd = FakeSystemd({})
     state = run_program(monkeypatch, systemd, p)
     assert state.status == CutoverStatus.DONE and [s.name for s in state.steps] == ["switch"]
