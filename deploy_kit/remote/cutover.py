@@ -35,6 +35,12 @@ from deploy_kit.remote.celery_agent import Agent, StepFailed
 from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode, Step
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
 def run(argv: list, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
@@ -47,6 +53,7 @@ class Cutover:
                                   previous=params.get("previous"), started=time.time(), pid=os.getpid())
         self.started_units: list = []  # new instances this run started (stopped again on failure)
         self.stopped: list = []  # (worker, old unit) a restart in place stopped (started again on failure)
+        self.retired: list = []  # (worker, old unit) retired by this run (started again on failure)
         self.joined: list = []  # (worker, node) that joined the real queues
         self.restarts: dict = {}
         self.agent: Agent | None = None
@@ -177,7 +184,7 @@ class Cutover:
         return "joined " + ", ".join(node for _, node in self.joined)
 
     def watch(self, release: str, workers: list) -> str:
-        units = [self.instance(w, release) for w in workers if w["handover"]]
+        units = [self.instance(w, release) for w in workers]  # restart in place too: it serves alone now
         deadline = time.time() + float(self.p["watch"])
         while time.time() < deadline:
             crash = self.crashed(units)
@@ -204,42 +211,52 @@ class Cutover:
                             break
                     self.systemctl("stop", "--no-block", old)  # drains in the background
                 self.systemctl("disable", "--quiet", old)
+                self.retired.append((worker, old))
                 if old != worker["legacy"]:
                     self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
                 retired.append(old)
         return "draining " + (", ".join(retired) or "nothing (no older instance ran)")
 
-    def switch(self, name: str, back: bool = False) -> str:
+    def switch(self, name: str, strict: bool = True) -> str:
         target = os.path.join(self.p["releases_dir"], name)
         if not os.path.isdir(target):
             raise StepFailed(f"release {name} does not exist on this host")
-        if self.live() != name:
-            self.record_live(name, strict=not back)
+        unrecorded = self.record_live(name, strict) if self.live() != name else ""
         current = self.p["current"]
         tmp = f"{current}.deploy-kit-tmp"
         if os.path.lexists(tmp):
             os.unlink(tmp)
         os.symlink(os.path.join("releases", name), tmp)
         os.replace(tmp, current)  # rename(2): atomic, never a moment without `current`
-        return f"current -> releases/{name}"
+        return f"current -> releases/{name}{unrecorded}"
 
-    def record_live(self, name: str, strict: bool) -> None:
-        """Append to the live log before `current` moves: a switch it cannot record does not
-        happen (a full disk stops the deploy there); a way back never waits for the log."""
+    def record_live(self, name: str, strict: bool) -> str:
+        """Append to the live log before `current` moves, in one write (a line torn by a crash
+        never merges with the next). Strict (nothing touched yet): a switch it cannot record does
+        not happen. Otherwise (the workers took over already, or a way back) the switch goes on:
+        an unrecorded move only leaves `current` itself as the latest live release."""
         event = LiveEvent(name, self.live(), self.p["mode"], self.p["id"], time.time())
+        path = os.path.join(os.path.dirname(self.p["state_file"]), LIVE_LOG)
         try:
-            with open(os.path.join(os.path.dirname(self.p["state_file"]), LIVE_LOG), "a") as handle:
-                handle.write(event.to_json() + "\n")
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                torn = os.fstat(fd).st_size > 0 and not _ends_with_newline(path)
+                os.write(fd, (("\n" if torn else "") + event.to_json() + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             if strict:
                 raise StepFailed(f"cannot record the switch to {name} ({exc.strerror}); current is unchanged") \
                     from None
+            return f" (not in the live log: {exc.strerror})"
+        return ""
 
     def enable(self, release: str, workers: list) -> str:
         units = [self.instance(w, release) for w in workers]
         if units:
             self.systemctl("enable", "--quiet", *units)
-        return self.switch(release)
+        return self.switch(release, strict=not units)  # once the old ones retired, the switch must happen
 
     def wait_beat(self, release: str) -> str:
         unit = self.p["beat_unit"]
@@ -299,9 +316,12 @@ class Cutover:
             if os.path.exists(path):
                 os.unlink(path)
             self.discard_private(worker, self.p["target"])
-        restarted = [old for _, old in self.stopped]
-        for old in restarted:  # a restart in place stopped it: it serves again
-            self.systemctl("start", old)
+        for unit in self.started_units:  # enabled by a switch that then failed: never at boot
+            run(["systemctl", "disable", "--quiet", unit])
+        restarted = list(dict.fromkeys(old for _, old in self.stopped + self.retired))
+        for old in restarted:  # stopped by a restart in place, or retired: it serves again, and at boot
+            self.systemctl("enable", "--quiet", old)
+            self.systemctl("start", "--no-block", old)  # a draining one starts once its stop is done
         return "stopped " + (", ".join(stopped) or "nothing") + \
             ("; started " + ", ".join(restarted) if restarted else "") + (f"; {detail}" if detail else "")
 
@@ -372,7 +392,7 @@ class Cutover:
         previous = self.p.get("previous")
         if self.p.get("phase") == "beat":
             if previous:
-                self.step("switch back", self.switch, previous, True)
+                self.step("switch back", self.switch, previous, False)
                 self.step("restart beat (back)", self.systemctl, "restart", self.p["beat_unit"])
                 self.step("wait for beat (back)", self.wait_beat, previous)
             return

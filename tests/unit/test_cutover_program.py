@@ -211,7 +211,7 @@ def test_restart_in_place_stops_the_old_worker_first_and_starts_it_again_on_fail
     assert verbs.index(f"stop {UNIT.format(OLD)}") < verbs.index(f"start {UNIT.format(NEW)}")  # the queue waits
     assert "add_consumer" not in [r["op"] for r in FakeAgent.requests]  # verified on its private queue only
     assert f"kill --signal=SIGKILL {UNIT.format(NEW)}" in verbs  # it held no user task: at once
-    assert verbs[-2:] == [f"reset-failed {UNIT.format(NEW)}", f"start {UNIT.format(OLD)}"]
+    assert verbs[-2:] == [f"enable --quiet {UNIT.format(OLD)}", f"start --no-block {UNIT.format(OLD)}"]
 
 
 def test_restart_in_place_leaves_no_older_instance_to_start_at_boot(host, monkeypatch):
@@ -267,12 +267,40 @@ def test_every_move_of_current_is_appended_to_the_live_log(host, monkeypatch):
     assert hostprobe_events == [asdict(e) for e in live_log(tmp)]
 
 
-def test_a_switch_it_cannot_record_does_not_happen(host, monkeypatch):
+def test_a_switch_it_cannot_record_does_not_happen_while_nothing_else_moved(host, monkeypatch):
+    """A host without workers (or Beat's phase): the switch is the first thing; unrecorded, it stops."""
     tmp, params = host
     (tmp / LIVE_LOG).mkdir()  # any write error: a full disk, a read-only file system
-    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    state = run_program(monkeypatch, FakeSystemd({}), dict(params(), workers=[]))
     assert state.status == CutoverStatus.ROLLED_BACK and "cannot record the switch" in state.failure
     assert os.readlink(tmp / "current") == f"releases/{OLD}"
+
+
+def test_once_the_old_workers_retired_the_switch_happens_even_unrecorded(host, monkeypatch):
+    tmp, params = host
+    (tmp / LIVE_LOG).mkdir()
+    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    assert state.status == CutoverStatus.DONE and os.readlink(tmp / "current") == f"releases/{NEW}"
+    assert "not in the live log" in state.steps[-1].detail
+
+
+def test_a_failure_after_the_retire_brings_the_old_workers_back_and_at_boot(host, monkeypatch):
+    tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    monkeypatch.setattr(cutover.Cutover, "switch", lambda self, name, strict=True: (_ for _ in ()).throw(
+        StepFailed("rename failed")) if name == NEW else "ok")
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.ROLLED_BACK
+    verbs = systemd.verbs()
+    assert verbs.index(f"disable --quiet {UNIT.format(OLD)}") < verbs.index(f"enable --quiet {UNIT.format(OLD)}")
+    assert f"start --no-block {UNIT.format(OLD)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
+
+
+def test_a_torn_line_never_merges_with_the_next(host, monkeypatch):
+    tmp, params = host
+    (tmp / LIVE_LOG).write_text('{"release": "2026-11-2')  # a crash in the middle of a write
+    run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    assert [e["release"] for e in hostprobe.live_log(str(tmp / LIVE_LOG))] == [NEW]
 
 
 def test_a_way_back_does_not_wait_for_the_live_log(host, monkeypatch):
@@ -333,3 +361,15 @@ def test_every_host_gets_a_cutover_step_even_one_without_workers():
     steps = plan.cutover_steps(stage, targets, {h: OLD for h in targets}, Mode.DEPLOY, "r1")
     assert [s.host for s in steps] == ["web1", "web2", "db1"]
     assert steps[-1].action.params["workers"] == [] and stage.migrate_host.name == "db1"
+
+
+def test_restart_in_place_is_watched_once_it_serves_alone(host, monkeypatch):
+    """A restarted worker that crashes on its first real task: the old one is started again."""
+    _tmp, params = host
+    p = params(watch=1.0)
+    p["workers"][0]["handover"] = False
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.on_request = lambda r: systemd.crash(UNIT.format(NEW)) if r["op"] == "add_consumer" else None
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.ROLLED_BACK and "crashed" in state.failure
+    assert f"start --no-block {UNIT.format(OLD)}" in systemd.verbs()
