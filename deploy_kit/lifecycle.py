@@ -31,6 +31,8 @@ from deploy_kit.plan import Phase, Plan, Script, Step
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 from deploy_kit.runner import Outcome, Run, Say, locked_error
 
+WAIT_FOR_HOSTS = "the cutover runs on the hosts by itself; waiting for it to end so the stage ends on one release"
+
 
 def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Outcome:
     run = Run(stage, Mode.DEPLOY, say, ref=ref or stage.app.ref, now=now)
@@ -40,12 +42,14 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             preflight(run, facts)
             wheels = run.pack(facts, plans.reuses_env)
             the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels)  # type: ignore[arg-type]
-            run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
-            run.execute(the_plan.phase(Phase.MIGRATE))
+            with run.shielded("the builds and migrations finish first, then the release is discarded",
+                              stop_after=True):  # a migration is never cut half-way
+                run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
+                run.execute(the_plan.phase(Phase.MIGRATE))
         except BaseException as exc:
             undo(run, facts, exc)
             raise
-        with run.shielded():  # from here the hosts finish by themselves: a first Ctrl-C waits for them
+        with run.shielded(WAIT_FOR_HOSTS, stop_after=False):  # the hosts finish by themselves: wait for them
             results = run.cutover(the_plan.phase(Phase.CUTOVER))
             beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
             if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
@@ -70,7 +74,7 @@ def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = N
                 run.outcome.notes.append(f"{step.host}: {warning}")
                 say(step.host, f"warning: {warning}")
         run.outcome.release = run.history.release = the_plan.release  # each host records its own move
-        with run.shielded():
+        with run.shielded(WAIT_FOR_HOSTS, stop_after=False):
             beat = run.cutover(the_plan.phase(Phase.BEAT))
             if outcome.verdict(Mode.ROLLBACK, beat).ok:
                 beat.update(run.cutover(the_plan.phase(Phase.CUTOVER)))

@@ -28,13 +28,18 @@ def each(items: Iterable[Item], work: Callable[[Item], Result], *, name: Callabl
         return {}
     results: dict[str, Result] = {}
     failures: dict[str, BaseException] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(limit, len(items)))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(limit, len(items))))
+    try:
         futures = {name(item): pool.submit(work, item) for item in items}
         for key, future in futures.items():
             try:
                 results[key] = future.result()
             except DeployKitError as exc:
                 failures[key] = exc
+    except BaseException:  # Ctrl-C (or a bug): leave now; the caller closes the connections the work uses
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     if failures:
         if len(items) == 1:
             raise next(iter(failures.values()))

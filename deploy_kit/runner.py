@@ -81,10 +81,10 @@ class Run:
         self.facts: dict[str, HostFacts] = {}
 
     @contextmanager
-    def shielded(self) -> Iterator[None]:
-        """From the first cutover to the end of finish, a first Ctrl-C or SIGTERM does not leave:
-        the hosts hand over (or back) by themselves, and staying lets the stage end on one release,
-        recorded and unlocked. A second one leaves at once (`fab status` then says what is left)."""
+    def shielded(self, waiting: str, *, stop_after: bool) -> Iterator[None]:
+        """A first Ctrl-C or SIGTERM does not cut what runs on the hosts half-way: it says what it
+        waits for (`waiting`), and, with `stop_after`, ends the run as interrupted once the block is
+        done (its cleanup runs then). A second one leaves at once (`fab status` says what is left)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -94,9 +94,8 @@ class Run:
             if asked:
                 raise KeyboardInterrupt
             asked.append(signum)
-            self.say("", "interrupted: the cutover runs on the hosts by itself; waiting for it to end so the "
-                         "stage ends on one release (interrupt again to leave now; `fab status` then shows "
-                         "what is left)")
+            self.say("", f"interrupted: {waiting} (interrupt again to leave now; `fab status` then shows what "
+                         "is left)")
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -104,6 +103,8 @@ class Run:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+        if asked and stop_after:
+            raise KeyboardInterrupt
 
     @contextmanager
     def connected(self) -> Iterator[Run]:

@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -329,3 +330,40 @@ def test_a_probe_that_fails_on_one_host_leaves_no_lock_on_any(fake, monkeypatch)
     released = [s for s in fake[-1].executed if s.phase == Phase.FINISH]
     assert {s.host for s in released} == {"web1", "web2"}
     assert all(s.action == Finish(unlock=True, history=False) for s in released)
+
+
+def test_a_ctrl_c_during_the_build_lets_it_finish_then_discards_and_unlocks(fake, monkeypatch):
+    real = FakeRun.perform
+    sent = []
+
+    def perform(self, remote, step):
+        if isinstance(step.action, Build) and not sent:
+            sent.append(remote.name)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        return real(self, remote, step)
+
+    monkeypatch.setattr(FakeRun, "perform", perform)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        lifecycle.deploy(stage_of(), ref="main", say=lambda h, m: said.append(m), now=NOW)
+    run = fake[-1]
+    assert any("the builds and migrations finish first" in m for m in said)
+    assert [s.phase for s in run.executed if s.phase == Phase.MIGRATE] == [Phase.MIGRATE]  # never cut
+    assert {s.host for s in run.executed if s.phase == Phase.UNDO} == {"web1", "web2"}
+    assert not any(s.phase == Phase.CUTOVER for s in run.executed)
+
+
+def test_parallel_work_is_left_at_once_on_ctrl_c(monkeypatch):
+    from deploy_kit import parallel
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = threading.Event()
+    try:
+        threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            parallel.each([1, 2], lambda item: done.wait(30), name=str, what="waiting")
+        assert not done.is_set()  # it left while the work still ran
+    finally:
+        done.set()
+        signal.signal(signal.SIGINT, previous)
