@@ -296,10 +296,19 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
         raise UsageError("the hosts run different releases (" + ", ".join(f"{h}: {c or 'none'}" for h, c in
                          current.items()) + "): a deploy or rollback was cut off. Name the release every "
                          "host goes to: `fab rollback --to RELEASE`, or deploy again")
-    targets = {h: releases.rollback_target(f.releases, current[h], to, f.live) for h, f in facts.items()}
+    went_live = None if to is None else any(to in releases.lineage(f.releases, f.live, current[h])
+                                            for h, f in facts.items())  # live on one host is enough
+    targets = {h: releases.rollback_target(f.releases, current[h], to, f.live, went_live) for h, f in facts.items()}
+    if len(set(targets.values())) > 1:  # histories that differ would leave the stage split
+        raise UsageError("the hosts would go to different releases (" + ", ".join(
+            f"{h}: {t}" for h, t in targets.items()) + "): their histories differ. Name one: "
+            "`fab rollback --to RELEASE`")
+    moving = {h: t for h, t in targets.items() if t != current[h]}  # a host already there stays
+    if not moving:
+        raise UsageError(f"every host already runs {to}")
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
-    steps += cutover_steps(stage, targets, current, Mode.ROLLBACK, run_id)
-    steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in targets.items()})
+    steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id)
+    steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in moving.items()})
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 
 

@@ -76,7 +76,9 @@ def previous_live(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], 
 
 
 def rollback_target(releases: Sequence[ReleaseInfo], current: str | None, to: str | None = None,
-                    events: Sequence[LiveEvent] = ()) -> str:
+                    events: Sequence[LiveEvent] = (), went_live: bool | None = None) -> str:
+    """The release this host goes to: `to` (checked; `to == current` is no move here), or the one
+    live before `current`. `went_live`: whether `to` went live anywhere in the stage."""
     if current is None:
         raise UsageError("there is no current release to roll back from; deploy first")
     if to is not None:
@@ -88,8 +90,8 @@ def rollback_target(releases: Sequence[ReleaseInfo], current: str | None, to: st
         if found[to].building:
             raise UsageError(f"release {to!r} was never completed")
         if to == current:
-            raise UsageError(f"release {to!r} is already current")
-        if to not in lineage(releases, events, current):
+            return to
+        if not (went_live if went_live is not None else to in lineage(releases, events, current)):
             raise UsageError(f"release {to!r} never went live (the deploy that built it did not reach the "
                              "switch); deploy its ref instead")
         return to

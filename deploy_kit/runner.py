@@ -212,9 +212,10 @@ class Run:
 
     def _finish_script(self, host: str, action: Finish) -> str:
         app = self.stage.app
-        # Old releases go first (space for the rest); a history line the disk cannot take is a
+        # Old releases go first (space for the rest); what cannot be removed or written is a
         # warning, never a reason to keep the lock of a deploy that is over.
-        lines = [f"rm -rf {quote(str(app.releases_dir / name))}" for name in action.delete]
+        lines = [f"rm -rf {quote(str(app.releases_dir / name))} || "
+                 f"echo {quote(f'warning: cleanup could not remove releases/{name}')}" for name in action.delete]
         if action.history:
             moved = {"release": action.release, "from_release": action.previous or None} if action.release else {}
             line = HistoryLine(**{**self.history.__dict__, **moved, "host": host, "seconds": self.seconds(),

@@ -367,3 +367,19 @@ def test_parallel_work_is_left_at_once_on_ctrl_c(monkeypatch):
     finally:
         done.set()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_split_stage_is_made_whole_with_rollback_to_one_of_its_releases(fake):
+    """web1 on NEW, web2 on OLD (a cut-off run): `--to OLD` moves web1 only; Beat is put on OLD too."""
+    on_new_after_old()
+    web2 = FakeRun.facts_override["web2"]
+    web2["paths"] = dict(web2["paths"], current=dict(web2["paths"]["current"], target=f"releases/{OLD}"))
+    lifecycle.rollback(stage_of(), to=OLD, say=say, now=NOW)
+    executed = fake[-1].executed
+    assert [s.host for s in executed if s.phase == Phase.CUTOVER] == ["web1"]
+    assert [s.host for s in executed if s.phase == Phase.BEAT] == ["web1"]
+    finish = {s.host: s.action for s in executed if s.phase == Phase.FINISH}
+    assert (finish["web1"].previous, finish["web1"].release) == (NEW, OLD) and finish["web2"].release == ""
+    with pytest.raises(UsageError, match=f"every host already runs {OLD}"):
+        FakeRun.facts_override["web1"]["paths"] = web2["paths"]
+        lifecycle.rollback(stage_of(), to=OLD, say=say, now=NOW)

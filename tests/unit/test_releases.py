@@ -65,9 +65,8 @@ def test_rollback_refuses_a_half_built_release():
         releases.rollback_target([good(A), building(B), good(C)], C, to=f".{B}.building")
 
 
-def test_rollback_refuses_the_current_release():
-    with pytest.raises(UsageError, match="is already current"):
-        releases.rollback_target([good(A), good(B)], B, to=B)
+def test_rollback_to_the_current_release_is_no_move_on_that_host():
+    assert releases.rollback_target([good(A), good(B)], B, to=B) == B
 
 
 def test_rollback_refuses_an_unknown_release_and_lists_the_good_ones():
