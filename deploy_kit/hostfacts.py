@@ -42,6 +42,7 @@ class ReleaseInfo:
     bad: bool
     revision: dict[str, str]
     env_key: str = ""
+    mtime: float = 0.0  # when it was made, by the host's clock
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def parse(output: str) -> HostFacts:
         unit_state=data.get("unit_state", {}),
         target=data.get("target", {}),
         releases=tuple(ReleaseInfo(r["name"], bool(r["building"]), bool(r["bad"]), r.get("revision", {}),
-                                   r.get("env_key", ""))
+                                   r.get("env_key", ""), float(r.get("mtime", 0.0)))
                        for r in data.get("releases", [])),
         wheels=frozenset(data.get("wheels", [])),
         lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,

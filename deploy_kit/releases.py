@@ -7,8 +7,8 @@ rollback is undone with `fab rollback --to` the release it left (a roll forward,
 nothing behind). A release that never went
 live (its deploy failed or was cut off before the switch) is never a rollback target and is
 deleted by cleanup; a bad one (a deploy was rolled back from it) is kept for inspection a
-while; a half-built one is always removed. Releases from before the log existed count as
-having gone live in name order.
+while; a half-built one is always removed. Releases from before the log existed (by the
+host's clock) count as having gone live in name order.
 """
 
 from __future__ import annotations
@@ -26,21 +26,32 @@ def good(releases: Sequence[ReleaseInfo]) -> list[str]:
 
 
 def _legacy(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent]) -> list[str]:
-    """Good releases from before the live log (older than any it names), in name order."""
-    mentioned = {e.release for e in events if e.release} | {e.previous for e in events if e.previous}
-    oldest = min(mentioned, default=None)
-    return [n for n in good(releases) if n not in mentioned and (oldest is None or n < oldest)]
+    """Good releases from before the live log, in name order: all of them where there is no log;
+    none where it began with a first deploy; else those it never names that were on the host
+    when it began (by the host's own clock, never by names: a deployer's clock may be wrong)."""
+    if not events:
+        return good(releases)
+    first = events[0]
+    if not first.previous:
+        return []
+    mentioned = {e.release for e in events} | {e.previous for e in events if e.previous}
+    made = {r.name: r.mtime for r in releases}
+    return [n for n in good(releases) if n not in mentioned and made[n] <= first.when]
+
+
+def _before_log(events: Sequence[LiveEvent], current: str | None) -> str | None:
+    """The release that was current when the log began (or is, without a log)."""
+    return events[0].previous if events else current
 
 
 def lineage(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], current: str | None) -> list[str]:
     """The good releases that went live, the most recently live first."""
-    legacy = _legacy(releases, events)
-    # Before the log, a release newer than `current` can only be one a rollback left: it ranks lower.
-    order = [n for n in legacy if current and n > current] + [n for n in legacy if not current or n <= current]
+    legacy, pre = _legacy(releases, events), _before_log(events, current)
+    # Before the log, a release newer than the one then current can only be one a rollback left.
+    order = [n for n in legacy if pre and n > pre] + [n for n in legacy if not pre or n <= pre]
     for event in events:
-        if event.release:
-            order += [event.previous] if event.previous and event.previous not in order else []
-            order.append(event.release)
+        order += [event.previous] if event.previous and event.previous not in order else []
+        order.append(event.release)
     if current:
         order.append(current)
     exists = set(good(releases))
@@ -54,9 +65,9 @@ def lineage(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], curren
 def rolled_back_from(releases: Sequence[ReleaseInfo], events: Sequence[LiveEvent], current: str | None) -> set[str]:
     """Releases a rollback left for an older deploy that have not gone live again since (a
     rollback `--to` a newer release rolls forward: it leaves nothing behind)."""
-    legacy = _legacy(releases, events)
+    legacy, pre = _legacy(releases, events), _before_log(events, current)
     deployed = {name: i - len(legacy) for i, name in enumerate(legacy)}  # legacy: in name order, first
-    left = {n for n in legacy if current and n > current}
+    left = {n for n in legacy if pre and n > pre}
     for i, event in enumerate(events):
         if event.previous:
             deployed.setdefault(event.previous, -1)

@@ -222,4 +222,9 @@ class LiveEvent:
     def from_json(cls, text: str) -> LiveEvent:
         data = _known(cls, _load(text))
         data.setdefault("release", "")
+        for name in ("release", "previous", "mode", "run"):
+            if not isinstance(data.get(name, ""), str):
+                raise ValueError(f"{name} is not a string")
+        if not isinstance(data.get("when", 0.0), (int, float)):
+            raise ValueError("when is not a number")
         return cls(**data)

@@ -88,7 +88,8 @@ def releases(directory: str) -> list:
         if not os.path.isdir(path) or os.path.islink(path):
             continue
         entry = {"name": name, "building": name.startswith(".") and name.endswith(".building"),
-                 "bad": os.path.exists(os.path.join(path, ".deploy-kit", "BAD")), "revision": {}}
+                 "bad": os.path.exists(os.path.join(path, ".deploy-kit", "BAD")), "revision": {},
+                 "mtime": os.stat(path).st_mtime}
         try:
             with open(os.path.join(path, "REVISION")) as handle:
                 entry["revision"] = json.load(handle)

@@ -184,3 +184,35 @@ def test_releases_from_before_the_log_count_as_live_in_name_order():
     assert releases.rollback_target(found, C, events=log) == B
     log += went_live((C, B, "rollback"))
     assert releases.rollback_target(found, B, events=log) == A
+
+
+def made(name: str, mtime: float) -> ReleaseInfo:
+    return ReleaseInfo(name, building=False, bad=False, revision={}, mtime=mtime)
+
+
+def test_an_orphan_of_a_cut_off_first_deploy_never_counts_as_live():
+    log = (LiveEvent(B, "", "deploy", when=200.0),)  # the first deploy that reached the switch
+    found = [made(A, 100.0), made(B, 150.0)]  # A: built by a first deploy that was cut off
+    assert releases.lineage(found, log, B) == [B]
+    assert releases.to_delete(found, B, keep=5, events=log) == [A]
+
+
+def test_on_upgrade_a_release_a_rollback_left_before_the_log_is_kept_and_not_a_target():
+    found = [made(A, 10.0), made(B, 20.0), made(C, 30.0), made(D, 300.0)]  # C was rolled back from, to B
+    log = (LiveEvent(D, B, "deploy", when=290.0),)
+    assert releases.rollback_target(found, D, events=log) == B
+    assert releases.to_delete(found, D, keep=5, events=log) == []
+    assert C in releases.rolled_back_from(found, log, D)
+
+
+def test_a_first_logged_deploy_named_by_a_clock_behind_keeps_the_older_releases():
+    found = [made(A, 10.0), made(B, 20.0), made(OLD, 300.0)]  # OLD sorts first, was made last
+    log = (LiveEvent(OLD, B, "deploy", when=290.0),)
+    assert releases.lineage(found, log, OLD) == [OLD, B, A]
+    assert releases.to_delete(found, OLD, keep=5, events=log) == []
+
+
+def test_a_live_log_line_of_the_wrong_types_is_refused():
+    with pytest.raises(ValueError):
+        LiveEvent.from_json('{"release": 5}')
+    assert LiveEvent.from_json('{"release": "x"}').mode == "deploy"
