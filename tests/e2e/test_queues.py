@@ -128,14 +128,15 @@ def test_queued_tasks_the_new_release_lacks_stop_a_strict_deploy_before_the_swit
     import redis
 
     release = current_release(stage, 0)
-    workers(stage, "reports", "stop")
+    nodes = [f"reports.{release}@dktest{i}" for i in (1, 2)]  # they keep running (the preflight wants them),
+    broker.control.cancel_consumer("reports", destination=nodes, reply=True, timeout=5)  # but take nothing
     try:
         for _ in range(3):
             broker.send_task("ledger.tasks.retired", queue="reports")
         proc = fab("deploy", "--stage", TEST_SANDBOX, "--strict", config_file=sandbox_config, timeout=900)
     finally:
         redis.Redis.from_url(Sandbox(TEST_SANDBOX).broker_url()).delete("reports")
-        workers(stage, "reports", "start")
+        broker.control.add_consumer("reports", destination=nodes, reply=True, timeout=5)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "ledger.tasks.retired (3 message(s))" in proc.stdout + proc.stderr
     assert [current_release(stage, i) for i in (0, 1)] == [release, release]
