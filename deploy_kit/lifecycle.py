@@ -34,7 +34,8 @@ from deploy_kit.runner import Outcome, Run, Say, locked_error
 WAIT_FOR_HOSTS = "the cutover runs on the hosts by itself; waiting for it to end so the stage ends on one release"
 
 
-def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Outcome:
+def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None,
+           strict: bool = False) -> Outcome:
     run = Run(stage, Mode.DEPLOY, say, ref=ref or stage.app.ref, now=now)
     with run.connected():
         facts = lock_and_check(run, check=True)
@@ -45,6 +46,7 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             with run.shielded("the builds and migrations finish first, then the release is discarded",
                               stop_after=True):  # a migration is never cut half-way
                 run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
+                queued_tasks(run, the_plan.release, strict)
                 run.execute(the_plan.phase(Phase.MIGRATE))
         except BaseException as exc:
             undo(run, facts, exc)
@@ -132,6 +134,28 @@ def preflight(run: Run, facts: Mapping[str, HostFacts]) -> None:
     run.say("", "preflight passed on every host")
 
 
+def queued_tasks(run: Run, release: str, strict: bool) -> None:
+    """Messages waiting for a task the new release does not register would fail on it: a warning
+    naming each task and how many (with `strict`, a failed preflight: nothing switched)."""
+    try:
+        missing = run.unregistered_tasks(release)
+    except DeployKitError as exc:
+        if strict:
+            raise PreflightFailed(f"preflight failed, nothing was switched: the queued tasks could not be "
+                                  f"compared with the new release's: {exc}") from None
+        run.say("", f"warning: the queued tasks could not be compared with the new release's: {exc}")
+        return
+    if not missing:
+        return
+    text = ("the queues hold tasks the new release does not register (its workers would reject them): "
+            + ", ".join(f"{name} ({count} message(s))" for name, count in sorted(missing.items()))
+            + ". Fix: deploy a release that still registers them until the queues are empty")
+    if strict:
+        raise PreflightFailed(f"preflight failed, nothing was switched: {text}")
+    run.outcome.notes.append(text)
+    run.say("", f"warning: {text}")
+
+
 def release_locks(run: Run) -> None:
     """Best effort: the lock is removed only where it still carries this run's token."""
     with contextlib.suppress(DeployKitError):
@@ -191,8 +215,10 @@ def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
     run.history.seconds = run.seconds()
     if decided.ok:
         run.execute(the_plan.phase(Phase.FINISH), what="finishing")
+        run.queue_summary()
     else:
         run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
+        run.queue_summary()
         before = {h: plans.current_release(f) for h, f in facts.items()}
         raise outcome.failure(run.mode, results, the_plan.release, before)
     return run.outcome

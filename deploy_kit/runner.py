@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deploy_kit import follow, hostfacts, release, wheels
+from deploy_kit import follow, hostfacts, queues, release, wheels
 from deploy_kit.config import Stage
-from deploy_kit.errors import HostError, Locked, ReleaseError, RemoteCommandError
+from deploy_kit.errors import DeployKitError, HostError, Locked, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script, Step, lock_release_script
 from deploy_kit.remote.contracts import CutoverState, HistoryLine, LockHolder, Mode
@@ -230,3 +230,28 @@ class Run:
     def cutover(self, steps: Sequence[Step]) -> dict[str, CutoverState]:
         """Run cutover steps on their hosts at once; a host whose follower failed is UNKNOWN."""
         return self.execute(steps, what="cutover")
+
+    # --- the queues: one round trip on one host (`queues.py`) -----------------------------------
+
+    def queue_summary(self) -> None:
+        """Say, per queue, what waits, what is held and who consumes it; never fails the run."""
+        assert self.session is not None
+        try:
+            host = queues.reporter(self.stage)
+            self.session.revive([host.name])
+            answer = queues.ask(self.session.remote(host.name), self.stage, [queues.report_request(self.stage)])
+            report = queues.parse(answer[-1])
+        except (DeployKitError, ValueError, KeyError) as exc:
+            self.say("", f"queues: unknown ({exc})")
+            return
+        for line in [*queues.summary(report), *(f"PROBLEM: {p}" for p in queues.problems(self.stage, report))]:
+            self.say("", line)
+
+    def unregistered_tasks(self, release_name: str) -> dict[str, int]:
+        """Task names waiting in the stage's queues that `release_name` does not register, with how
+        many messages each: its Python as the service, on one host, in one round trip."""
+        assert self.session is not None
+        host = queues.reporter(self.stage)
+        answer = queues.ask(self.session.remote(host.name), self.stage,
+                            [{"op": "unregistered", "queues": queues.queue_names(self.stage)}], release_name)
+        return {str(k): int(v) for k, v in json.loads(answer[-1]).items()}

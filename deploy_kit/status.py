@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy_kit import release, remote, units
+from deploy_kit import queues, release, remote, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
@@ -33,6 +33,7 @@ class HostStatus:
     last: dict[str, Any] | None = field(default=None)
     cutovers: tuple[str, ...] = ()  # detached cutovers still running on the host
     runs: dict[str, str] = field(default_factory=dict)  # Beat's unit -> the release its process runs
+    queues: queues.Report | str | None = None  # on the reporting host: the report, or why there is none
 
 
 def program(stage: Stage, host: Host) -> str:
@@ -47,6 +48,8 @@ def program(stage: Stage, host: Host) -> str:
         "python": str(units.python(app)),
         "celery_app": app.celery_app,
         "service_environment": list(units.service_environment(stage)),
+        "agent": queues.agent_params(stage, [queues.report_request(stage)])
+        if stage.workers_on(host) and host == queues.reporter(stage) else None,
     }
     return remote.program("status", params)
 
@@ -58,8 +61,12 @@ def parse(host: Host, output: str) -> HostStatus:
                      if info.get("LoadState") != "not-found" else "not installed",
                      info.get("ActiveEnterTimestamp", "") or "-", info.get("NRestarts", "-"))
         for unit, info in data["units"].items())
+    found = data.get("queues")
+    report = queues.parse(found["answers"][-1]) if isinstance(found, dict) and "answers" in found else \
+        found.get("error", "no answer") if isinstance(found, dict) else None
     return HostStatus(host, data.get("current"), data.get("revision", {}), services, data.get("ping", {}),
-                      data.get("lock"), data.get("last"), tuple(data.get("cutovers", ())), data.get("runs", {}))
+                      data.get("lock"), data.get("last"), tuple(data.get("cutovers", ())), data.get("runs", {}),
+                      report)
 
 
 def unfinished(stage: Stage, hosts: list[HostStatus]) -> list[str]:

@@ -12,6 +12,8 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "discard_queue", "queue"}                            delete a private queue, and what a
                                                                 killed worker held of it (Redis)
     {"op": "restore_stranded", "queues"}                        put back what dead workers held
+    {"op": "report", "queues"}                                  depths, unacked, stranded, workers (JSON)
+    {"op": "unregistered", "queues"}                            waiting task names the app lacks (JSON)
 
 The cutover program on the host speaks to it through `Agent` (the same file, so one text
 ships both sides).
@@ -19,6 +21,7 @@ ships both sides).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -50,53 +53,111 @@ def discard_queue(app, queue: str) -> str:
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         if connection.transport.driver_type == "redis":
-            client = channel.client
-            for tag, raw in client.hgetall(channel.unacked_key).items():
-                try:
-                    routing_key = json.loads(raw)[2]
-                except (ValueError, IndexError, TypeError):
-                    continue
+            for tag, routing_key, _task, _taken in unacked(channel):
                 if routing_key == queue:
-                    client.hdel(channel.unacked_key, tag)
-                    client.zrem(channel.unacked_index_key, tag)
+                    channel.client.hdel(channel.unacked_key, tag)
+                    channel.client.zrem(channel.unacked_index_key, tag)
                     dropped += 1
         channel.queue_delete(queue)
     return f"deleted {queue}" + (f" and {dropped} message(s) a killed worker held" if dropped else "")
 
 
+def survey(app, timeout: float = 1.5) -> dict:
+    """Every live worker (those that answer within `timeout`): the queues it consumes, the ids of
+    the tasks it runs and holds, its counts, and whether every one answered each question."""
+    consumes = app.control.inspect(timeout=timeout).active_queues() or {}
+    nodes = sorted(consumes)
+    inspect = app.control.inspect(destination=nodes, timeout=5)
+    replies = [(method() or {}) if nodes else {} for method in (inspect.active, inspect.reserved, inspect.stats)]
+    active, reserved, stats = replies
+    workers = {node: {"queues": sorted(q["name"] for q in consumes[node]),
+                      "active": len(active.get(node, [])), "reserved": len(reserved.get(node, [])),
+                      "processed": sum((stats.get(node) or {}).get("total", {}).values())
+                      if node in stats else None} for node in nodes}
+    live = {t.get("id") for tasks in [*active.values(), *reserved.values()] for t in tasks}
+    return {"workers": workers, "live": live, "complete": set(active) == set(reserved) == set(nodes)}
+
+
+def unacked(channel) -> list:
+    """(tag, routing key, task id, when it was taken) of every message Redis holds for a consumer."""
+    client = channel.client
+    taken = dict(client.zrange(channel.unacked_index_key, 0, -1, withscores=True))
+    found = []
+    for tag, raw in client.hgetall(channel.unacked_key).items():
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+            task_id = message.get("headers", {}).get("id") or message["properties"].get("correlation_id")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        found.append((tag, routing_key, task_id, taken.get(tag)))
+    return found
+
+
+def stranded(held: list, live: set, queues: list, cutoff: float) -> list:
+    """The held messages of `queues` no live worker holds, taken before `cutoff` (one it took in
+    the last seconds may not show in its active or reserved tasks yet)."""
+    return [h for h in held if h[1] in queues and h[2] not in live and h[3] is not None and h[3] <= cutoff]
+
+
 def restore_stranded(app, queues: list, settle: float = 2.0) -> str:
     """Return to their queues the messages that no live worker holds. Redis keeps what a worker
     took in its `unacked` hash until the visibility timeout (an hour by default), even when that
-    worker died; a message a live worker holds shows in its `active` or `reserved` tasks, and one
-    it took in the last `settle` seconds is left alone (it may not show there yet)."""
+    worker died; a message a live worker holds shows in its `active` or `reserved` tasks."""
     with app.connection_for_write() as connection:
         if connection.transport.driver_type != "redis":
             return "the broker returns a dead worker's messages by itself"
-        nodes = sorted(node for reply in app.control.ping(timeout=2) for node in reply)
-        inspect = app.control.inspect(destination=nodes, timeout=5)
-        live = set()
-        for method in (inspect.active, inspect.reserved):
-            replies = method() or {}
-            if set(replies) != set(nodes):  # a silent worker's tasks would look stranded: touch nothing
-                return "not every live worker answered; nothing returned (the visibility timeout will)"
-            for tasks in replies.values():
-                live.update(t.get("id") for t in tasks)
+        found = survey(app)
+        if not found["complete"]:  # a silent worker's tasks would look stranded: touch nothing
+            return "not every live worker answered; nothing returned (the visibility timeout will)"
         channel = connection.default_channel
-        client = channel.client
-        cutoff = time.time() - settle
-        restored = 0
-        for tag, raw in client.hgetall(channel.unacked_key).items():
-            try:
-                message, _exchange, routing_key = json.loads(raw)
-                task_id = message.get("headers", {}).get("id") or message["properties"].get("correlation_id")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-            taken = client.zscore(channel.unacked_index_key, tag)
-            if routing_key not in queues or task_id in live or taken is None or taken > cutoff:
-                continue
+        lost = stranded(unacked(channel), found["live"], queues, time.time() - settle)
+        for tag, *_ in lost:
             channel.qos.restore_by_tag(tag, leftmost=True)
-            restored += 1
-    return f"returned {restored} message(s) a dead worker held to their queues"
+    return f"returned {len(lost)} message(s) a dead worker held to their queues"
+
+
+def report(app, queues: list, settle: float = 2.0) -> str:
+    """Per queue: messages waiting, held unacknowledged (and the oldest's age), stranded (held by
+    no live worker; None when a worker did not answer); per live worker: its queues and counts.
+    As JSON text, read without consuming anything."""
+    found = survey(app)
+    now = time.time()
+    rows = {q: {"waiting": 0, "unacked": None, "oldest_unacked_s": None, "stranded": None} for q in queues}
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            with contextlib.suppress(Exception):  # a queue nobody declared yet holds nothing
+                rows[queue]["waiting"] = channel.queue_declare(queue=queue, passive=True).message_count
+        if connection.transport.driver_type == "redis":
+            held = unacked(channel)
+            lost = stranded(held, found["live"], queues, now - settle) if found["complete"] else None
+            for queue in queues:
+                times = [h[3] for h in held if h[1] == queue and h[3] is not None]
+                rows[queue].update(unacked=sum(1 for h in held if h[1] == queue),
+                                   oldest_unacked_s=round(now - min(times), 1) if times else None,
+                                   stranded=None if lost is None else sum(1 for h in lost if h[1] == queue))
+    return json.dumps({"queues": rows, "workers": found["workers"], "complete": found["complete"],
+                       "transport": connection.transport.driver_type})
+
+
+def unregistered(app, queues: list, limit: int = 10000) -> str:
+    """Task names of the messages waiting in `queues` that this app does not register, with how
+    many messages each (peeked on Redis with LRANGE: nothing is consumed). JSON text."""
+    counts: dict = {}
+    with app.connection_for_write() as connection:
+        if connection.transport.driver_type != "redis":
+            return json.dumps({})
+        channel = connection.default_channel
+        for queue in queues:
+            for pri in channel.priority_steps:
+                for raw in channel.client.lrange(channel._q_for_pri(queue, pri), 0, limit - 1):
+                    try:
+                        name = json.loads(raw)["headers"]["task"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if name not in app.tasks:
+                        counts[name] = counts.get(name, 0) + 1
+    return json.dumps(counts)
 
 
 class Unanswered(Exception):
@@ -152,10 +213,15 @@ def handle(app, request: dict) -> str:
         return discard_queue(app, queue)
     if op == "restore_stranded":
         return restore_stranded(app, request["queues"])
+    if op == "report":
+        return report(app, request["queues"])
+    if op == "unregistered":
+        return unregistered(app, request["queues"])
     raise ValueError(f"unknown request {op!r}")
 
 
-def main(celery_app: str) -> None:
+def main(celery_app: str, purpose: str = "handover") -> None:
+    """Greet, then answer each request line; a handover needs a result backend, a report does not."""
     problem = hostlib.url_problem(os.environ.get("CELERY_BROKER_URL", ""), "CELERY_BROKER_URL")
     if problem:
         say(False, problem)
@@ -165,7 +231,7 @@ def main(celery_app: str) -> None:
         from celery.backends.base import DisabledBackend
 
         app = find_app(celery_app)
-        if isinstance(app.backend, DisabledBackend):
+        if purpose == "handover" and isinstance(app.backend, DisabledBackend):
             say(False, "the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can see its "
                        "verification task complete")
             return
@@ -198,12 +264,12 @@ class StepFailed(Exception):
 class Agent:
     """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
 
-    def __init__(self, params: dict, release: str):
+    def __init__(self, params: dict, release: str, purpose: str = "handover"):
         directory = os.path.join(params["releases_dir"], release)
         python = os.path.join(directory, params["venv"], "bin", "python")
         self.proc = subprocess.Popen(
             hostlib.service_argv(params["service_environment"], directory,
-                                 [python, "-c", program(), params["app"]["celery_app"]]),
+                                 [python, "-c", program(), params["app"]["celery_app"], purpose]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
@@ -239,7 +305,7 @@ class Agent:
 
 
 def program() -> str:
-    """This module and hostlib as one text that runs `main(sys.argv[1])` on the service's Python,
+    """This module and hostlib as one text that runs `main(CELERY_APP, PURPOSE)` on the service's Python,
     which has no deploy_kit package."""
     sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "celery_agent")]
-    return hostlib.bundle(sources, "module.main(sys.argv[1])\n")
+    return hostlib.bundle(sources, "module.main(*sys.argv[1:])\n")

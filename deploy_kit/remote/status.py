@@ -3,7 +3,8 @@
 The current release and its REVISION, the release Beat's process runs, every unit of the app
 that runs or drains (each worker instance, Beat, plain units of older deploy-kits), a ping of
 each running worker (Celery's `inspect ping`, as the service), the lock holder, the last
-history line, and the detached cutovers still running.
+history line, the detached cutovers still running, and on the first host with workers the
+queues' report (`remote/queues.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import socket
 
-from deploy_kit.remote import hostlib
+from deploy_kit.remote import hostlib, queues
 
 LIVE = ("active", "activating", "deactivating", "reloading")
 
@@ -76,4 +77,9 @@ def main(params: dict) -> None:
         except ValueError:
             replies = {}
         out["ping"] = {unit: "pong" if node_of(unit, host) in replies else "no reply" for unit in workers}
+    if params.get("agent") and out["current"]:  # the reporting host: the queues, as `fab queues` reads them
+        try:
+            out["queues"] = {"answers": queues.ask(params["agent"], params["agent"]["requests"])}
+        except queues.StepFailed as exc:
+            out["queues"] = {"error": str(exc)}
     print(json.dumps(out))

@@ -12,7 +12,7 @@ Add tasks of your own beside them with `ns.add_task(...)`.
 
 from invoke import Collection
 
-from . import check, deploy, env, init, inventory, logs, sandbox, setup
+from . import check, deploy, env, init, inventory, logs, queues, sandbox, setup
 
 ns = Collection()
 ns.add_task(init.init)
@@ -25,5 +25,6 @@ ns.add_task(deploy.releases)
 ns.add_task(deploy.unlock)
 ns.add_task(deploy.status)
 ns.add_task(logs.logs)
+ns.add_task(queues.queues)
 ns.add_collection(Collection.from_module(env))
 ns.add_collection(Collection.from_module(sandbox))

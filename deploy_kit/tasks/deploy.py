@@ -5,7 +5,7 @@ import sys
 
 from invoke import task
 
-from deploy_kit import history, lifecycle, ui
+from deploy_kit import history, lifecycle, queues, ui
 from deploy_kit.config_checks import _ref
 from deploy_kit.errors import Locked, UsageError
 from deploy_kit.release import is_release_name
@@ -15,13 +15,15 @@ from ._stage import STAGE_HELP, checked, load_stage
 
 
 @task(help={"stage": STAGE_HELP, "ref": "git branch, tag or commit to deploy (default: app.ref)",
-            "plan": "probe the hosts read-only and print the steps the deploy would run, per host"})
-def deploy(c, stage=None, ref=None, plan=False):
+            "plan": "probe the hosts read-only and print the steps the deploy would run, per host",
+            "strict": "queued tasks the new release does not register fail the deploy before the switch "
+                      "(exit 3) instead of a warning"})
+def deploy(c, stage=None, ref=None, plan=False, strict=False):
     """Ship a release, migrate, hand the workers over on every host, then Beat; roll back by itself."""
     with ui.user_errors():
         checked("--ref", ref, _ref)
     _run(stage, plan, lambda s, say: lifecycle.plan(s, ref=ref, say=say),
-         lambda s, say: lifecycle.deploy(s, ref=ref, say=say),
+         lambda s, say: lifecycle.deploy(s, ref=ref, say=say, strict=strict),
          lambda s, o: f"deployed {o.release} ({o.sha[:10]}) to stage {s.name}: verified")
 
 
@@ -128,3 +130,10 @@ def status(c, stage=None):
                               f"by {last.get('who')} at {last.get('when')}", markup=False)
         for problem in status_lib.unfinished(chosen, hosts):
             console.print(f"UNFINISHED: {problem}", markup=False, style="bold red")
+        for host in hosts:
+            if isinstance(host.queues, str):
+                console.print(f"queues (read on {host.host.name}): unknown: {host.queues}", markup=False)
+            elif host.queues is not None:
+                for line in [*queues.summary(host.queues), *(f"PROBLEM: {p}" for p in queues.problems(
+                        chosen, host.queues))]:
+                    console.print(line, markup=False, style="bold red" if line.startswith("PROBLEM") else "")

@@ -38,3 +38,16 @@ def test_an_unanswered_verification_says_the_app_ignores_results(app, monkeypatc
             pytest.raises(celery_agent.Unanswered, match="the app ignores results.*Celery 5.1"):
         celery_agent.handle(app, {"op": "verify", "task": "celery.accumulate", "queue": "celery",
                                   "timeout": 1, "nonce": "n0nce"})
+
+
+def test_the_report_counts_waiting_messages_and_names_the_live_consumers(app):
+    from deploy_kit import queues
+
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=10):
+        app.send_task("shop.tasks.later", queue="other")
+        app.send_task("shop.tasks.later", queue="other")
+        report = queues.parse(celery_agent.report(app, ["celery", "other"]))
+    celery, other = report.queues
+    assert (celery.waiting, celery.consumers) == (0, tuple(w.node for w in report.workers))
+    assert (other.waiting, other.consumers, other.unacked) == (2, (), None)  # unacked: Redis only
+    assert report.complete and report.workers[0].active == 0

@@ -50,6 +50,7 @@ class FakeRun(Run):
     rollback_status: dict[str, CutoverStatus] = {}
     held: set[str] = set()
     facts_override: dict[str, dict] = {}
+    unregistered: dict[str, int] = {}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -61,6 +62,12 @@ class FakeRun(Run):
         self.session = FakeSession(self.stage.hosts)
         import contextlib
         return contextlib.nullcontext(self)
+
+    def queue_summary(self):
+        self.summarized = True
+
+    def unregistered_tasks(self, release_name):
+        return self.unregistered
 
     def pack(self, facts, reuses):
         self.source = release.Source(name=NEW, sha="f" * 40, ref=self.ref, archive=b"x" * 4096,
@@ -91,6 +98,7 @@ class FakeRun(Run):
 @pytest.fixture
 def fake(monkeypatch):
     FakeRun.cutover_status, FakeRun.rollback_status, FakeRun.held, FakeRun.facts_override = {}, {}, set(), {}
+    FakeRun.unregistered = {}
     runs = []
 
     def make(*args, **kwargs):
@@ -383,3 +391,16 @@ def test_a_split_stage_is_made_whole_with_rollback_to_one_of_its_releases(fake):
     with pytest.raises(UsageError, match=f"every host already runs {OLD}"):
         FakeRun.facts_override["web1"]["paths"] = web2["paths"]
         lifecycle.rollback(stage_of(), to=OLD, say=say, now=NOW)
+
+
+def test_queued_tasks_the_new_release_lacks_warn_or_with_strict_stop_before_anything_switched(fake):
+    FakeRun.unregistered = {"shop.tasks.gone": 3}
+    said = []
+    lifecycle.deploy(stage_of(), ref="main", say=lambda host, message: said.append(message), now=NOW)
+    assert any("shop.tasks.gone (3 message(s))" in m and m.startswith("warning:") for m in said)
+    assert fake[-1].summarized  # the queue summary after the deploy
+    with pytest.raises(PreflightFailed, match=r"shop.tasks.gone \(3 message"):
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW, strict=True)
+    run = fake[-1]
+    assert not any(s.phase in (Phase.MIGRATE, Phase.CUTOVER) for s in run.executed)
+    assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.RELEASE, Phase.UNDO, Phase.FINISH}

@@ -27,3 +27,19 @@ def test_hosts_on_different_releases_and_a_beat_left_behind_are_named_with_the_f
 def test_a_cutover_that_still_runs_is_waited_for_not_finished():
     found = status.unfinished(stage_of(), [host("web1", NEW, cutovers=["shop-cutover-1"]), host("web2", OLD)])
     assert len(found) == 1 and "ends by itself" in found[0]
+
+
+def test_the_reporting_host_brings_the_queues_report_and_another_host_none():
+    import json
+
+    from .test_queues import agent_report
+
+    stage = stage_of()
+    base = {"current": NEW, "units": {}, "ping": {}}
+    parsed = status.parse(stage.host("web1"), json.dumps({**base, "queues": {"answers": [agent_report()]}}))
+    assert [q.name for q in parsed.queues.queues] == ["celery", "mail", "reports"]
+    failed = status.parse(stage.host("web1"), json.dumps({**base, "queues": {"error": "no release is live"}}))
+    assert failed.queues == "no release is live"
+    assert status.parse(stage.host("web2"), json.dumps(base)).queues is None
+    assert "agent" in status.program(stage, stage.host("web1")) and '"agent": null' in status.program(
+        stage, stage.host("web2"))
