@@ -72,7 +72,8 @@ def parse(host: Host, output: str) -> HostStatus:
 def unfinished(stage: Stage, hosts: list[HostStatus]) -> list[str]:
     """What a cut-off deploy or rollback left for the next one to finish, each with its fix (pure)."""
     found = []
-    fix = f"`fab deploy --stage {stage.name}` (or `fab rollback --to RELEASE`) moves every host and Beat"
+    fix = (f"`fab deploy --stage {stage.name}` moves every host and Beat to a new release, or "
+           f"`fab rollback --stage {stage.name} --to RELEASE` to one of these")
     running = [h.host.name for h in hosts if h.cutovers]
     if running:
         return [f"a cutover still runs on {', '.join(running)}: it ends by itself; look again in a moment"]
@@ -84,7 +85,7 @@ def unfinished(stage: Stage, hosts: list[HostStatus]) -> list[str]:
         for unit, runs in h.runs.items():
             if runs and h.current and runs != h.current:
                 found.append(f"{h.host.name}: {unit} still runs {runs}, though current is {h.current}: "
-                             f"a deploy was cut off before Beat moved. Fix: {fix}")
+                             f"a deploy was cut off before Beat moved. Fix: `fab deploy --stage {stage.name}`")
     if found and any(h.lock for h in hosts):
         found.append(f"the lock is still held by the run that was cut off: `fab unlock --stage {stage.name}` first")
     return found
