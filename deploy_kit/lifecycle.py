@@ -42,11 +42,11 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
         try:
             preflight(run, facts)
             wheels = run.pack(facts, plans.reuses_env)
-            the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels)  # type: ignore[arg-type]
+            the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict)  # type: ignore[arg-type]
             with run.shielded("the builds and migrations finish first, then the release is discarded",
                               stop_after=True):  # a migration is never cut half-way
                 run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
-                queued_tasks(run, the_plan.release, strict)
+                run.execute(the_plan.phase(Phase.QUEUED), what="comparing the queued tasks")
                 run.execute(the_plan.phase(Phase.MIGRATE))
         except BaseException as exc:
             undo(run, facts, exc)
@@ -83,13 +83,13 @@ def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = N
             return finish(run, the_plan, beat, facts)
 
 
-def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None) -> Plan:
+def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None, strict: bool = False) -> Plan:
     """What `fab deploy` would run, from a read-only probe of every host; nothing is changed."""
     run = Run(stage, Mode.DEPLOY, say, ref=ref or stage.app.ref, now=now)
     with run.connected():
         facts = run.facts = run.execute(plans.lock_steps(stage, None, check=True), what="probing hosts")
         wheels = run.pack(facts, plans.reuses_env)
-        the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels)  # type: ignore[arg-type]
+        the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict)  # type: ignore[arg-type]
     lock = plans.lock_steps(stage, run.holder, check=True)
     return Plan(the_plan.mode, the_plan.release, (*lock, *the_plan.steps), the_plan.on_failure)
 
@@ -132,28 +132,6 @@ def preflight(run: Run, facts: Mapping[str, HostFacts]) -> None:
         raise PreflightFailed("preflight failed, nothing was changed:\n" + "\n".join(
             f"  {h.name}: {c.name}: {c.detail} (fix: {c.fix})" for h, c in failed))
     run.say("", "preflight passed on every host")
-
-
-def queued_tasks(run: Run, release: str, strict: bool) -> None:
-    """Messages waiting for a task the new release does not register would fail on it: a warning
-    naming each task and how many (with `strict`, a failed preflight: nothing switched)."""
-    try:
-        missing = run.unregistered_tasks(release)
-    except DeployKitError as exc:
-        if strict:
-            raise PreflightFailed(f"preflight failed, nothing was switched: the queued tasks could not be "
-                                  f"compared with the new release's: {exc}") from None
-        run.say("", f"warning: the queued tasks could not be compared with the new release's: {exc}")
-        return
-    if not missing:
-        return
-    text = ("the queues hold tasks the new release does not register (its workers would reject them): "
-            + ", ".join(f"{name} ({count} message(s))" for name, count in sorted(missing.items()))
-            + ". Fix: deploy a release that still registers them until the queues are empty")
-    if strict:
-        raise PreflightFailed(f"preflight failed, nothing was switched: {text}")
-    run.outcome.notes.append(text)
-    run.say("", f"warning: {text}")
 
 
 def release_locks(run: Run) -> None:
@@ -215,10 +193,10 @@ def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
     run.history.seconds = run.seconds()
     if decided.ok:
         run.execute(the_plan.phase(Phase.FINISH), what="finishing")
-        run.queue_summary()
+        run.execute(the_plan.phase(Phase.SUMMARY), what="reading the queues")
     else:
         run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
-        run.queue_summary()
+        run.execute(plans.queue_steps(run.stage, "summary"), what="reading the queues")
         before = {h: plans.current_release(f) for h, f in facts.items()}
         raise outcome.failure(run.mode, results, the_plan.release, before)
     return run.outcome

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from deploy_kit import hostfacts, releases, units
+from deploy_kit import hostfacts, queues, releases, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
@@ -27,10 +27,12 @@ Line = tuple[str, str]  # (a step's name, or "" for a line of detail; text)
 class Phase(StrEnum):
     LOCK = "lock+check"
     RELEASE = "release"
+    QUEUED = "queued tasks"  # before the migrations: what waits in the queues, against the new release
     MIGRATE = "migrate"
     CUTOVER = "cutover"
     BEAT = "beat"
     FINISH = "finish"
+    SUMMARY = "queues"  # after finish: what waits, what is held, who consumes (never fails the run)
     UNDO = "undo"  # only when something failed: back to no release, discard a release
     MARK_BAD = "mark bad"
 
@@ -140,7 +142,25 @@ class Finish:
                 *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
 
 
-Action = Probe | Build | Script | Cutover | Finish
+@dataclass(frozen=True)
+class Queues:
+    """The Celery agent as the service on one host (`remote/queues.py`): `unregistered` compares the
+    task names waiting in the queues with those `release` registers (a warning, or with `strict` a
+    failed preflight); `summary` says what waits, what is held and who consumes it (never fails)."""
+
+    op: str
+    queues: tuple[str, ...]
+    release: str = ""
+    strict: bool = False
+
+    def lines(self) -> list[Line]:
+        if self.op == "summary":
+            return [("", f"queue summary: waiting, unacked, consumers of {', '.join(self.queues)}")]
+        return [("", f"the task names waiting in {', '.join(self.queues)} against those releases/{self.release} "
+                     f"registers ({'an error' if self.strict else 'a warning'} for any it lacks)")]
+
+
+Action = Probe | Build | Script | Cutover | Finish | Queues
 
 
 @dataclass(frozen=True)
@@ -260,8 +280,15 @@ def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tup
             for h in hosts]
 
 
+def queue_steps(stage: Stage, op: str, release: str = "", strict: bool = False) -> list[Step]:
+    """One round trip on the reporting host: the queued tasks against the new release, or the summary."""
+    summary = "the queues after the run" if op == "summary" else "the queued tasks against the new release"
+    return [Step(queues.reporter(stage).name, Phase.SUMMARY if op == "summary" else Phase.QUEUED, summary,
+                 Queues(op, tuple(queues.queue_names(stage)), release, strict))]
+
+
 def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id: str,
-           wheels: Mapping[str, tuple[str, ...]]) -> Plan:
+           wheels: Mapping[str, tuple[str, ...]], strict: bool = False) -> Plan:
     """Everything after the lock and the checks, from what the probe found on each host."""
     app = stage.app
     current = {h: current_release(f) for h, f in facts.items()}
@@ -273,6 +300,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                           f"at {source.sha[:10]} ({len(source.archive) // 1024} KiB of code)",
                           Build(source.name, reuse, () if reuse else wheels.get(host.name, ()),
                                 f.target.get("python", ""))))
+    steps += queue_steps(stage, "unregistered", source.name, strict)
     steps.append(Step(stage.migrate_host.name, Phase.MIGRATE, "migrations, once per stage, before the switch",
                       Script(migrate_script(stage, source.name))))
     targets = {h.name: source.name for h in stage.hosts}
@@ -281,6 +309,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
     steps += finish_steps(stage, [h.name for h in stage.hosts],
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},
                           moves={h: (c, source.name) for h, c in current.items()})
+    steps += queue_steps(stage, "summary")
     back = {h: c for h, c in current.items() if c}
     on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
     on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",
@@ -309,6 +338,7 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in moving.items()})
+    steps += queue_steps(stage, "summary")
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from deploy_kit import follow, hostfacts, queues, release, wheels
 from deploy_kit.config import Stage
-from deploy_kit.errors import DeployKitError, HostError, Locked, ReleaseError, RemoteCommandError
+from deploy_kit.errors import DeployKitError, HostError, Locked, PreflightFailed, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
-from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script, Step, lock_release_script
+from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script, Step, lock_release_script
 from deploy_kit.remote.contracts import CutoverState, HistoryLine, LockHolder, Mode
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost, quote
@@ -144,6 +144,8 @@ class Run:
             return self._script(remote, step, action)
         if isinstance(action, Cutover):
             return follow.cutover(self, remote, action)
+        if isinstance(action, Queues):
+            return self._queues(remote, action)
         if isinstance(action, Finish):
             result = remote.run_script(self._finish_script(remote.name, action), sudo=True, what="finishing")
             for line in result.stdout.splitlines():
@@ -233,25 +235,41 @@ class Run:
 
     # --- the queues: one round trip on one host (`queues.py`) -----------------------------------
 
-    def queue_summary(self) -> None:
+    def _queues(self, remote: RemoteHost, action: Queues) -> None:
+        if action.op == "summary":
+            self._queue_summary(remote)
+        else:
+            self._queued_tasks(remote, action)
+
+    def _queue_summary(self, remote: RemoteHost) -> None:
         """Say, per queue, what waits, what is held and who consumes it; never fails the run."""
-        assert self.session is not None
         try:
-            host = queues.reporter(self.stage)
-            self.session.revive([host.name])
-            answer = queues.ask(self.session.remote(host.name), self.stage, [queues.report_request(self.stage)])
-            report = queues.parse(answer[-1])
+            report = queues.parse(queues.ask(remote, self.stage, [queues.report_request(self.stage)])[-1])
         except (DeployKitError, ValueError, KeyError) as exc:
             self.say("", f"queues: unknown ({exc})")
             return
         for line in [*queues.summary(report), *(f"PROBLEM: {p}" for p in queues.problems(self.stage, report))]:
             self.say("", line)
 
-    def unregistered_tasks(self, release_name: str) -> dict[str, int]:
-        """Task names waiting in the stage's queues that `release_name` does not register, with how
-        many messages each: its Python as the service, on one host, in one round trip."""
-        assert self.session is not None
-        host = queues.reporter(self.stage)
-        answer = queues.ask(self.session.remote(host.name), self.stage,
-                            [{"op": "unregistered", "queues": queues.queue_names(self.stage)}], release_name)
-        return {str(k): int(v) for k, v in json.loads(answer[-1]).items()}
+    def _queued_tasks(self, remote: RemoteHost, action: Queues) -> None:
+        """Messages waiting for a task the new release does not register would fail on it: a warning
+        naming each task and how many (with `strict`, a failed preflight: nothing switched)."""
+        try:
+            answer = queues.ask(remote, self.stage, [{"op": "unregistered", "queues": list(action.queues)}],
+                                action.release)
+            missing = {str(k): int(v) for k, v in json.loads(answer[-1]).items()}
+        except (DeployKitError, ValueError) as exc:
+            if action.strict:
+                raise PreflightFailed(f"preflight failed, nothing was switched: the queued tasks could not be "
+                                      f"compared with the new release's: {exc}") from None
+            self.say("", f"warning: the queued tasks could not be compared with the new release's: {exc}")
+            return
+        if not missing:
+            return
+        text = ("the queues hold tasks the new release does not register (its workers would reject them): "
+                + ", ".join(f"{name} ({count} message(s))" for name, count in sorted(missing.items()))
+                + ". Fix: deploy a release that still registers them until the queues are empty")
+        if action.strict:
+            raise PreflightFailed(f"preflight failed, nothing was switched: {text}")
+        self.outcome.notes.append(text)
+        self.say("", f"warning: {text}")

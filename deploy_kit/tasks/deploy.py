@@ -22,7 +22,7 @@ def deploy(c, stage=None, ref=None, plan=False, strict=False):
     """Ship a release, migrate, hand the workers over on every host, then Beat; roll back by itself."""
     with ui.user_errors():
         checked("--ref", ref, _ref)
-    _run(stage, plan, lambda s, say: lifecycle.plan(s, ref=ref, say=say),
+    _run(stage, plan, lambda s, say: lifecycle.plan(s, ref=ref, say=say, strict=strict),
          lambda s, say: lifecycle.deploy(s, ref=ref, say=say, strict=strict),
          lambda s, o: f"deployed {o.release} ({o.sha[:10]}) to stage {s.name}: verified")
 

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from deploy_kit import hostfacts, lifecycle, release
+from deploy_kit import hostfacts, lifecycle, queues, release
 from deploy_kit.errors import DeployFailed, HostsFailed, Locked, PreflightFailed, UsageError
-from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Script
+from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, Mode
 from deploy_kit.runner import Run
 from deploy_kit.ssh import SCRIPT_PREAMBLE
@@ -63,11 +63,8 @@ class FakeRun(Run):
         import contextlib
         return contextlib.nullcontext(self)
 
-    def queue_summary(self):
+    def _queue_summary(self, remote):
         self.summarized = True
-
-    def unregistered_tasks(self, release_name):
-        return self.unregistered
 
     def pack(self, facts, reuses):
         self.source = release.Source(name=NEW, sha="f" * 40, ref=self.ref, archive=b"x" * 4096,
@@ -92,6 +89,8 @@ class FakeRun(Run):
             return CutoverState(id=action.params["id"], mode=mode, target=action.params["target"],
                                 previous=action.params["previous"], status=status, live=live,
                                 failure="" if status == CutoverStatus.DONE else "verify failed")
+        if isinstance(action, Queues):  # the real step, over a fake agent (`queues.ask` in `fake`)
+            return Run.perform(self, remote, step)
         return None
 
 
@@ -99,6 +98,7 @@ class FakeRun(Run):
 def fake(monkeypatch):
     FakeRun.cutover_status, FakeRun.rollback_status, FakeRun.held, FakeRun.facts_override = {}, {}, set(), {}
     FakeRun.unregistered = {}
+    monkeypatch.setattr(queues, "ask", lambda remote, stage, requests, release=None: [json.dumps(FakeRun.unregistered)])
     runs = []
 
     def make(*args, **kwargs):
@@ -122,8 +122,8 @@ def test_the_deploy_executes_exactly_the_plan(fake):
     assert all(s.action.params["lock"] is None for s in probe)  # read-only: no lock taken
     lifecycle.deploy(stage, ref="main", say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
-    assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + [Phase.MIGRATE] + \
-        [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2
+    assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + [Phase.QUEUED] + \
+        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2 + [Phase.SUMMARY]
 
 
 def test_the_plan_says_per_host_what_will_happen(fake):
@@ -250,7 +250,7 @@ def test_the_rollback_executes_exactly_its_plan(fake):
     lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.BEAT] + [Phase.CUTOVER] * 2 + \
-        [Phase.FINISH] * 2  # Beat first on the way back
+        [Phase.FINISH] * 2 + [Phase.SUMMARY]  # Beat first on the way back
 
 
 def test_a_failed_migration_discards_the_release_everywhere_and_unlocks(fake, monkeypatch):
@@ -403,4 +403,4 @@ def test_queued_tasks_the_new_release_lacks_warn_or_with_strict_stop_before_anyt
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW, strict=True)
     run = fake[-1]
     assert not any(s.phase in (Phase.MIGRATE, Phase.CUTOVER) for s in run.executed)
-    assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.RELEASE, Phase.UNDO, Phase.FINISH}
+    assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.RELEASE, Phase.QUEUED, Phase.UNDO, Phase.FINISH}
