@@ -27,7 +27,7 @@ from deploy_kit import plan as plans
 from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
-from deploy_kit.plan import Phase, Plan, Script, Step
+from deploy_kit.plan import Phase, Plan, Step
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 from deploy_kit.runner import Outcome, Run, Say, locked_error
 
@@ -150,8 +150,8 @@ def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
         run.say("", "interrupted before the switch: discarding the release, releasing the lock")
     if run.source is not None:  # what this run made: the release where the probe did not see it
         name = run.source.name
-        steps += [Step(h, Phase.UNDO, "discard the release", Script(plans.discard_script(
-            run.stage, name, name not in {r.name for r in f.releases}))) for h, f in facts.items()]
+        steps += [Step(h, Phase.UNDO, "discard the release",
+                       plans.discard(name, name not in {r.name for r in f.releases})) for h, f in facts.items()]
     steps += plans.finish_steps(run.stage, list(facts))
     try:
         run.execute(steps, what="undoing")

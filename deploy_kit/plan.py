@@ -6,7 +6,6 @@ prints these very objects; the runner (`runner.py`) executes them and nothing el
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -127,7 +126,8 @@ class Cutover:
 
 @dataclass(frozen=True)
 class Finish:
-    """Append the history line (written when it runs), remove old releases, release the lock."""
+    """`remote/finish.py`: remove old releases, append the history line (written when it runs),
+    release the lock; what cannot be removed or written is a warning, never a kept lock."""
 
     delete: tuple[str, ...] = ()
     unlock: bool = True
@@ -138,7 +138,7 @@ class Finish:
     def lines(self) -> list[Line]:
         moved = f" ({self.previous or 'none'} -> {self.release})" if self.release else ""
         return [*([("", f"append the history line{moved} to .deploy-kit/history.jsonl")] if self.history else []),
-                *(("", f"rm -rf releases/{name}") for name in self.delete),
+                *(("", f"remove releases/{name}") for name in self.delete),
                 *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
 
 
@@ -357,11 +357,9 @@ def migration_warning(facts: HostFacts, leaving: str | None, target: str) -> str
 # --- the scripts of the failure path -------------------------------------------------------
 
 
-def discard_script(stage: Stage, release: str, built_here: bool) -> str:
+def discard(release: str, built_here: bool) -> Finish:
     """Remove a release that never went live: the complete one only where this run built it."""
-    doomed = [stage.app.releases_dir / f".{release}.building"] + ([stage.app.releases_dir / release]
-                                                                   if built_here else [])
-    return "rm -rf " + " ".join(q(str(p)) for p in doomed) + "\n"
+    return Finish((f".{release}.building", *([release] if built_here else [])), unlock=False, history=False)
 
 
 def mark_bad_script(stage: Stage, release: str) -> str:
@@ -376,10 +374,3 @@ def unswitch_script(stage: Stage, host: str, release: str) -> str:
     names += [stage.beat.unit(stage.app)] if stage.beat and stage.beat.host == host else []
     stop = f"systemctl disable --now --quiet {' '.join(q(n) for n in names)} || true\n" if names else ""
     return stop + f"rm -f {q(str(stage.app.current_link))}\n"
-
-
-def lock_release_script(stage: Stage, token: str) -> str:
-    """Remove the lock only while its holder file still carries this run's token (a fencing token)."""
-    lock = state_dir(stage.app) / "lock"
-    return (f"if grep -qF {q(json.dumps(token))} {q(str(lock / 'holder.json'))} 2>/dev/null; then "
-            f"rm -rf {q(str(lock))}; fi\n")

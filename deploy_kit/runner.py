@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from deploy_kit import follow, hostfacts, queues, release, wheels
+from deploy_kit import remote as host_programs
 from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, HostError, Locked, PreflightFailed, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
-from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script, Step, lock_release_script
+from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script, Step
 from deploy_kit.remote.contracts import CutoverState, HistoryLine, LockHolder, Mode
 from deploy_kit.session import Session
-from deploy_kit.ssh import RemoteHost, quote
+from deploy_kit.ssh import RemoteHost
 
 CACHE_DIR = Path.home() / ".cache" / "deploy-kit"
 Say = Callable[[str, str], None]  # (host or "", message)
@@ -147,12 +148,7 @@ class Run:
         if isinstance(action, Queues):
             return self._queues(remote, action)
         if isinstance(action, Finish):
-            result = remote.run_script(self._finish_script(remote.name, action), sudo=True, what="finishing")
-            for line in result.stdout.splitlines():
-                if line.startswith("warning: "):
-                    self.say(remote.name, line)
-                    self.outcome.notes.append(f"{remote.name}: {line.removeprefix('warning: ')}")
-            return result
+            return self._finish(remote, action)
         raise TypeError(f"no way to run {action!r}")
 
     def timed(self, host: str, step: str, started: float) -> None:
@@ -212,22 +208,27 @@ class Run:
             self.say(remote.name, "migrations applied")
         return result
 
-    def _finish_script(self, host: str, action: Finish) -> str:
+    def finish_params(self, host: str, action: Finish) -> dict[str, Any]:
+        """What `remote/finish.py` does on `host`: delete, record this host's own move, unlock."""
         app = self.stage.app
-        # Old releases go first (space for the rest); what cannot be removed or written is a
-        # warning, never a reason to keep the lock of a deploy that is over.
-        lines = [f"rm -rf {quote(str(app.releases_dir / name))} || "
-                 f"echo {quote(f'warning: cleanup could not remove releases/{name}')}" for name in action.delete]
+        params: dict[str, Any] = {"delete": [str(app.releases_dir / name) for name in action.delete],
+                                  "state_dir": str(release.state_dir(app)),
+                                  "token": self.token if action.unlock else ""}
         if action.history:
             moved = {"release": action.release, "from_release": action.previous or None} if action.release else {}
             line = HistoryLine(**{**self.history.__dict__, **moved, "host": host, "seconds": self.seconds(),
                                   "durations": self.outcome.timings.get(host, {})})
-            path = release.state_dir(app) / "history.jsonl"
-            lines.append(f"printf '%s\\n' {quote(line.to_json())} >> {quote(str(path))} 2>/dev/null || "
-                         f"echo {quote(f'warning: the history line could not be written to {path} (disk full?)')}")
-        if action.unlock:
-            lines.append(lock_release_script(self.stage, self.token).rstrip("\n"))
-        return "\n".join(lines) + "\n"
+            params["history"] = {"path": str(release.state_dir(app) / "history.jsonl"), "line": line.to_json()}
+        return params
+
+    def _finish(self, remote: RemoteHost, action: Finish) -> list[str]:
+        result = remote.run_python(host_programs.program("finish", self.finish_params(remote.name, action)),
+                                   str(self.stage.app.python), sudo=True, what="finishing")
+        warnings = [str(w) for w in json.loads(result.stdout.strip().splitlines()[-1])["warnings"]]
+        for warning in warnings:  # never a reason to keep the lock of a run that is over
+            self.say(remote.name, f"warning: {warning}")
+            self.outcome.notes.append(f"{remote.name}: {warning}")
+        return warnings
 
     def cutover(self, steps: Sequence[Step]) -> dict[str, CutoverState]:
         """Run cutover steps on their hosts at once; a host whose follower failed is UNKNOWN."""

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from deploy_kit import envfile, hostfacts, runner, units
+from deploy_kit import envfile, hostfacts, remote, runner, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.errors import DeployKitError, UsageError
 from deploy_kit.hostfacts import HostFacts
-from deploy_kit.plan import lock_release_script
+from deploy_kit.release import state_dir
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
 
@@ -206,7 +206,7 @@ def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPl
         confirm: Callable[[str], bool], assume_yes: bool, interactive: bool) -> SetupReport:
     """Plan and apply `fab setup` on every host of `stage`."""
     holder = runner.new_holder("setup", "-", datetime.now(UTC))
-    unlock = lock_release_script(stage, holder["token"])
+    unlock = remote.program("finish", {"state_dir": str(state_dir(stage.app)), "token": holder["token"]})
     with Session(stage) as session:
         try:
             facts = session.each(lambda r: hostfacts.gather(r, stage, check=False, lock=holder),
@@ -218,8 +218,8 @@ def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPl
                         interactive=interactive)
         finally:  # best effort: only where the lock is still this run's
             with contextlib.suppress(DeployKitError):
-                session.each(lambda r: r.run_script(unlock, sudo=True, what="releasing the lock"),
-                             what="releasing the lock")
+                session.each(lambda r: r.run_python(unlock, str(stage.app.python), sudo=True,
+                                                    what="releasing the lock"), what="releasing the lock")
 
 
 def _run(stage: Stage, session: Session, facts: dict[str, HostFacts], *, say: Callable[[str], None],

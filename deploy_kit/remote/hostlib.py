@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from urllib.parse import quote, unquote, urlsplit
@@ -119,6 +120,29 @@ def show(unit: str, properties: str, runner=run) -> dict:
     return parse_show(out)
 
 
+def read_lock(state_dir: str) -> dict | None:
+    """The lock's holder (None: not held; "unknown" when its file is missing or torn)."""
+    lock = os.path.join(state_dir, "lock")
+    if not os.path.isdir(lock):
+        return None
+    try:
+        with open(os.path.join(lock, "holder.json")) as handle:
+            found = json.load(handle)
+        return found if isinstance(found, dict) else {"who": "unknown (unreadable holder file)"}
+    except (OSError, ValueError):
+        return {"who": "unknown (no holder file)"}
+
+
+def release_lock(state_dir: str, token: str) -> bool:
+    """Remove the lock only while its holder carries `token` (a fencing token): a run that stalled
+    and resumed never removes the lock of the run that came after it."""
+    holder = read_lock(state_dir)
+    if not holder or holder.get("token") != token:
+        return False
+    shutil.rmtree(os.path.join(state_dir, "lock"), ignore_errors=True)
+    return True
+
+
 def take_lock(state_dir: str, holder: dict) -> dict:
     """mkdir is atomic: exactly one deploy or rollback gets the lock; the others see its holder."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -126,12 +150,7 @@ def take_lock(state_dir: str, holder: dict) -> dict:
     try:
         os.mkdir(lock, 0o700)
     except FileExistsError:
-        try:
-            with open(os.path.join(lock, "holder.json")) as handle:
-                found = json.load(handle)
-        except (OSError, ValueError):
-            found = {"who": "unknown (no holder file)"}
-        return {"acquired": False, "holder": found}
+        return {"acquired": False, "holder": read_lock(state_dir) or {"who": "unknown (no holder file)"}}
     with open(os.path.join(lock, "holder.json"), "w") as handle:
         json.dump(holder, handle)
     return {"acquired": True, "holder": holder}

@@ -62,7 +62,7 @@ def main(params: dict) -> None:
             out.setdefault("runs", {})[unit] = os.path.basename(os.readlink(f"/proc/{pid}/cwd")) if pid != "0" else ""
         except OSError:
             out.setdefault("runs", {})[unit] = ""
-    out["lock"] = read_json(os.path.join(params["state_dir"], "lock", "holder.json"))
+    out["lock"] = hostlib.read_lock(params["state_dir"])
     out["last"] = read_json(os.path.join(params["state_dir"], "history.jsonl"), last_line=True)
     out["cutovers"] = [p[0] for p in listed([params["app"] + "-cutover-*"], "active,activating")]
     workers = [u for u in out["units"] if "-worker-" in u and out["units"][u].get("ActiveState") == "active"]

@@ -1,6 +1,7 @@
 """The host library every host program shares: one env-file rule, one way to run as the service,
 one `systemctl show` parser, the lock (with tmp_path and a fake runner; no host needed)."""
 
+import os
 
 from deploy_kit.remote import hostlib
 
@@ -49,3 +50,15 @@ def test_the_lock_goes_to_one_run_and_names_its_holder(tmp_path):
     assert hostlib.take_lock(state, other) == {"acquired": False, "holder": mine}
     (tmp_path / ".deploy-kit" / "lock" / "holder.json").write_text("{not json")
     assert hostlib.take_lock(state, other)["holder"]["who"].startswith("unknown")
+
+
+def test_the_lock_is_released_only_by_its_own_run_and_read_by_one_rule(tmp_path):
+    state = str(tmp_path / ".deploy-kit")
+    assert hostlib.read_lock(state) is None
+    hostlib.take_lock(state, {"who": "alice", "token": "t1"})
+    assert hostlib.read_lock(state) == {"who": "alice", "token": "t1"}
+    assert hostlib.release_lock(state, "t2") is False and hostlib.read_lock(state) is not None
+    assert hostlib.release_lock(state, "t1") is True and hostlib.read_lock(state) is None
+    os.makedirs(os.path.join(state, "lock"))  # a lock without its holder file (a crash mid-take)
+    assert hostlib.read_lock(state) == {"who": "unknown (no holder file)"}
+    assert hostlib.release_lock(state, "t1") is False

@@ -3,9 +3,9 @@ and every failure path does what the decision table says (no host needed)."""
 
 import json
 import os
-import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 import pytest
 
 from deploy_kit import hostfacts, lifecycle, queues, release
+from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployFailed, HostsFailed, Locked, PreflightFailed, UsageError
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, Mode
 from deploy_kit.runner import Run
-from deploy_kit.ssh import SCRIPT_PREAMBLE
 
 from .samples import STAGE, stage_of
 from .test_checks import healthy
@@ -240,7 +240,7 @@ def test_each_host_records_its_own_move_in_the_history(fake):
     finish = {s.host: s.action for s in fake[-1].executed if s.phase == Phase.FINISH}
     assert (finish["web1"].previous, finish["web1"].release) == (NEW, older)
     assert (finish["web2"].previous, finish["web2"].release) == (OLD, older)
-    line = HistoryLine.from_json(shlex.split(fake[-1]._finish_script("web2", finish["web2"]))[2])
+    line = HistoryLine.from_json(fake[-1].finish_params("web2", finish["web2"])["history"]["line"])
     assert (line.action, line.from_release, line.release, line.host) == ("rollback", OLD, older, "web2")
 
 
@@ -267,7 +267,7 @@ def test_a_failed_migration_discards_the_release_everywhere_and_unlocks(fake, mo
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
     undone = [s for s in fake[-1].executed if s.phase == Phase.UNDO]
     assert {s.host for s in undone} == {"web1", "web2"}
-    assert all(f"/srv/shop/releases/{NEW}" in s.action.text.split() for s in undone)  # built here: removed
+    assert all(s.action.delete == (f".{NEW}.building", NEW) for s in undone)  # built here: removed
     assert [s.action for s in fake[-1].executed if s.phase == Phase.FINISH] == [Finish()] * 2
 
 
@@ -280,11 +280,22 @@ def test_finish_releases_the_lock_even_when_the_history_line_cannot_be_written(t
     (state / "lock" / "holder.json").write_text(json.dumps({"token": run.token}))
     (state / "history.jsonl").mkdir()  # any write error, as a full disk gives
     (tmp_path / "releases" / OLD).mkdir(parents=True)
-    script = run._finish_script("web1", Finish((OLD,), unlock=True, history=True, release=NEW, previous=OLD))
-    done = subprocess.run(["bash", "-c", SCRIPT_PREAMBLE + script], capture_output=True, text=True)
+    params = run.finish_params("web1", Finish((OLD,), unlock=True, history=True, release=NEW, previous=OLD))
+    program = host_programs.program("finish", params)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "warning: the history line could not be written" in done.stdout
+    assert "the history line could not be written" in json.loads(done.stdout)["warnings"][0]
     assert not (state / "lock").exists() and not (tmp_path / "releases" / OLD).exists()
+
+
+def test_finish_never_removes_a_lock_another_run_holds(tmp_path):
+    stage = stage_of(STAGE.replace('celery_app = "shop"', f'celery_app = "shop"\ndeploy_to = "{tmp_path}"'))
+    run = Run(stage, Mode.DEPLOY, say, ref="main", now=NOW)
+    (tmp_path / ".deploy-kit/lock").mkdir(parents=True)
+    (tmp_path / ".deploy-kit/lock/holder.json").write_text(json.dumps({"token": "someone-else"}))
+    program = host_programs.program("finish", run.finish_params("web1", Finish(history=False)))
+    subprocess.run([sys.executable, "-c", program], check=True, capture_output=True)
+    assert (tmp_path / ".deploy-kit/lock/holder.json").exists()
 
 
 def interrupting(monkeypatch, times: int) -> list[str]:
