@@ -88,8 +88,10 @@ def service_argv(properties: list, directory: str, argv: list, *, pipe: bool = T
         if setting.startswith("WorkingDirectory="):
             setting = "WorkingDirectory=" + directory
         props += ["-p", setting]
+    # systemd substitutes $NAME and ${NAME} in a command line when it runs it: `$$` is a literal `$`
+    # (a program passed with -c would otherwise lose every `${...}` in its text).
     return ["systemd-run", "--quiet", "--wait", *(["--pipe"] if pipe else []), "--collect",
-            "--service-type=exec", *props, "--", *argv]
+            "--service-type=exec", *props, "--", *(arg.replace("$", "$$") for arg in argv)]
 
 
 def run(argv: list, stdin: str | None = None, timeout: float = 60) -> tuple:

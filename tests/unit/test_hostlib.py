@@ -62,3 +62,9 @@ def test_the_lock_is_released_only_by_its_own_run_and_read_by_one_rule(tmp_path)
     os.makedirs(os.path.join(state, "lock"))  # a lock without its holder file (a crash mid-take)
     assert hostlib.read_lock(state) == {"who": "unknown (no holder file)"}
     assert hostlib.release_lock(state, "t1") is False
+
+
+def test_a_dollar_in_a_command_reaches_the_service_as_written():
+    """systemd expands $NAME and ${NAME} in what it runs: every `$` goes as `$$`."""
+    argv = hostlib.service_argv([], "/srv", ["python", "-c", 'print(f"${len(x)}$HOME$$")'])
+    assert argv[-1] == 'print(f"$${len(x)}$$HOME$$$$")'
