@@ -38,6 +38,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ ROWS = (  # (label, deploy-kit key, baseline key, unit)
     ("SSH connections per host, warm deploy", "connections_per_host", "baseline_connections_per_host", ""),
     ("SSH round trips (channels) per host, warm deploy", "round_trips_per_host", "baseline_round_trips_per_host",
      ""),
+    ("… of which cutover progress polls (they only wait)", "progress_polls_per_host", None, ""),
     ("bytes sent per host, one-file change", "bytes_one_file_change", "baseline_bytes_one_file_change", "B"),
     ("bytes sent per host, full release (cold)", "bytes_full_release", "baseline_bytes_full_release", "B"),
     ("failed deploy, start to end (rolled back)", "failed_deploy_s", None, "s"),
@@ -168,6 +170,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for label, ours, theirs, unit in ROWS:
+        if ours == "progress_polls_per_host" and results.get(ours) is None:
+            continue
         if ours == "failed_deploy_s" and results.get("verify_timeout_s") is not None:
             label += f", verification timeout {_num(results['verify_timeout_s'])} s"
         theirs_value = results.get(theirs) if theirs else None
@@ -212,16 +216,17 @@ class Meter:
         self.connections: Counter[str] = Counter()
         self.channels: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()
+        self.polls: Counter[str] = Counter()  # deploy-kit's cutover progress polls (among the channels)
 
     def reset(self) -> None:
         with self.lock:
-            self.connections.clear(), self.channels.clear(), self.sent.clear()
+            self.connections.clear(), self.channels.clear(), self.sent.clear(), self.polls.clear()
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self.lock:
             hosts = set(self.connections) | set(self.channels) | set(self.sent)
             return {h: {"connections": self.connections[h], "round_trips": self.channels[h],
-                        "bytes": self.sent[h]} for h in sorted(hosts)}
+                        "bytes": self.sent[h], "polls": self.polls[h]} for h in sorted(hosts)}
 
     def _host(self, transport: Any) -> str:
         try:
@@ -259,6 +264,17 @@ class Meter:
             meter._add(meter.sent, self.transport, len(command.encode() if isinstance(command, str) else command))
             return exec_command(self, command)
 
+        from deploy_kit import ssh
+
+        run = ssh.RemoteHost.run
+
+        def counted_run(self, command, stdin, **kwargs):
+            if kwargs.get("what") == "following the cutover":
+                with meter.lock:
+                    meter.polls[self.name] += 1
+            return run(self, command, stdin, **kwargs)
+
+        ssh.RemoteHost.run = counted_run
         paramiko.Transport.start_client = counted_start
         paramiko.Transport.open_channel = counted_open
         paramiko.Channel.send = counted_send
@@ -377,7 +393,7 @@ def load_stage(config_file: Path, name: str) -> Any:
 
 
 def per_host(counts: Mapping[str, Mapping[str, int]], hosts: Iterable[str]) -> dict[str, dict[str, int]]:
-    return {h: dict(counts.get(h, {"connections": 0, "round_trips": 0, "bytes": 0})) for h in hosts}
+    return {h: dict(counts.get(h, {"connections": 0, "round_trips": 0, "bytes": 0, "polls": 0})) for h in hosts}
 
 
 def deploykit(stage: Any, prober_app: Any | None = None) -> dict[str, Any]:
@@ -394,7 +410,7 @@ def deploykit(stage: Any, prober_app: Any | None = None) -> dict[str, Any]:
     run = {"wall": round(wall, 2), "release": outcome.release, "traffic": traffic, "timings": outcome.timings,
            "longest_wait": probe.longest() if prober_app is not None else None}
     say(f"deploy-kit {outcome.release}: {wall:.2f} s, " + ", ".join(
-        f"{h}: {t['connections']} conn, {t['round_trips']} channels, {t['bytes'] / 1024:.0f} KiB"
+        f"{h}: {t['connections']} conn, {t['round_trips']} channels ({t['polls']} polls), {t['bytes'] / 1024:.0f} KiB"
         for h, t in traffic.items()) + (f", longest wait {run['longest_wait']:.2f} s" if prober_app else ""))
     return run
 
@@ -624,6 +640,7 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "baseline_cold_s": summarize([baseline_cold["wall"]]),
         "round_trips_per_host": traffic(warm, "round_trips"),
         "connections_per_host": traffic(warm, "connections"),
+        "progress_polls_per_host": traffic(warm, "polls"),
         "bytes_one_file_change": traffic(warm, "bytes"),
         "bytes_full_release": max(cold["traffic"][h]["bytes"] for h in hosts),
         "baseline_round_trips_per_host": traffic(baseline_warm, "round_trips"),
@@ -700,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy_kit.sandbox import Sandbox
 
     METER.install()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))  # tear down
     new: dict[str, Any] = {}
     directory = Path(tempfile.mkdtemp(prefix="dkbench-"))
     try:
