@@ -95,6 +95,8 @@ def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The previous results with what this run measured in place (dicts of figures merge one
     level deep, so a scaling run for 8 hosts keeps the figure for 4)."""
     merged = dict(old)
+    if (old.get("control_measured_at_hosts") or 0) > (new.get("control_measured_at_hosts") or 0):
+        new = {k: v for k, v in new.items() if not k.startswith("control_")}  # keep the figure at more hosts
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key == "hosts_wall_s":
             merged[key] = {**merged[key], **{k: v for k, v in value.items() if v is not None}}
@@ -160,7 +162,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "on the same host (one command per step on one connection, a shared virtualenv, "
         "`systemctl restart` of classic units); see the README's \"Benchmark\" section.",
         "",
-        f"- date: {results.get('date', 'unknown')}",
+        f"- date: {results.get('date', 'unknown')}"
+        + (f" (host scaling: {results['scaling_date']})" if results.get("scaling_date") else ""),
         f"- machine: {machine.get('cpus', '?')} CPU(s), Linux {machine.get('kernel', '?')}, "
         f"Python {machine.get('python', '?')}; sandbox hosts are systemd-nspawn containers on it",
         f"- warm runs: interleaved (deploy-kit, baseline, ...), each after a one-file commit; "
@@ -728,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         Sandbox(args.stage).down(say)
         shutil.rmtree(directory, ignore_errors=True)
-    new.update(date=datetime.now(UTC).isoformat(timespec="seconds"), machine=machine_info())
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    new.update({"scaling_date": now} if args.no_compare else {"date": now}, machine=machine_info())
     results = merge(old, new)
     for key in ("hosts_wall_s",):
         results.setdefault(key, {str(n): None for n in SCALING_HOSTS})

@@ -36,6 +36,12 @@ def test_merge_keeps_old_figures_and_host_counts_not_measured_now():
     assert merged["date"] == "new"
 
 
+def test_merge_keeps_the_control_machine_figures_measured_at_more_hosts():
+    old = {"control_peak_rss_mb": 90.0, "control_cpu_s": 9.0, "control_measured_at_hosts": 8}
+    assert compare.merge(old, {"control_peak_rss_mb": 70.0, "control_measured_at_hosts": 4}) == old
+    assert compare.merge({"control_peak_rss_mb": 70.0, "control_measured_at_hosts": 4}, old) == old
+
+
 SAMPLE = {
     "hosts": 1,
     "warm_s": {"median": 4.2, "min": 4.0, "max": 5.1, "n": 5},
