@@ -183,19 +183,24 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                      f"{ratio(results.get(ours), theirs_value) if theirs else '—'} |")
     phases = results.get("phases_s") or {}
     if phases:
-        lines += ["", "deploy-kit's warm deploy per phase (median over the runs, slowest host):", "",
+        lines += ["", "deploy-kit's warm deploy per phase (median over the runs, slowest host; the cutover's own "
+                      "steps, as the host reports them, are listed before its total):", "",
                   "| phase | seconds |", "| --- | --- |"]
         lines += [f"| {name} | {_num(seconds)} |" for name, seconds in phases.items()]
     scaling = results.get("hosts_wall_s") or {}
     if scaling:
-        lines += ["", "Warm deploy wall time by number of hosts (one sandbox per count, all on this machine):",
+        lines += ["", "Warm deploy wall time by number of hosts (one sandbox per count; every host is a container on "
+                      "this machine, so at 4 and 8 hosts they share its CPUs with each other and with the deploy):",
                   "", "| hosts | seconds |", "| --- | --- |"]
         lines += [f"| {n} | {_show(scaling.get(n), 's')} |" for n in sorted(scaling, key=int)]
         rss, cpu = results.get("control_peak_rss_mb"), results.get("control_cpu_s")
         if rss is not None or cpu is not None:
             largest = max((int(n) for n, v in scaling.items() if v is not None), default=None)
-            lines += ["", f"Control machine at {largest} hosts: peak RSS {_show(rss, 'MB')}, "
-                          f"CPU time of the deploy {_show(cpu, 's')}."]
+            at = results.get("control_measured_at_hosts", largest)
+            lines += ["", f"Control machine at {at} hosts: peak RSS {_show(rss, 'MB')} (the benchmark process's "
+                          "lifetime maximum, so it includes the first, cold deploy to those hosts, which sends each "
+                          f"host the wheels), CPU time of the warm deploy {_show(cpu, 's')} (this process and its "
+                          "children)."]
     lines += ["", "Waits are measured by a probe task sent every 100 ms from this machine to the queue each side "
                   "serves; the longest wait is the worst over the warm runs. Round trips count every SSH channel "
                   "opened (deploy-kit's cutover progress polls included); bytes count what was written to the "
