@@ -23,7 +23,8 @@ _ADDRESS = re.compile(r"^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*\Z")  # a DNS name, an IP
 _LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*\Z")
 _REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./~^@+-]*\Z")  # what `git rev-parse` reads, HEAD~1 too
 _SECRET_KEY = re.compile(r"(pass|secret|token|credential|broker_url|_url$|api_key|private)", re.I)
-_URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]+@", re.I)
+# A password in any URL; over HTTP(S) any user name too (there it is a token: `https://TOKEN@host/...`).
+_URL_WITH_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]+@|https?://[^/@\s]+@)", re.I)
 
 
 class _Problems:

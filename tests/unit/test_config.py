@@ -129,6 +129,14 @@ def test_repo_url_with_a_password_is_refused_without_echoing_it():
     assert "hunter2" not in message
 
 
+def test_repo_url_with_a_token_as_user_name_is_refused_without_echoing_it():
+    message = error_of(MINIMAL.replace("git@example.com:acme/shop.git",
+                                       "https://ghp_tok3n0123456789@github.com/acme/shop.git"))
+    assert "password or token" in message and "ghp_tok3n" not in message
+    for fine in ("ssh://git@example.com/acme/shop.git", "https://example.com/acme/shop.git"):
+        assert config.parse(MINIMAL.replace("git@example.com:acme/shop.git", fine), Path("/x/hosts.toml"))
+
+
 def test_wrong_type_names_what_was_expected():
     message = error_of(MINIMAL.replace('address = "10.0.0.5"', 'address = "10.0.0.5"\nport = "22"'))
     assert "stages.prod.hosts[0].port: expected an integer, got '22'" in message
