@@ -3,6 +3,7 @@
     deploy                                           rollback
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
     release     pack once here; build on each host
+    queued      the queued task names against the new release (one host)
     migrate     once, on the migrate host
     cutover     every host at once, detached:         beat        Beat first, on its host
                 the new release's workers prove       cutover     the workers hand back on
@@ -10,9 +11,11 @@
                 host fails, the others hand back
     beat        Beat, on its host, after every host
     finish      history, cleanup, unlock              finish      history, unlock
+    queues      the queue summary (one host)          queues      the queue summary
 
 A failure before the cutover changes nothing that runs (undo: discard the release, record,
-unlock). Each phase is a list of plan steps (`plan.py`) that the runner executes; `--plan`
+unlock). A first Ctrl-C lets what runs on the hosts finish (builds, migrations, the cutover);
+a second one leaves at once. Each phase is a list of plan steps (`plan.py`) that the runner executes; `--plan`
 prints the same steps, built from a read-only probe.
 """
 

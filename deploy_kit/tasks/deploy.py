@@ -27,10 +27,10 @@ def deploy(c, stage=None, ref=None, plan=False, strict=False):
          lambda s, o: f"deployed {o.release} ({o.sha[:10]}) to stage {s.name}: verified")
 
 
-@task(help={"stage": STAGE_HELP, "to": "release to put back (default: the previous good one)",
+@task(help={"stage": STAGE_HELP, "to": "release to put back (default: the one live before the current one)",
             "plan": "probe the hosts read-only and print the steps the rollback would run, per host"})
 def rollback(c, stage=None, to=None, plan=False):
-    """Put the previous good release (or --to RELEASE) back with the same handover, Beat first."""
+    """Put back the release live before the current one (or --to RELEASE): the same handover, Beat first."""
     with ui.user_errors():
         checked("--to", to, _release)
     _run(stage, plan, lambda s, say: lifecycle.rollback_plan(s, to=to, say=say),
