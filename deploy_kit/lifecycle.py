@@ -32,7 +32,7 @@ from deploy_kit.errors import DeployKitError, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Step
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
-from deploy_kit.runner import Outcome, Run, Say, locked_error
+from deploy_kit.runner import Outcome, Run, Say, take_locks
 
 WAIT_FOR_HOSTS = "the cutover runs on the hosts by itself; waiting for it to end so the stage ends on one release"
 
@@ -112,15 +112,13 @@ def rollback_plan(stage: Stage, *, to: str | None, say: Say, now: datetime | Non
 
 def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
     """Take the lock on every host and probe it (one round trip); no lock of ours survives a failure."""
+    steps = plans.lock_steps(run.stage, run.holder, check=check)
     try:
-        facts = run.execute(plans.lock_steps(run.stage, run.holder, check=check), what="locking and checking")
+        facts = take_locks(run.stage, run.holder, lambda hosts: run.execute(
+            [s for s in steps if s.host in hosts], what="locking and checking"))
     except BaseException:
         release_locks(run)
         raise
-    locked = locked_error(run.stage, facts)
-    if locked:
-        release_locks(run)
-        raise locked
     run.facts = facts
     currents = {h: plans.current_release(f) or "none" for h, f in facts.items()}
     if len(set(currents.values())) > 1:

@@ -52,12 +52,41 @@ def new_holder(action: str, ref: str, now: datetime) -> dict[str, str]:
             "since": now.isoformat(timespec="seconds"), "token": secrets.token_hex(8)}
 
 
-def locked_error(stage: Stage, facts: dict[str, HostFacts]) -> Locked | None:
-    """The lock is held by another run on some host: who holds it, and what to do."""
-    held = {h: f.lock.holder for h, f in facts.items() if f.lock and not f.lock.acquired}
-    if not held:
-        return None
-    lines = [f"  {host}: {LockHolder.from_json(json.dumps(h)).describe()}" for host, h in held.items()]
+CONTENDED_WAIT = 15.0  # seconds the older of two runs that started together waits for the younger to yield
+
+
+def take_locks(stage: Stage, holder: dict[str, str], probe: Callable[[list[str]], dict[str, HostFacts]]
+               ) -> dict[str, HostFacts]:
+    """Lock and probe every host with `probe(host names)`; Locked when another run holds a lock.
+
+    Two runs that start at the same moment can each win the lock on part of the stage. Both then
+    see the other's holder, and both rank the two the same way (when the run started, then its
+    token): the younger yields (Locked, and its caller releases what it took), the older probes
+    the hosts it was refused again until the younger has let go (at most CONTENDED_WAIT seconds).
+    A run refused everywhere, or by an older holder, is refused at once."""
+    facts = probe([h.name for h in stage.hosts])
+    deadline = time.monotonic() + CONTENDED_WAIT
+    while True:
+        refused = {h: f.lock.holder for h, f in facts.items() if f.lock and not f.lock.acquired}
+        if not refused:
+            return facts
+        if (len(refused) == len(facts) or time.monotonic() > deadline
+                or not all(_younger(other, holder) for other in refused.values())):
+            raise locked_error(stage, refused)
+        time.sleep(0.3)
+        facts.update(probe(sorted(refused)))
+
+
+def _younger(other: dict[str, Any], mine: dict[str, str]) -> bool:
+    """`other` started after `mine` (a lock whose holder file is being written counts as just started)."""
+    if other.get("fresh"):
+        return True
+    return (str(other.get("since", "")), str(other.get("token", ""))) > (mine["since"], mine["token"])
+
+
+def locked_error(stage: Stage, refused: dict[str, dict[str, Any]]) -> Locked:
+    """Who holds the lock on which host, and what to do."""
+    lines = [f"  {host}: {LockHolder.from_json(json.dumps(h)).describe()}" for host, h in refused.items()]
     return Locked(f"another deploy, rollback or setup holds the lock of {stage.app.name}:\n" + "\n".join(lines)
                   + f"\nWait for it, or if it is dead: `fab unlock --stage {stage.name}`")
 

@@ -209,11 +209,9 @@ def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPl
     unlock = remote.program("finish", {"state_dir": str(state_dir(stage.app)), "token": holder["token"]})
     with Session(stage) as session:
         try:
-            facts = session.each(lambda r: hostfacts.gather(r, stage, check=False, lock=holder),
-                                 what="locking and probing hosts")
-            locked = runner.locked_error(stage, facts)
-            if locked:
-                raise locked
+            facts = runner.take_locks(stage, holder, lambda hosts: session.each(
+                lambda r: hostfacts.gather(r, stage, check=False, lock=holder),
+                what="locking and probing hosts", only=hosts))
             return _run(stage, session, facts, say=say, show=show, confirm=confirm, assume_yes=assume_yes,
                         interactive=interactive)
         finally:  # best effort: only where the lock is still this run's

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from urllib.parse import quote, unquote, urlsplit
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -131,8 +132,12 @@ def read_lock(state_dir: str) -> dict | None:
         with open(os.path.join(lock, "holder.json")) as handle:
             found = json.load(handle)
         return found if isinstance(found, dict) else {"who": "unknown (unreadable holder file)"}
-    except (OSError, ValueError):
-        return {"who": "unknown (no holder file)"}
+    except (OSError, ValueError):  # being written this instant (`fresh`), or left by a run that died then
+        try:
+            fresh = time.time() - os.stat(lock).st_mtime < 10
+        except OSError:
+            fresh = False
+        return {"who": "unknown (no holder file)", "fresh": fresh}
 
 
 def release_lock(state_dir: str, token: str) -> bool:
@@ -153,8 +158,9 @@ def take_lock(state_dir: str, holder: dict) -> dict:
         os.mkdir(lock, 0o700)
     except FileExistsError:
         return {"acquired": False, "holder": read_lock(state_dir) or {"who": "unknown (no holder file)"}}
-    with open(os.path.join(lock, "holder.json"), "w") as handle:
+    with open(os.path.join(lock, "holder.json.tmp"), "w") as handle:
         json.dump(holder, handle)
+    os.replace(os.path.join(lock, "holder.json.tmp"), os.path.join(lock, "holder.json"))
     return {"acquired": True, "holder": holder}
 
 

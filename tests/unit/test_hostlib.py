@@ -59,8 +59,10 @@ def test_the_lock_is_released_only_by_its_own_run_and_read_by_one_rule(tmp_path)
     assert hostlib.read_lock(state) == {"who": "alice", "token": "t1"}
     assert hostlib.release_lock(state, "t2") is False and hostlib.read_lock(state) is not None
     assert hostlib.release_lock(state, "t1") is True and hostlib.read_lock(state) is None
-    os.makedirs(os.path.join(state, "lock"))  # a lock without its holder file (a crash mid-take)
-    assert hostlib.read_lock(state) == {"who": "unknown (no holder file)"}
+    os.makedirs(os.path.join(state, "lock"))  # a lock without its holder file: being taken this instant,
+    assert hostlib.read_lock(state) == {"who": "unknown (no holder file)", "fresh": True}
+    os.utime(os.path.join(state, "lock"), (0, 0))  # or left by a crash mid-take
+    assert hostlib.read_lock(state) == {"who": "unknown (no holder file)", "fresh": False}
     assert hostlib.release_lock(state, "t1") is False
 
 

@@ -415,3 +415,68 @@ def test_queued_tasks_the_new_release_lacks_warn_or_with_strict_stop_before_anyt
     run = fake[-1]
     assert not any(s.phase in (Phase.MIGRATE, Phase.CUTOVER) for s in run.executed)
     assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.RELEASE, Phase.QUEUED, Phase.UNDO, Phase.FINISH}
+
+
+def test_two_runs_that_each_took_half_the_stage_settle_on_the_older(monkeypatch):
+    """Two runs started together each won the lock on one host: the younger yields at once and
+    releases its half, the older probes the refused host again and goes on."""
+    from deploy_kit import runner
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    stage = stage_of()
+    older = {"who": "a", "since": "2026-11-24T12:30:00+00:00", "token": "aaaa"}
+    younger = {"who": "b", "since": "2026-11-24T12:30:00+00:00", "token": "bbbb"}  # same second: token decides
+    locks = {"web1": older, "web2": younger}
+
+    def probe_as(holder):
+        def probe(hosts):
+            facts = {}
+            for host in hosts:
+                if host not in locks:
+                    locks[host] = holder
+                held = locks[host]
+                data = dict(healthy(stage, stage.host(host)), lock={"acquired": held is holder, "holder": held})
+                facts[host] = hostfacts.parse(json.dumps(data))
+            return facts
+        return probe
+
+    with pytest.raises(Locked):
+        runner.take_locks(stage, younger, probe_as(younger))
+    del locks["web2"]  # what the younger's caller does: it releases what it took
+    facts = runner.take_locks(stage, older, probe_as(older))
+    assert all(f.lock.acquired for f in facts.values()) and locks == {"web1": older, "web2": older}
+
+
+def test_a_run_refused_by_an_older_holder_or_everywhere_is_refused_at_once(monkeypatch):
+    from deploy_kit import runner
+    naps = []
+    monkeypatch.setattr(runner.time, "sleep", naps.append)
+    stage = stage_of()
+    mine = {"who": "me", "since": "2026-11-24T12:30:00+00:00", "token": "mmmm"}
+    stale = {"who": "dead", "since": "2026-11-20T08:00:00+00:00", "token": "dddd"}
+    newer = {"who": "new", "since": "2026-11-24T12:31:00+00:00", "token": "nnnn"}
+    for locks in ({"web1": mine, "web2": stale}, {"web1": newer, "web2": newer}, {"web1": mine, "web2": {"who": "x"}}):
+        def probe(hosts, locks=locks):
+            return {h: hostfacts.parse(json.dumps(dict(healthy(stage, stage.host(h)), lock={
+                "acquired": locks[h] is mine, "holder": locks[h]}))) for h in hosts}
+        with pytest.raises(Locked) as caught:
+            runner.take_locks(stage, mine, probe)
+        assert "fab unlock --stage" in str(caught.value)
+    assert naps == []
+
+
+def test_the_older_run_waits_only_so_long_for_a_younger_that_never_lets_go(monkeypatch):
+    from deploy_kit import runner
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runner.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    stage = stage_of()
+    mine = {"who": "me", "since": "2026-11-24T12:30:00+00:00", "token": "mmmm"}
+    pending = {"who": "unknown (no holder file)", "fresh": True}
+    locks = {"web1": mine, "web2": pending}
+
+    def probe(hosts):
+        return {h: hostfacts.parse(json.dumps(dict(healthy(stage, stage.host(h)), lock={
+            "acquired": locks[h] is mine, "holder": locks[h]}))) for h in hosts}
+    with pytest.raises(Locked):
+        runner.take_locks(stage, mine, probe)
+    assert runner.CONTENDED_WAIT <= clock[0] <= runner.CONTENDED_WAIT + 1
