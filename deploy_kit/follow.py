@@ -49,7 +49,20 @@ def _launch_script(params: dict[str, object], unit: str, app_name: str, python: 
             f"{quote(python)} {quote(state + '/cutover-run.py')}\n")
 
 
+def _follow_script(unit: str, path: str) -> str:
+    """Print `ACTIVE-STATE STATE-JSON` each time either changes (the unit's state first, then the
+    file: a cutover that ends in between is read as ended, not dead), until the unit has ended."""
+    return (f"prev=''\nwhile :; do\n"
+            f"  a=$(systemctl is-active {quote(unit)} 2>/dev/null || true)\n"
+            f"  s=$(cat {quote(path)} 2>/dev/null || true)\n"
+            f"  if [ \"$a $s\" != \"$prev\" ]; then printf '%s %s\\n' \"$a\" \"$s\"; prev=\"$a $s\"; fi\n"
+            f"  case \"$a\" in active|activating|reloading) sleep 0.2 ;; *) exit 0 ;; esac\n"
+            f"done\n")
+
+
 def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
+    """Launch the host's cutover and follow it on the same channel: the host prints each change
+    of its state file as it happens (one round trip, no polling)."""
     stage, params = run.stage, action.params
     unit = f"{stage.app.name}-cutover-{params['id']}"
     if params["phase"] == "beat":
@@ -58,67 +71,98 @@ def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
         watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"])]
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
-    limit = budget(params)
+    deadline = time.monotonic() + budget(params)
+    follow = _follow_script(unit, str(state_dir(stage.app) / "cutover.json"))
+    progress = Progress(run, remote.name, blank)
     tail = journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)) \
         if watched else contextlib.nullcontext()  # no unit here: no journal to show (never the whole one)
     with tail:
         try:
             remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),
-                                             str(state_dir(stage.app))), sudo=True, what="starting the cutover")
-        except RemoteCommandError as exc:  # the script ran and refused or systemd-run failed: not started
-            return CutoverState(**{**blank.__dict__, "failure": exc.reason})
-        except HostError as exc:  # the connection dropped: it may have started
-            blank.status, blank.rollback_failure = S.UNKNOWN, f"the cutover may have started: {exc.reason}"
-            return blank
-        return _follow(run, remote.name, unit, blank, time.monotonic() + limit)
+                                             str(state_dir(stage.app))) + follow,
+                              sudo=True, what="starting the cutover", timeout=budget(params), on_line=progress.feed)
+        except RemoteCommandError as exc:  # the script refused, or systemd-run failed: not started
+            if not progress.seen:
+                return CutoverState(**{**blank.__dict__, "failure": exc.reason})
+        except HostError as exc:  # the connection dropped
+            if not progress.seen:  # before the host said a word: it may have started
+                blank.status, blank.rollback_failure = S.UNKNOWN, f"the cutover may have started: {exc.reason}"
+                return blank
+            progress.lost(exc)
+        return _follow(run, remote.name, follow, progress, deadline)
 
 
-def _follow(run: Run, host: str, unit: str, blank: CutoverState, deadline: float) -> CutoverState:
-    """Poll the host's state file until the cutover ends; report each step as it completes."""
+class Progress:
+    """What the host has said of its cutover so far; each completed step is reported once."""
+
+    def __init__(self, run: Run, host: str, blank: CutoverState):
+        self.run, self.host, self.last = run, host, blank
+        self.seen, self.running, self.reported, self.connection_lost = False, True, 0, False
+        self.has_state = False  # the cutover wrote its state file (it started)
+        self.started = time.monotonic()
+
+    def feed(self, line: str) -> None:
+        active, _, text = line.partition(" ")
+        self.seen, self.running = True, active in ("active", "activating", "reloading")
+        state = _parse(text, self.last.id)
+        if state is None:
+            return
+        self.last, self.has_state = state, True
+        for step in state.steps[self.reported:]:
+            if step.ok is None:
+                break
+            self.run.say(self.host, f"{step.name}: {'ok' if step.ok else 'FAILED'} {step.detail}".rstrip())
+            self.run.outcome.timings.setdefault(self.host, {})[step.name] = step.seconds
+            self.reported += 1
+
+    def lost(self, exc: DeployKitError) -> None:
+        if not self.connection_lost:
+            self.run.say(self.host, f"lost the connection ({getattr(exc, 'reason', exc)}); the cutover goes on "
+                                    "on the host, reconnecting")
+            self.connection_lost = True
+
+    def back(self) -> None:
+        if self.connection_lost:
+            self.run.say(self.host, "connection back; the cutover went on meanwhile")
+            self.connection_lost = False
+
+    def outcome(self) -> CutoverState | None:
+        """The end, once known: this run's finished state, or UNKNOWN when the cutover ended
+        without one; None while it runs."""
+        if self.last.status.finished:
+            return self.last
+        if self.running:
+            return None
+        if self.has_state:
+            return _unknown(self.last, "the cutover process died mid-way")
+        if time.monotonic() - self.started > STARTUP_GRACE:
+            return _unknown(self.last, "the cutover ended without writing its state (disk full?)")
+        return None
+
+
+def _follow(run: Run, host: str, script: str, progress: Progress, deadline: float) -> CutoverState:
+    """Until the cutover ends: read the host's account again (after a dropped connection, or while
+    a cutover that ended has not yet shown its state)."""
     assert run.session is not None
-    path = str(state_dir(run.stage.app) / "cutover.json")
-    # Unit state first, then the file: a cutover that ends in between is read as ended, not dead.
-    script = (f"systemctl is-active {quote(unit)} || true\nprintf -- '---\\n'\n"
-              f"cat {quote(path)} 2>/dev/null || true\n")
-    reported, lost, started = 0, False, time.monotonic()
-    last = blank
     while True:
-        try:
-            out = run.session.remote(host).run_script(script, sudo=True, what="following the cutover",
-                                                      timeout=30).stdout
-            if lost:
-                run.say(host, "connection back; the cutover went on meanwhile")
-                lost = False
-        except DeployKitError as exc:
-            if not lost:
-                run.say(host, f"lost the connection ({getattr(exc, 'reason', exc)}); the cutover goes on "
-                              "on the host, reconnecting")
-                lost = True
-            if time.monotonic() > deadline:
-                return _unknown(last, "the host could not be reached again")
+        ended = progress.outcome()
+        if ended is not None:
+            return ended
+        if time.monotonic() > deadline:
+            return _unknown(progress.last, "the host could not be reached again" if progress.connection_lost
+                            else "the cutover did not finish in time; it may still be running")
+        if progress.connection_lost:
             time.sleep(2)
             run.session.reconnect(host)
+        try:
+            run.session.remote(host).run_script(script, sudo=True, what="following the cutover",
+                                                timeout=max(deadline - time.monotonic(), 1), on_line=progress.feed)
+            progress.back()
+        except DeployKitError as exc:
+            progress.lost(exc)
             continue
-        active, _, text = out.partition("---\n")
-        state = _parse(text, blank.id)
-        if state is not None:
-            last = state
-            for step in state.steps[reported:]:
-                if step.ok is None:
-                    break
-                run.say(host, f"{step.name}: {'ok' if step.ok else 'FAILED'} {step.detail}".rstrip())
-                run.outcome.timings.setdefault(host, {})[step.name] = step.seconds
-                reported += 1
-            if state.status.finished:
-                return state
-        running = active.strip() in ("active", "activating")
-        if not running and state is not None:
-            return _unknown(state, "the cutover process died mid-way")
-        if not running and time.monotonic() - started > STARTUP_GRACE:
-            return _unknown(last, "the cutover ended without writing its state (disk full?)")
-        if time.monotonic() > deadline:
-            return _unknown(last, "the cutover did not finish in time; it may still be running")
-        time.sleep(0.5)
+        if progress.outcome() is None and not progress.connection_lost:
+            time.sleep(0.5)
 
 
 def _parse(text: str, run_id: str) -> CutoverState | None:

@@ -2,8 +2,8 @@
 
     deploy                                           rollback
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
-    release     pack once here; build on each host
-    queued      the queued task names against the new release (one host)
+    release     pack once here; build on each host (one also compares the queued task
+                names with the new release's)
     migrate     once, on the migrate host
     cutover     every host at once, detached:         beat        Beat first, on its host
                 the new release's workers prove       cutover     the workers hand back on
@@ -48,8 +48,8 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict)  # type: ignore[arg-type]
             with run.shielded("the builds and migrations finish first, then the release is discarded",
                               stop_after=True):  # a migration is never cut half-way
-                run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
-                run.execute(the_plan.phase(Phase.QUEUED), what="comparing the queued tasks")
+                built = run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
+                run.queued_tasks(the_plan.phase(Phase.RELEASE), built)
                 run.execute(the_plan.phase(Phase.MIGRATE))
         except BaseException as exc:
             undo(run, facts, exc)
@@ -197,7 +197,7 @@ def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
         run.execute(the_plan.phase(Phase.SUMMARY), what="reading the queues")
     else:
         run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
-        run.execute(plans.queue_steps(run.stage, "summary"), what="reading the queues")
+        run.execute(plans.summary_steps(run.stage), what="reading the queues")
         before = {h: plans.current_release(f) for h, f in facts.items()}
         raise outcome.failure(run.mode, results, the_plan.release, before)
     return run.outcome

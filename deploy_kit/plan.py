@@ -26,7 +26,6 @@ Line = tuple[str, str]  # (a step's name, or "" for a line of detail; text)
 class Phase(StrEnum):
     LOCK = "lock+check"
     RELEASE = "release"
-    QUEUED = "queued tasks"  # before the migrations: what waits in the queues, against the new release
     MIGRATE = "migrate"
     CUTOVER = "cutover"
     BEAT = "beat"
@@ -59,11 +58,16 @@ class Build:
     reuse_env: bool
     wheels: tuple[str, ...]
     python: str  # the host's Python version, part of the environment's key
+    queues: tuple[str, ...] = ()  # (one host) compare the task names waiting there with the release's
+    strict: bool = False  # ... and a task it lacks is an error, not a warning
 
     def lines(self) -> list[Line]:
         env = "reuse the current release's environment (hard links)" if self.reuse_env else \
             f"new environment from {len(self.wheels)} wheel(s): {', '.join(self.wheels) or 'none needed'}"
-        return [("", f"unpack, {env}"), ("", "release check as the service: manage.py check; import the Celery app"),
+        queued = [("", f"... and the task names waiting in {', '.join(self.queues)} against those it registers "
+                       f"({'an error' if self.strict else 'a warning'} for any it lacks)")] if self.queues else []
+        return [("", f"unpack, {env}"), ("", "release check as the service, in one Python: manage.py check; "
+                                             "import the Celery app"), *queued,
                 ("", f"rename .{self.release}.building to {self.release}")]
 
 
@@ -144,20 +148,13 @@ class Finish:
 
 @dataclass(frozen=True)
 class Queues:
-    """The Celery agent as the service on one host (`remote/queues.py`): `unregistered` compares the
-    task names waiting in the queues with those `release` registers (a warning, or with `strict` a
-    failed preflight); `summary` says what waits, what is held and who consumes it (never fails)."""
+    """The Celery agent as the service on one host (`remote/queues.py`): what waits, what is held
+    and who consumes it, after the run (never fails it)."""
 
-    op: str
     queues: tuple[str, ...]
-    release: str = ""
-    strict: bool = False
 
     def lines(self) -> list[Line]:
-        if self.op == "summary":
-            return [("", f"queue summary: waiting, unacked, consumers of {', '.join(self.queues)}")]
-        return [("", f"the task names waiting in {', '.join(self.queues)} against those releases/{self.release} "
-                     f"registers ({'an error' if self.strict else 'a warning'} for any it lacks)")]
+        return [("", f"queue summary: waiting, unacked, consumers of {', '.join(self.queues)}")]
 
 
 Action = Probe | Build | Script | Cutover | Finish | Queues
@@ -280,11 +277,10 @@ def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tup
             for h in hosts]
 
 
-def queue_steps(stage: Stage, op: str, release: str = "", strict: bool = False) -> list[Step]:
-    """One round trip on the reporting host: the queued tasks against the new release, or the summary."""
-    summary = "the queues after the run" if op == "summary" else "the queued tasks against the new release"
-    return [Step(queues.reporter(stage).name, Phase.SUMMARY if op == "summary" else Phase.QUEUED, summary,
-                 Queues(op, tuple(queues.queue_names(stage)), release, strict))]
+def summary_steps(stage: Stage) -> list[Step]:
+    """One round trip on the reporting host: what the queues hold after the run."""
+    return [Step(queues.reporter(stage).name, Phase.SUMMARY, "the queues after the run",
+                 Queues(tuple(queues.queue_names(stage))))]
 
 
 def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id: str,
@@ -293,14 +289,15 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
     app = stage.app
     current = {h: current_release(f) for h, f in facts.items()}
     steps: list[Step] = []
+    asked = queues.reporter(stage).name  # one host compares the queued task names with the release's
     for host in stage.hosts:
         f = facts[host.name]
         reuse = app.install == "wheels" and reuses_env(f, source)
         steps.append(Step(host.name, Phase.RELEASE, f"build {app.releases_dir / source.name} from {source.ref} "
                           f"at {source.sha[:10]} ({len(source.archive) // 1024} KiB of code)",
                           Build(source.name, reuse, () if reuse else wheels.get(host.name, ()),
-                                f.target.get("python", ""))))
-    steps += queue_steps(stage, "unregistered", source.name, strict)
+                                f.target.get("python", ""),
+                                tuple(queues.queue_names(stage)) if host.name == asked else (), strict)))
     steps.append(Step(stage.migrate_host.name, Phase.MIGRATE, "migrations, once per stage, before the switch",
                       Script(migrate_script(stage, source.name))))
     targets = {h.name: source.name for h in stage.hosts}
@@ -309,7 +306,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
     steps += finish_steps(stage, [h.name for h in stage.hosts],
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},
                           moves={h: (c, source.name) for h, c in current.items()})
-    steps += queue_steps(stage, "summary")
+    steps += summary_steps(stage)
     back = {h: c for h, c in current.items() if c}
     on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
     on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",
@@ -338,7 +335,7 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in moving.items()})
-    steps += queue_steps(stage, "summary")
+    steps += summary_steps(stage)
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 
 

@@ -197,7 +197,7 @@ def host_env_key(source: Source, python_version: str) -> str:
 
 
 def build_params(stage: Stage, source: Source, wheels_sent: bool = True, python_version: str = "",
-                 allow_reuse: bool = True) -> dict[str, object]:
+                 allow_reuse: bool = True, queues: tuple[str, ...] = ()) -> dict[str, object]:
     """What the build program (`remote/build.py`) needs to build releases/NAME on a host."""
     app = stage.app
     return {
@@ -208,6 +208,7 @@ def build_params(stage: Stage, source: Source, wheels_sent: bool = True, python_
         "user": app.user, "group": app.group, "shared_dir": str(app.shared_dir),
         "linked_dirs": list(app.linked_dirs), "linked_files": list(app.linked_files),
         "celery_app": app.celery_app, "service_environment": list(units.service_environment(stage)),
+        "queues": list(queues),
     }
 
 
@@ -225,6 +226,8 @@ class Built:
     reused_env: bool
     wheels_sent: int
     bytes_sent: int
+    unregistered: dict[str, int] | None = None  # queued task names it lacks (the host that was asked)
+    queued_error: str = ""
 
 
 def read_outcome(stdout: str) -> BuildOutcome:
@@ -238,7 +241,7 @@ def read_outcome(stdout: str) -> BuildOutcome:
 
 def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheels.Wheelhouse,
              host_wheels: set[str], *, send_wheels: bool = True, python_version: str = "",
-             timeout: float = 900) -> Built:
+             queues: tuple[str, ...] = (), timeout: float = 900) -> Built:
     """Send the bundle and build the release on one host in one round trip. Another one only when
     the host cannot reuse the environment it was expected to, when its pip finds a distribution
     this machine's resolver could not know the host needs, or when the release fails its check
@@ -249,7 +252,7 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
     for _attempt in range(6):
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
         params = build_params(stage, source, wheels_sent=send_wheels, python_version=python_version,
-                              allow_reuse=allow_reuse)
+                              allow_reuse=allow_reuse, queues=queues)
         payload = bundle(source, files, remote_programs.program("build", params))
         command = ("sudo -n -- /bin/bash -c " + q(
             'set -euo pipefail; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; '
@@ -258,7 +261,8 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
                             timeout=timeout, check=False)
         outcome = read_outcome(result.stdout)
         if outcome.status == BuildStatus.BUILT:
-            return Built(remote.name, source.name, outcome.reused_env, sent + len(files), len(payload))
+            return Built(remote.name, source.name, outcome.reused_env, sent + len(files), len(payload),
+                         outcome.unregistered, outcome.queued_error)
         if outcome.status == BuildStatus.NEEDS_WHEELS and not send_wheels:
             send_wheels = True
         elif outcome.status == BuildStatus.MISSING_DISTRIBUTION and outcome.missing:

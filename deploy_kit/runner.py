@@ -175,7 +175,7 @@ class Run:
         if isinstance(action, Cutover):
             return follow.cutover(self, remote, action)
         if isinstance(action, Queues):
-            return self._queues(remote, action)
+            return self._queue_summary(remote)
         if isinstance(action, Finish):
             return self._finish(remote, action)
         raise TypeError(f"no way to run {action!r}")
@@ -219,10 +219,13 @@ class Run:
         facts = self.facts[remote.name]
         built = release.build_on(remote, self.stage, self.source, self.houses[remote.name], set(facts.wheels),
                                  send_wheels=self.stage.app.install == "wheels" and not action.reuse_env,
-                                 python_version=action.python)
+                                 python_version=action.python, queues=action.queues)
+        return self.built(built)
+
+    def built(self, built: release.Built) -> release.Built:
         env = "environment reused" if built.reused_env else "new environment"
-        self.say(remote.name, f"built {built.name} ({env}, {built.wheels_sent} wheel(s) sent, "
-                              f"{built.bytes_sent // 1024} KiB)")
+        self.say(built.host, f"built {built.name} ({env}, {built.wheels_sent} wheel(s) sent, "
+                             f"{built.bytes_sent // 1024} KiB)")
         return built
 
     def _script(self, remote: RemoteHost, step: Step, action: Script) -> Any:
@@ -265,12 +268,6 @@ class Run:
 
     # --- the queues: one round trip on one host (`queues.py`) -----------------------------------
 
-    def _queues(self, remote: RemoteHost, action: Queues) -> None:
-        if action.op == "summary":
-            self._queue_summary(remote)
-        else:
-            self._queued_tasks(remote, action)
-
     def _queue_summary(self, remote: RemoteHost) -> None:
         """Say, per queue, what waits, what is held and who consumes it; never fails the run."""
         try:
@@ -281,25 +278,29 @@ class Run:
         for line in [*queues.summary(report), *(f"PROBLEM: {p}" for p in queues.problems(self.stage, report))]:
             self.say("", line)
 
-    def _queued_tasks(self, remote: RemoteHost, action: Queues) -> None:
-        """Messages waiting for a task the new release does not register would fail on it: a warning
-        naming each task and how many (with `strict`, a failed preflight: nothing switched)."""
-        try:
-            answer = queues.ask(remote, self.stage, [{"op": "unregistered", "queues": list(action.queues)}],
-                                action.release)
-            missing = {str(k): int(v) for k, v in json.loads(answer[-1]).items()}
-        except (DeployKitError, ValueError) as exc:
-            if action.strict:
+    def queued_tasks(self, steps: Sequence[Step], built: dict[str, release.Built]) -> None:
+        """What the build that was asked found in the queues: messages waiting for a task the new
+        release does not register would fail on it. A warning naming each task and how many (with
+        `strict`, a failed preflight: nothing switched)."""
+        for step in steps:
+            if isinstance(step.action, Build) and step.action.queues:
+                self._queued(built[step.host], step.action.strict)
+
+    def _queued(self, built: release.Built, strict: bool) -> None:
+        if built.queued_error or built.unregistered is None:
+            why = built.queued_error or "the release check did not say"
+            if strict:
                 raise PreflightFailed(f"preflight failed, nothing was switched: the queued tasks could not be "
-                                      f"compared with the new release's: {exc}") from None
-            self.say("", f"warning: the queued tasks could not be compared with the new release's: {exc}")
+                                      f"compared with the new release's: {why}")
+            self.say("", f"warning: the queued tasks could not be compared with the new release's: {why}")
             return
+        missing = built.unregistered
         if not missing:
             return
         text = ("the queues hold tasks the new release does not register (its workers would reject them): "
                 + ", ".join(f"{name} ({count} message(s))" for name, count in sorted(missing.items()))
                 + ". Fix: deploy a release that still registers them until the queues are empty")
-        if action.strict:
+        if strict:
             raise PreflightFailed(f"preflight failed, nothing was switched: {text}")
         self.outcome.notes.append(text)
         self.say("", f"warning: {text}")

@@ -12,6 +12,7 @@ import select
 import shlex
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +49,14 @@ class RemoteHost:
         return self.host.name
 
     def run_script(self, script: str, *, sudo: bool = False, what: str = "remote script",
-                   timeout: float | None = 600, check: bool = True) -> ScriptResult:
+                   timeout: float | None = 600, check: bool = True,
+                   on_line: Callable[[str], None] | None = None) -> ScriptResult:
         """Run `script` with bash on the host in one round trip (the script travels on stdin,
-        so nothing in it shows up in the remote process list)."""
+        so nothing in it shows up in the remote process list); `on_line` sees each line of its
+        output as it arrives."""
         command = "/bin/bash -s" if not sudo else "sudo -n -- /bin/bash -s"
         return self.run(command, SCRIPT_PREAMBLE + script, sudo=sudo, what=what, timeout=timeout,
-                        check=check)
+                        check=check, on_line=on_line)
 
     def run_python(self, program: str, python: str = "/usr/bin/python3", *, sudo: bool = False,
                    what: str = "remote probe", timeout: float | None = 600,
@@ -63,11 +66,11 @@ class RemoteHost:
         return self.run(command, program, sudo=sudo, what=what, timeout=timeout, check=check)
 
     def run(self, command: str, stdin: str | bytes, *, sudo: bool, what: str, timeout: float | None,
-            check: bool = True) -> ScriptResult:
+            check: bool = True, on_line: Callable[[str], None] | None = None) -> ScriptResult:
         """Run `command` with `stdin` as its input, in one round trip; RemoteCommandError on failure."""
         payload = stdin.encode() if isinstance(stdin, str) else stdin
         try:
-            code, out, err = _exec(self.connection.transport, command, payload, timeout)
+            code, out, err = _exec(self.connection.transport, command, payload, timeout, on_line)
         except TimeoutError:
             raise HostError(self.name, f"{what} did not finish within {timeout:.0f} s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -172,18 +175,24 @@ def _tcp_connect(host: Host, timeout: float) -> socket.socket:
     return sock
 
 
-def _exec(transport: paramiko.Transport, command: str, stdin: bytes,
-          timeout: float | None) -> tuple[int, bytes, bytes]:
+def _exec(transport: paramiko.Transport, command: str, stdin: bytes, timeout: float | None,
+          on_line: Callable[[str], None] | None = None) -> tuple[int, bytes, bytes]:
     channel = transport.open_session(timeout=30)
     try:
         channel.exec_command(command)
         channel.sendall(stdin)
         channel.shutdown_write()
         out, err = bytearray(), bytearray()
+        seen = 0  # bytes of `out` already given to `on_line`
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while channel.recv_ready():
                 out += channel.recv(65536)
+            if on_line is not None and out.find(b"\n", seen) >= 0:
+                end = out.rindex(b"\n") + 1
+                for line in out[seen:end].decode(errors="replace").splitlines():
+                    on_line(line)
+                seen = end
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(65536)
             if channel.exit_status_ready() and channel.eof_received:
@@ -198,6 +207,9 @@ def _exec(transport: paramiko.Transport, command: str, stdin: bytes,
             select.select([channel], [], [], wait)
         while channel.recv_ready():  # what arrived with the end of the command
             out += channel.recv(65536)
+        if on_line is not None:
+            for line in out[seen:].decode(errors="replace").splitlines():
+                on_line(line)
         while channel.recv_stderr_ready():
             err += channel.recv_stderr(65536)
         return channel.recv_exit_status(), bytes(out), bytes(err)

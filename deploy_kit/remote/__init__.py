@@ -10,6 +10,7 @@ source and are loaded under their real names, then `main(params)` of the chosen 
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -25,7 +26,25 @@ def source(name: str) -> str:
     return resources.files(__name__).joinpath(f"{name}.py").read_text()
 
 
+IMPORTS = re.compile(r"^\s*from deploy_kit\.remote(?:\.(\w+))? import ([\w, ]+)", re.MULTILINE)
+
+
+@cache
+def needs(name: str) -> tuple[str, ...]:
+    """The package's modules NAME imports, directly or not, in MODULES order (what it ships with)."""
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for module, names in IMPORTS.findall(source(todo.pop())):
+            for dependency in [module] if module else [n.strip() for n in names.split(",")]:
+                if dependency not in found:
+                    found.add(dependency)
+                    todo.append(dependency)
+    return tuple(m for m in MODULES if m in found and m != name)
+
+
 def program(name: str, params: dict[str, Any]) -> str:
-    """The text of a program that runs `deploy_kit.remote.NAME.main(params)` on a host."""
-    modules = [m for m in MODULES if m != name] + [name]
+    """The text of a program that runs `deploy_kit.remote.NAME.main(params)` on a host: NAME and
+    the modules it imports, nothing else."""
+    modules = [*needs(name), name]
     return hostlib.bundle([(m, source(m)) for m in modules], f"module.main(json.loads({json.dumps(params)!r}))\n")

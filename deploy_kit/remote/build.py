@@ -6,7 +6,8 @@ requirements, the wheels the host lacked.
                      matches, else a new virtualenv from the wheel cache (or the index)
     shared links     linked_dirs / linked_files point into shared/
     ownership        root:GROUP, not writable by the service
-    release check    as the service: `manage.py check`, then the Celery app imports (`probes.py`)
+    release check    as the service, one Python: `manage.py check`, the Celery app imports, and
+                     on one host the queued task names it lacks (`probes.release`)
     NAME             renamed into place only when all of that passed
 
 The last line on stdout is a `contracts.BuildOutcome`; details go to stderr. Python 3.8+, stdlib only.
@@ -15,13 +16,14 @@ The last line on stdout is a `contracts.BuildOutcome`; details go to stderr. Pyt
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 
-from deploy_kit.remote import hostlib, probes
+from deploy_kit.remote import celery_agent, hostlib, probes  # noqa: F401 - the release check ships celery_agent
 from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
 
 
@@ -96,17 +98,21 @@ def link_shared(p: dict, building: str) -> None:
         os.symlink(shared, target)
 
 
-def check(p: dict, building: str) -> None:
-    """The release check, as the service runs it (its user, env file, sandbox) in the new code."""
+def check(p: dict, building: str) -> dict:
+    """The release check, as the service runs it (its user, env file, sandbox) in the new code, in
+    one Python (`probes.release`): what it found of the queued tasks is returned."""
     python = os.path.join(building, p["venv"], "bin", "python")
-    for what, argv in (("manage.py check", [python, "manage.py", "check", "--fail-level", "ERROR"]),
-                       (f"the Celery app -A {p['celery_app']} does not import",
-                        [python, "-c", probes.program(), "app", p["celery_app"]])):
-        code, out, err = hostlib.run(hostlib.service_argv(p["service_environment"], building, argv), timeout=600)
-        if code != 0:
-            tail = "\n".join((out + err).strip().splitlines()[-25:])
-            raise Stop(BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=p.get("reused", False)),
-                       f"RELEASE CHECK FAILED: {what}\n{tail}")
+    argv = [python, "-c", probes.READ_STDIN, "release", p["celery_app"], json.dumps(p.get("queues", []))]
+    code, out, err = hostlib.run(hostlib.service_argv(p["service_environment"], building, argv),
+                                 stdin=probes.release_program(), timeout=600)
+    lines = (out + err).strip().splitlines()
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    if code == 0 and last.startswith("ok "):
+        return json.loads(last[3:])
+    what = last[5:] if last.startswith("fail ") else "the release check did not finish"
+    tail = "\n".join(line for line in lines if line != last)
+    raise Stop(BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=p.get("reused", False)),
+               f"RELEASE CHECK FAILED: {what}\n" + "\n".join(tail.splitlines()[-25:]))
 
 
 def build(p: dict, stage_dir: str) -> BuildOutcome:
@@ -129,12 +135,13 @@ def build(p: dict, stage_dir: str) -> BuildOutcome:
         sh("chown", "-R", f"root:{p['group']}", building)
         sh("chmod", "-R", "g+rX,g-w,o-rwx", building)
         os.chmod(building, 0o750)
-        check(p, building)
+        found = check(p, building)
         os.rename(building, final)  # complete releases only ever appear under their name
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    return BuildOutcome(BuildStatus.BUILT, reused_env=p["reused"])
+    return BuildOutcome(BuildStatus.BUILT, reused_env=p["reused"], unregistered=found.get("unregistered"),
+                        queued_error=found.get("queued_error", ""))
 
 
 def main(params: dict) -> None:

@@ -154,6 +154,8 @@ class BuildOutcome:
     reused_env: bool = False
     missing: str = ""  # the distribution pip could not find (MISSING_DISTRIBUTION)
     detail: str = ""  # the tail of the failing command's output (secrets masked)
+    unregistered: dict | None = None  # queued task names the release lacks: {name: messages} (asked host)
+    queued_error: str = ""  # why the queued tasks could not be compared (asked host)
 
     def to_json(self) -> str:
         data = asdict(self)

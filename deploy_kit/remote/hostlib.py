@@ -14,6 +14,7 @@ Runs on hosts (Python 3.8+, stdlib only) and on the control machine alike: `fab 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,12 +22,15 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from urllib.parse import quote, unquote, urlsplit
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
-LOADER = '''import json, sys, types
+LOADER = '''import base64, json, sys, types, zlib
 def _deploy_kit_load(sources):
+    if isinstance(sources, str):  # compressed: json of [(name, source)], zlib, base85
+        sources = json.loads(zlib.decompress(base64.b85decode(sources)).decode())
     for name in ("deploy_kit", "deploy_kit.remote"):
         package = sys.modules.setdefault(name, types.ModuleType(name))
         package.__path__ = []
@@ -167,7 +171,8 @@ def take_lock(state_dir: str, holder: dict) -> dict:
 def bundle(sources: list, tail: str) -> str:
     """Python text that loads `sources` [(NAME, text)] as deploy_kit.remote.NAME, then runs `tail`
     (where `module` is the last of them): runs on a python3 that has no deploy_kit package."""
-    return f"{LOADER}module = _deploy_kit_load(json.loads({json.dumps(sources)!r}))\n{tail}"
+    packed = base64.b85encode(zlib.compress(json.dumps(sources).encode(), 9)).decode()
+    return f"{LOADER}module = _deploy_kit_load({packed!r})\n{tail}"
 
 
 def source_of(name: str) -> str:

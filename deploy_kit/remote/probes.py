@@ -4,6 +4,9 @@ Python the service runs: the checks that only the service's own view can answer.
     broker          CELERY_BROKER_URL reaches the broker (with kombu if the Python has it,
                     else a plain Redis PING or AMQP handshake), credentials never printed
     app NAME        the Celery app NAME imports and registers its tasks
+    release NAME Q  a new release's check, in one Python: `manage.py check` as manage.py runs
+                    it, then the Celery app imports, then (Q: a JSON list of queues) the task
+                    names waiting there that it does not register (`release_program()`)
 
 Each prints one last line, `ok DETAIL` or `fail DETAIL`, and exits 0 or 1 (`hostlib.as_service`
 reads it). The service's Python has no deploy_kit package: `program()` ships this module with
@@ -12,7 +15,10 @@ hostlib in one text. Python 3.8+, stdlib only (kombu and celery are used when pr
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import runpy
 import socket
 import ssl
 import sys
@@ -90,11 +96,45 @@ def app(name: str) -> tuple:
         return False, f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
+def release(celery_app: str, queues: list) -> tuple:
+    """(ok, detail): `manage.py check` run in this process as manage.py runs it (its settings;
+    its messages go to stdout and stderr), then the Celery app, then the queued task names it
+    lacks. The detail of a success is JSON: {"tasks", "unregistered": {name: count}} or, when the
+    queues could not be read, {"tasks", "queued_error"}."""
+    argv = sys.argv
+    sys.argv = ["manage.py", "check", "--fail-level", "ERROR"]
+    try:
+        runpy.run_path("manage.py", run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            return False, "manage.py check"
+    finally:
+        sys.argv = argv
+    ok, detail = app(celery_app)
+    if not ok:
+        return False, f"the Celery app -A {celery_app} does not import: {detail}"
+    found: dict = {"tasks": detail}
+    if queues:
+        try:
+            from celery.app.utils import find_app
+
+            celery_agent = importlib.import_module("deploy_kit.remote.celery_agent")  # shipped by the build only
+            found["unregistered"] = json.loads(celery_agent.unregistered(find_app(celery_app), queues))
+        except Exception as exc:  # noqa: BLE001 - the broker may be down: the deploy decides
+            found["queued_error"] = f"{type(exc).__name__}: {exc}"
+    return True, json.dumps(found)
+
+
 def main(argv: list) -> None:
     url = os.environ.get("CELERY_BROKER_URL", "").strip()
     secrets = hostlib.url_secrets(url)
     try:
-        ok, detail = broker(url) if argv[0] == "broker" else app(argv[1])
+        if argv[0] == "broker":
+            ok, detail = broker(url)
+        elif argv[0] == "release":
+            ok, detail = release(argv[1], json.loads(argv[2]))
+        else:
+            ok, detail = app(argv[1])
     except BaseException as exc:  # noqa: BLE001 - a bug here must still answer, masked
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     print(("ok " if ok else "fail ") + hostlib.hide(detail, secrets))
@@ -105,3 +145,14 @@ def program() -> str:
     """This module and hostlib as one text for `python -c TEXT broker` or `... app NAME`."""
     sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "probes")]
     return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
+
+
+def release_program() -> str:
+    """The release check's text, with the Celery agent's queue reading: it travels on stdin
+    (`python -c READ_STDIN release APP QUEUES`)."""
+    importlib.import_module("deploy_kit.remote.celery_agent")  # shipped with the build program, or here
+    sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "celery_agent", "probes")]
+    return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
+
+
+READ_STDIN = "import sys; exec(sys.stdin.read())"

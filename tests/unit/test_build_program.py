@@ -59,7 +59,8 @@ def host(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "sh", sh)
     monkeypatch.setattr(build, "directory", lambda path, owner, group, mode: os.makedirs(path, exist_ok=True))
     checks = []
-    monkeypatch.setattr(build.hostlib, "run", lambda argv, timeout=60: checks.append(argv) or (0, "ok", ""))
+    monkeypatch.setattr(build.hostlib, "run", lambda argv, stdin=None, timeout=60: checks.append((argv, stdin))
+                        or (0, 'System check identified no issues.\nok {"tasks": "9 tasks registered"}', ""))
     return params, stage_dir, srv, ran, checks
 
 
@@ -72,14 +73,16 @@ def test_a_release_reuses_the_matching_environment_and_is_checked_as_the_service
     assert os.readlink(final / "media") == str(srv / "shared/media")
     assert not (srv / "releases" / f".{SOURCE.name}.building").exists()
     assert [a[0] for a in ran if a[0] == "cp"] == ["cp"] and ran[-2][:3] == ("chown", "-R", "root:shop")
-    assert [c[0] for c in checks] == ["systemd-run", "systemd-run"]  # manage.py check, then the app import
-    assert "User=shop" in checks[0] and f"WorkingDirectory={srv}/releases/.{SOURCE.name}.building" in checks[0]
-    assert "manage.py" in checks[0] and checks[1][-2:] == ["app", "shop"]
+    [(argv, program)] = checks  # one Python as the service: manage.py check, the app, the queued tasks
+    assert argv[0] == "systemd-run" and "User=shop" in argv
+    assert f"WorkingDirectory={srv}/releases/.{SOURCE.name}.building" in argv
+    assert argv[-3:] == ["release", "shop", "[]"] and program == build.probes.release_program()
 
 
 def test_a_release_that_fails_its_check_never_appears(host, monkeypatch):
     params, stage_dir, srv, _ran, _checks = host
-    monkeypatch.setattr(build.hostlib, "run", lambda argv, timeout=60: (1, "", "SystemCheckError: boom"))
+    monkeypatch.setattr(build.hostlib, "run", lambda argv, stdin=None, timeout=60:
+                        (1, "fail manage.py check\n", "SystemCheckError: boom"))
     with pytest.raises(build.Stop) as stopped:
         build.build(params, str(stage_dir))
     assert stopped.value.outcome == BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=True)

@@ -15,19 +15,24 @@ NEW, OLD = "2026-11-24-123000", "2026-11-24-120000"
 
 
 class Remote:
-    """Answers the launch with `launch` (an exception or None) and each poll with the next of `polls`."""
+    """Answers the launch with `launch` (an exception, or the lines the host prints as it follows)
+    and each later reading with the next of `polls` (lines of `ACTIVE STATE-JSON`)."""
 
     name = "web2"
 
-    def __init__(self, launch=None, polls=()):
+    def __init__(self, launch=(), polls=()):
         self.launch, self.polls = launch, list(polls)
 
-    def run_script(self, script, **kwargs):
+    def run_script(self, script, *, on_line=None, **kwargs):
         if kwargs.get("what") == "starting the cutover":
-            if self.launch:
+            if isinstance(self.launch, Exception):
                 raise self.launch
-            return types.SimpleNamespace(stdout="")
-        return types.SimpleNamespace(stdout=self.polls.pop(0) if len(self.polls) > 1 else self.polls[0])
+            lines = self.launch
+        else:
+            lines = self.polls.pop(0) if len(self.polls) > 1 else self.polls[0]
+        for line in lines:
+            on_line(line)
+        return types.SimpleNamespace(stdout="")
 
 
 def follow_with(remote, monkeypatch):
@@ -59,14 +64,45 @@ def test_a_launch_refused_because_another_cutover_runs_is_not_started(monkeypatc
 def test_another_runs_state_file_is_never_read_as_this_ones(monkeypatch):
     """An older run's "done" sits in the file while this run's unit has died: unknown, not done."""
     older = state("older", CutoverStatus.DONE)
-    polls = [f"active\n---\n{older}", f"inactive\n---\n{older}"]
+    polls = [[f"active {older}"], [f"active {older}", f"inactive {older}"]]
     monkeypatch.setattr(follow, "STARTUP_GRACE", -1)
     found, _ = follow_with(Remote(polls=polls), monkeypatch)
     assert found.status == CutoverStatus.UNKNOWN and found.id == "run1"
 
 
 def test_this_runs_state_file_ends_the_following(monkeypatch):
-    polls = [f"active\n---\n{state('run1', CutoverStatus.RUNNING)}",
-             f"inactive\n---\n{state('run1', CutoverStatus.DONE)}"]
-    found, _ = follow_with(Remote(polls=polls), monkeypatch)
+    lines = [f"active {state('run1', CutoverStatus.RUNNING)}", f"inactive {state('run1', CutoverStatus.DONE)}"]
+    found, _ = follow_with(Remote(launch=lines), monkeypatch)
     assert found.status == CutoverStatus.DONE
+
+
+def test_a_connection_lost_while_following_is_read_again_after_reconnecting(monkeypatch):
+    class Dropping(Remote):
+        def run_script(self, script, *, on_line=None, **kwargs):
+            if kwargs.get("what") == "starting the cutover":
+                on_line(f"active {state('run1', CutoverStatus.RUNNING)}")
+                raise HostError("web2", "the SSH connection failed: reset")
+            return super().run_script(script, on_line=on_line, **kwargs)
+
+    found, said = follow_with(Dropping(polls=[[f"inactive {state('run1', CutoverStatus.DONE)}"]]), monkeypatch)
+    assert found.status == CutoverStatus.DONE
+    assert any("lost the connection" in m for m in said) and any("connection back" in m for m in said)
+
+
+def test_the_follow_script_prints_each_change_once_until_the_unit_ends(tmp_path):
+    """The host side, run by bash with a fake systemctl: a line per change, then it ends."""
+    import os
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answers = tmp_path / "answers"
+    answers.write_text("active\nactive\nactive\ninactive\n")
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\nhead -1 {answers}; sed -i 1d {answers}\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    (bin_dir / "sleep").write_text("#!/bin/sh\n")
+    (bin_dir / "sleep").chmod(0o755)
+    path = tmp_path / "cutover.json"
+    path.write_text("{}")
+    out = subprocess.run(["bash", "-c", follow._follow_script("u", str(path))], capture_output=True, text=True,
+                         env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30).stdout
+    assert out.splitlines() == ["active {}", "inactive {}"]

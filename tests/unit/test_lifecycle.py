@@ -80,7 +80,8 @@ class FakeRun(Run):
                 data["lock"] = {"acquired": remote.name not in self.held, "holder": holder}
             return hostfacts.parse(json.dumps(data))
         if isinstance(action, Build):
-            return release.Built(remote.name, action.release, action.reuse_env, len(action.wheels), 1)
+            return self.built(release.Built(remote.name, action.release, action.reuse_env, len(action.wheels), 1,
+                                            dict(self.unregistered) if action.queues else None))
         if isinstance(action, Cutover):
             mode = Mode(action.params["mode"])
             table = self.cutover_status if mode == Mode.DEPLOY else self.rollback_status
@@ -98,7 +99,7 @@ class FakeRun(Run):
 def fake(monkeypatch):
     FakeRun.cutover_status, FakeRun.rollback_status, FakeRun.held, FakeRun.facts_override = {}, {}, set(), {}
     FakeRun.unregistered = {}
-    monkeypatch.setattr(queues, "ask", lambda remote, stage, requests, release=None: [json.dumps(FakeRun.unregistered)])
+    monkeypatch.setattr(queues, "ask", lambda remote, stage, requests, release=None: ["{}"])
     runs = []
 
     def make(*args, **kwargs):
@@ -122,7 +123,7 @@ def test_the_deploy_executes_exactly_the_plan(fake):
     assert all(s.action.params["lock"] is None for s in probe)  # read-only: no lock taken
     lifecycle.deploy(stage, ref="main", say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
-    assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + [Phase.QUEUED] + \
+    assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + \
         [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2 + [Phase.SUMMARY]
 
 
@@ -414,7 +415,8 @@ def test_queued_tasks_the_new_release_lacks_warn_or_with_strict_stop_before_anyt
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW, strict=True)
     run = fake[-1]
     assert not any(s.phase in (Phase.MIGRATE, Phase.CUTOVER) for s in run.executed)
-    assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.RELEASE, Phase.QUEUED, Phase.UNDO, Phase.FINISH}
+    assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.RELEASE, Phase.UNDO, Phase.FINISH}
+    assert [s.host for s in run.executed if s.phase == Phase.RELEASE and s.action.queues] == ["web1"]  # one asked
 
 
 def test_two_runs_that_each_took_half_the_stage_settle_on_the_older(monkeypatch):

@@ -1,7 +1,10 @@
 """The probes run as the service (`remote/probes.py`), shipped as one text with hostlib."""
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from deploy_kit.remote import probes
 
@@ -29,3 +32,39 @@ def test_the_app_probe_names_the_import_error_and_masks_the_broker_password(tmp_
 def test_the_broker_probe_says_an_empty_url_is_the_problem(tmp_path):
     done = run_probe(tmp_path, "broker")
     assert done.returncode == 1 and "CELERY_BROKER_URL is empty" in done.stdout
+
+
+def _project(tmp_path, check_fails=False):
+    """A tiny Django project with a Celery app: manage.py sets its settings as manage.py files do."""
+    (tmp_path / "manage.py").write_text(
+        "import os, sys\n"
+        "def main():\n"
+        "    os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'proj.settings')\n"
+        "    from django.core.management import execute_from_command_line\n"
+        "    execute_from_command_line(sys.argv)\n"
+        "if __name__ == '__main__':\n    main()\n")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "__init__.py").write_text("")
+    (tmp_path / "proj" / "settings.py").write_text(
+        "SECRET_KEY = 'x'\nINSTALLED_APPS = ['proj']\nDATABASES = {}\nUSE_TZ = True\n")
+    (tmp_path / "proj" / "apps.py").write_text(
+        "from django.apps import AppConfig\nfrom django.core import checks\n"
+        "class ProjConfig(AppConfig):\n    name = 'proj'\n"
+        "@checks.register()\ndef broken(app_configs, **kwargs):\n"
+        f"    return [checks.Error('the settings are broken', id='proj.E001')] if {check_fails} else []\n")
+    (tmp_path / "proj" / "celery.py").write_text(
+        "from celery import Celery\napp = Celery('proj')\n@app.task\ndef hello():\n    return 1\n")
+
+
+@pytest.mark.parametrize("check_fails", [False, True])
+def test_the_release_check_runs_manage_py_check_and_imports_the_app_in_one_python(tmp_path, check_fails):
+    _project(tmp_path, check_fails)
+    proc = subprocess.run([sys.executable, "-c", probes.READ_STDIN, "release", "proj.celery", "[]"],
+                          input=probes.release_program(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin"})
+    last = proc.stdout.strip().splitlines()[-1]
+    if check_fails:
+        assert proc.returncode == 1 and last == "fail manage.py check" and "proj.E001" in proc.stderr
+    else:
+        assert proc.returncode == 0 and last.startswith("ok ")
+        assert json.loads(last[3:])["tasks"].endswith("tasks registered")
