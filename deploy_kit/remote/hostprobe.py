@@ -193,7 +193,7 @@ def check_facts(params: dict, facts: dict) -> dict:
                 code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", *test])
                 result["readable"][name] = code == 0
     result["env_keys"] = env_keys(paths["env_file"])
-    probe_dir = paths["deploy_to"]
+    probe_dir = paths["releases"]  # where releases are written: it may be a filesystem of its own
     while not os.path.exists(probe_dir):
         probe_dir = os.path.dirname(probe_dir)
     vfs = os.statvfs(probe_dir)

@@ -263,7 +263,7 @@ def test_low_disk_space():
     data["disk_free_kb"] = 100 * 1024
     row = only_failure(evaluate(data))
     assert row.name == "disk space"
-    assert row.detail == "100 MB free under /srv/shop, a release needs about 512 MB"
+    assert row.detail == "100 MB free under /srv/shop/releases, a release needs about 512 MB"
     assert "keep_releases" in row.fix
 
 
