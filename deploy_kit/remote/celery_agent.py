@@ -35,8 +35,11 @@ URL_NAMES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 SECRETS = set().union(*(hostlib.url_secrets(os.environ.get(name, "")) for name in URL_NAMES))
 
 
-def say(ok: bool, detail: str) -> None:
-    sys.stdout.write(json.dumps({"ok": ok, "detail": hostlib.hide(detail, SECRETS)}) + "\n")
+def say(ok: bool, detail: str, request_id: object = None) -> None:
+    answer = {"ok": ok, "detail": hostlib.hide(detail, SECRETS)}
+    if request_id is not None:  # the request it answers (one given up on may still be answered late)
+        answer["id"] = request_id
+    sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
 
 
@@ -242,16 +245,18 @@ def main(celery_app: str, purpose: str = "handover") -> None:
         return
     say(True, "ready")
     for line in sys.stdin:
+        request = json.loads(line)
+        request_id = request.get("id")
         try:
-            say(True, handle(app, json.loads(line)))
+            say(True, handle(app, request), request_id)
         except Unanswered as exc:
-            say(False, str(exc))
+            say(False, str(exc), request_id)
         except Exception as exc:  # noqa: BLE001
             name = type(exc).__name__
             if name == "TimeoutError":
-                say(False, "no worker completed the task in time")
+                say(False, "no worker completed the task in time", request_id)
             else:
-                say(False, f"{name}: {exc}")
+                say(False, f"{name}: {exc}", request_id)
 
 
 # --- the cutover's side -------------------------------------------------------------------
@@ -271,12 +276,15 @@ class Agent:
             hostlib.service_argv(params["service_environment"], directory,
                                  [python, "-c", program(), params["app"]["celery_app"], purpose]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
 
     def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
         """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
-        fails, takes longer than `timeout`, or `alive()` names a reason to give up."""
+        fails, takes longer than `timeout`, or `alive()` names a reason to give up. The late answer
+        of a request given up on (the broker gone, say) is skipped, never taken for this one's."""
         if request is not None:
-            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.asked += 1
+            self.proc.stdin.write(json.dumps({**request, "id": self.asked}) + "\n")
             self.proc.stdin.flush()
         deadline = time.time() + timeout
         while True:
@@ -287,6 +295,8 @@ class Agent:
                     err = self.proc.stderr.read().strip().splitlines()
                     raise StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
                 answer = json.loads(line)
+                if request is not None and answer.get("id") != self.asked:
+                    continue
                 if not answer["ok"]:
                     raise StepFailed(answer["detail"])
                 return answer["detail"]

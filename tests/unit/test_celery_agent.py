@@ -1,5 +1,8 @@
 """The Celery agent's verification against a real Celery app and worker (in-memory broker)."""
 
+import subprocess
+import sys
+
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -51,3 +54,23 @@ def test_the_report_counts_waiting_messages_and_names_the_live_consumers(app):
     assert (celery.waiting, celery.consumers) == (0, tuple(w.node for w in report.workers))
     assert (other.waiting, other.consumers, other.unacked) == (2, (), None)  # unacked: Redis only
     assert report.complete and report.workers[0].active == 0
+
+
+def test_the_late_answer_of_a_request_given_up_on_never_answers_the_next(tmp_path):
+    """A request that found no answer in time (the broker gone) may still be answered later: that
+    answer is skipped, and the next request gets its own."""
+    late = ("import json, sys\n"
+            "first = json.loads(sys.stdin.readline())\n"  # answered only once the second came
+            "second = json.loads(sys.stdin.readline())\n"
+            "for r, text in ((first, 'first'), (second, 'second')):\n"
+            "    print(json.dumps({'ok': True, 'detail': text, 'id': r['id']}), flush=True)\n")
+    agent = celery_agent.Agent.__new__(celery_agent.Agent)
+    agent.proc = subprocess.Popen([sys.executable, "-c", late], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent.asked = 0
+    try:
+        with pytest.raises(celery_agent.StepFailed, match="no answer"):
+            agent.ask({"op": "cancel_consumer"}, 0.5)
+        assert agent.ask({"op": "discard_queue"}, 30) == "second"
+    finally:
+        agent.close()
