@@ -223,6 +223,16 @@ def handle(app, request: dict) -> str:
     raise ValueError(f"unknown request {op!r}")
 
 
+def failure(exc: Exception) -> str:
+    """What went wrong, in the user's terms: a broker that cannot be reached says so."""
+    name = type(exc).__name__
+    if name == "TimeoutError":
+        return "no worker completed the task in time"
+    if name == "OperationalError" or isinstance(exc, ConnectionError):  # kombu's, or the socket's own
+        return f"the broker cannot be reached ({name}: {exc})"
+    return f"{name}: {exc}"
+
+
 def main(celery_app: str, purpose: str = "handover") -> None:
     """Greet, then answer each request line; a handover needs a result backend, a report does not."""
     problem = hostlib.url_problem(os.environ.get("CELERY_BROKER_URL", ""), "CELERY_BROKER_URL")
@@ -238,10 +248,14 @@ def main(celery_app: str, purpose: str = "handover") -> None:
             say(False, "the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can see its "
                        "verification task complete")
             return
-        with app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=3)
     except Exception as exc:  # noqa: BLE001 - reported to the cutover, which fails the step
         say(False, f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+    except Exception as exc:  # noqa: BLE001
+        say(False, failure(exc))
         return
     say(True, "ready")
     for line in sys.stdin:
@@ -252,11 +266,7 @@ def main(celery_app: str, purpose: str = "handover") -> None:
         except Unanswered as exc:
             say(False, str(exc), request_id)
         except Exception as exc:  # noqa: BLE001
-            name = type(exc).__name__
-            if name == "TimeoutError":
-                say(False, "no worker completed the task in time", request_id)
-            else:
-                say(False, f"{name}: {exc}", request_id)
+            say(False, failure(exc), request_id)
 
 
 # --- the cutover's side -------------------------------------------------------------------
@@ -284,16 +294,18 @@ class Agent:
         of a request given up on (the broker gone, say) is skipped, never taken for this one's."""
         if request is not None:
             self.asked += 1
-            self.proc.stdin.write(json.dumps({**request, "id": self.asked}) + "\n")
-            self.proc.stdin.flush()
+            try:
+                self.proc.stdin.write(json.dumps({**request, "id": self.asked}) + "\n")
+                self.proc.stdin.flush()
+            except OSError:  # it ended already (it could not reach the broker, say)
+                raise self.ended() from None
         deadline = time.time() + timeout
         while True:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
             if ready:
                 line = self.proc.stdout.readline()
                 if not line:
-                    err = self.proc.stderr.read().strip().splitlines()
-                    raise StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
+                    raise self.ended()
                 answer = json.loads(line)
                 if request is not None and answer.get("id") != self.asked:
                     continue
@@ -305,6 +317,10 @@ class Agent:
                 raise StepFailed(reason)
             if time.time() > deadline:
                 raise StepFailed(f"no answer within {timeout:.0f}s")
+
+    def ended(self) -> StepFailed:
+        err = self.proc.stderr.read().strip().splitlines()
+        return StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
 
     def close(self) -> None:
         try:
