@@ -367,3 +367,20 @@ def test_a_plain_unit_of_older_deploy_kits_is_fine_until_the_next_deploy():
     data["unit_state"]["shop-worker-default.service"] = {"enabled": "enabled", "active": "active"}
     rows = evaluate(data)
     assert rows["workers"].status == checks.PASS and "next deploy hands it over" in rows["workers"].detail
+
+
+def test_the_room_for_a_release_is_measured_where_releases_are_written(tmp_path, monkeypatch):
+    """releases/ may be a filesystem of its own (a mount): its room is what a release needs."""
+    import os
+    from types import SimpleNamespace
+
+    from deploy_kit.remote import hostprobe
+
+    asked = []
+    monkeypatch.setattr(hostprobe.os, "statvfs", lambda path: asked.append(path) or SimpleNamespace(
+        f_bavail=10, f_frsize=4096))
+    releases = tmp_path / "srv" / "releases"
+    assert hostprobe.free_kb(str(releases)) == 40 and asked == [str(tmp_path)]  # before the first deploy
+    os.makedirs(releases)
+    hostprobe.free_kb(str(releases))
+    assert asked[-1] == str(releases)
