@@ -228,7 +228,7 @@ def failure(exc: Exception) -> str:
     name = type(exc).__name__
     if name == "TimeoutError":
         return "no worker completed the task in time"
-    if name == "OperationalError" or isinstance(exc, ConnectionError):  # kombu's, or the socket's own
+    if name in ("OperationalError", "ConnectionError") or isinstance(exc, ConnectionError):  # kombu's, redis's
         return f"the broker cannot be reached ({name}: {exc})"
     return f"{name}: {exc}"
 

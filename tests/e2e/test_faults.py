@@ -316,7 +316,8 @@ def test_a_disk_that_fills_while_the_release_is_written(stage, sandbox_config):
     and serving, the lock released."""
     good = current_release(stage, 0)
     before = releases_on(stage, 1)
-    fill = f"fallocate -l $(( $(stat -f -c '%a * %S' {RELEASES}) )) {RELEASES}/.filler"
+    fill = (f"fallocate -l $(( $(stat -f -c '%a * %S' {RELEASES}) - 65536 )) {RELEASES}/.filler; "
+            f"cat /dev/zero >> {RELEASES}/.filler 2>/dev/null || true")  # to the last byte
     with small_filesystem("dktest1", RELEASES):
         listed = releases_on(stage, 0)
         with at_the_upload("dktest1", fill):
