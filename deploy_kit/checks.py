@@ -182,7 +182,7 @@ def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
 
     need = max(MIN_FREE_KB, 2 * facts.release_kb)
     rows.append(_ok("disk space", f"{facts.disk_free_kb // 1024} MB free") if facts.disk_free_kb >= need else
-                _fail("disk space", f"{facts.disk_free_kb // 1024} MB free under {app.deploy_to}, a release "
+                _fail("disk space", f"{facts.disk_free_kb // 1024} MB free under {app.releases_dir}, a release "
                       f"needs about {need // 1024} MB", "free space, or lower keep_releases"))
 
     rows.append(_nofile_check(stage, host, facts, setup_fix))

@@ -28,7 +28,7 @@ from datetime import datetime
 from deploy_kit import checks, outcome
 from deploy_kit import plan as plans
 from deploy_kit.config import Stage
-from deploy_kit.errors import DeployKitError, PreflightFailed
+from deploy_kit.errors import DeployKitError, HostsFailed, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Step
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
@@ -156,8 +156,14 @@ def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
     steps += plans.finish_steps(run.stage, list(facts))
     try:
         run.execute(steps, what="undoing")
-    except DeployKitError:
+    except DeployKitError as exc:
         release_locks(run)
+        hosts = sorted(exc.failures) if isinstance(exc, HostsFailed) else [getattr(exc, "host", "a host")]
+        run.say("", f"nothing was switched; on {', '.join(hosts)} the release could not be discarded and the "
+                    f"lock may be left: `fab status --stage {run.stage.name}` shows it, `fab unlock` clears it")
+        return
+    run.say("", "nothing was switched: every host runs the release it ran; this run's release was discarded and "
+                "the lock released (deploy again once the cause is fixed)")
 
 
 def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],

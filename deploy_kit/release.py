@@ -274,6 +274,9 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
         elif outcome.status == BuildStatus.CHECK_FAILED:
             raise HostError(remote.name, "the new release fails its check (nothing was switched):\n"
                             + "\n".join("    " + line for line in result.stderr.strip().splitlines()[-25:]))
+        elif outcome.status == BuildStatus.NO_SPACE:
+            raise HostError(remote.name, f"{outcome.detail}; nothing was switched. Fix: free space there "
+                            "(`fab releases` lists the releases kept; lower keep_releases), then deploy again")
         elif outcome.status == BuildStatus.EXISTS:
             raise HostError(remote.name, f"release {source.name} already exists on this host")
         else:

@@ -15,6 +15,7 @@ The last line on stdout is a `contracts.BuildOutcome`; details go to stderr. Pyt
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -36,7 +37,29 @@ class Stop(Exception):
 
 
 def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True)
+    """Run a command; its error output goes on to ours, and rides on the error when it fails."""
+    proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, errors="replace")
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, argv, stderr=proc.stderr)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """The build failed because the filesystem filled up (ENOSPC, or a command that said so)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc) + str(getattr(exc, "stderr", "") or "")
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def no_space(releases_dir: str) -> Stop:
+    """The outcome of a release that could not be written for lack of space, with the room there is
+    once the half-written release is gone."""
+    usage = shutil.disk_usage(releases_dir)
+    detail = (f"no space left on the device of {releases_dir} while the release was written "
+              f"({usage.free // 2**20} MiB free of {usage.total // 2**20} MiB once the half-written release "
+              "was removed)")
+    return Stop(BuildOutcome(BuildStatus.NO_SPACE, detail=detail), detail)
 
 
 def directory(path: str, owner: str, group: str, mode: int) -> None:
@@ -137,8 +160,10 @@ def build(p: dict, stage_dir: str) -> BuildOutcome:
         os.chmod(building, 0o750)
         found = check(p, building)
         os.rename(building, final)  # complete releases only ever appear under their name
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(building, ignore_errors=True)
+        if out_of_space(exc):
+            raise no_space(p["releases_dir"]) from None
         raise
     return BuildOutcome(BuildStatus.BUILT, reused_env=p["reused"], unregistered=found.get("unregistered"),
                         queued_error=found.get("queued_error", ""))

@@ -35,8 +35,11 @@ URL_NAMES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 SECRETS = set().union(*(hostlib.url_secrets(os.environ.get(name, "")) for name in URL_NAMES))
 
 
-def say(ok: bool, detail: str) -> None:
-    sys.stdout.write(json.dumps({"ok": ok, "detail": hostlib.hide(detail, SECRETS)}) + "\n")
+def say(ok: bool, detail: str, request_id: object = None) -> None:
+    answer = {"ok": ok, "detail": hostlib.hide(detail, SECRETS)}
+    if request_id is not None:  # the request it answers (one given up on may still be answered late)
+        answer["id"] = request_id
+    sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
 
 
@@ -220,6 +223,16 @@ def handle(app, request: dict) -> str:
     raise ValueError(f"unknown request {op!r}")
 
 
+def failure(exc: Exception) -> str:
+    """What went wrong, in the user's terms: a broker that cannot be reached says so."""
+    name = type(exc).__name__
+    if name == "TimeoutError":
+        return "no worker completed the task in time"
+    if name in ("OperationalError", "ConnectionError") or isinstance(exc, ConnectionError):  # kombu's, redis's
+        return f"the broker cannot be reached ({name}: {exc})"
+    return f"{name}: {exc}"
+
+
 def main(celery_app: str, purpose: str = "handover") -> None:
     """Greet, then answer each request line; a handover needs a result backend, a report does not."""
     problem = hostlib.url_problem(os.environ.get("CELERY_BROKER_URL", ""), "CELERY_BROKER_URL")
@@ -235,23 +248,25 @@ def main(celery_app: str, purpose: str = "handover") -> None:
             say(False, "the app has no result backend: set CELERY_RESULT_BACKEND so a deploy can see its "
                        "verification task complete")
             return
-        with app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=3)
     except Exception as exc:  # noqa: BLE001 - reported to the cutover, which fails the step
         say(False, f"{type(exc).__name__}: {exc}")
         return
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+    except Exception as exc:  # noqa: BLE001
+        say(False, failure(exc))
+        return
     say(True, "ready")
     for line in sys.stdin:
+        request = json.loads(line)
+        request_id = request.get("id")
         try:
-            say(True, handle(app, json.loads(line)))
+            say(True, handle(app, request), request_id)
         except Unanswered as exc:
-            say(False, str(exc))
+            say(False, str(exc), request_id)
         except Exception as exc:  # noqa: BLE001
-            name = type(exc).__name__
-            if name == "TimeoutError":
-                say(False, "no worker completed the task in time")
-            else:
-                say(False, f"{name}: {exc}")
+            say(False, failure(exc), request_id)
 
 
 # --- the cutover's side -------------------------------------------------------------------
@@ -271,22 +286,29 @@ class Agent:
             hostlib.service_argv(params["service_environment"], directory,
                                  [python, "-c", program(), params["app"]["celery_app"], purpose]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
 
     def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
         """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
-        fails, takes longer than `timeout`, or `alive()` names a reason to give up."""
+        fails, takes longer than `timeout`, or `alive()` names a reason to give up. The late answer
+        of a request given up on (the broker gone, say) is skipped, never taken for this one's."""
         if request is not None:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
+            self.asked += 1
+            try:
+                self.proc.stdin.write(json.dumps({**request, "id": self.asked}) + "\n")
+                self.proc.stdin.flush()
+            except OSError:  # it ended already (it could not reach the broker, say)
+                raise self.ended() from None
         deadline = time.time() + timeout
         while True:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
             if ready:
                 line = self.proc.stdout.readline()
                 if not line:
-                    err = self.proc.stderr.read().strip().splitlines()
-                    raise StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
+                    raise self.ended()
                 answer = json.loads(line)
+                if request is not None and answer.get("id") != self.asked:
+                    continue
                 if not answer["ok"]:
                     raise StepFailed(answer["detail"])
                 return answer["detail"]
@@ -295,6 +317,10 @@ class Agent:
                 raise StepFailed(reason)
             if time.time() > deadline:
                 raise StepFailed(f"no answer within {timeout:.0f}s")
+
+    def ended(self) -> StepFailed:
+        err = self.proc.stderr.read().strip().splitlines()
+        return StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
 
     def close(self) -> None:
         try:

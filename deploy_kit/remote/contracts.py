@@ -143,6 +143,7 @@ class BuildStatus(str, Enum):
     NEEDS_WHEELS = "needs_wheels"  # the environment could not be reused and no wheels came with it
     MISSING_DISTRIBUTION = "missing_distribution"  # pip wants a distribution that was not sent
     CHECK_FAILED = "check_failed"  # the release does not pass its check as the service
+    NO_SPACE = "no_space"  # the filesystem of releases/ filled up while the release was written
     FAILED = "failed"
 
 

@@ -197,7 +197,7 @@ class Cutover:
         """The older instances stop taking tasks and drain; none starts at boot any more (one a
         restart in place stopped already included)."""
         assert self.agent is not None
-        retired = []
+        retired, untold = [], []
         for worker in workers:
             for old in self.running(worker) + [u for w, u in self.stopped if w is worker]:
                 if old == self.instance(worker, release) or old in retired:
@@ -207,7 +207,9 @@ class Cutover:
                         try:
                             self.agent.ask({"op": "cancel_consumer", "queue": queue,
                                             "node": self.node(worker, old)}, 15)
-                        except StepFailed:
+                        except StepFailed as exc:
+                            untold.append(f"{old} could not be told to stop consuming first ({exc}); its warm "
+                                          "shutdown stops it")
                             break
                     self.systemctl("stop", "--no-block", old)  # drains in the background
                 self.systemctl("disable", "--quiet", old)
@@ -215,7 +217,7 @@ class Cutover:
                 if old != worker["legacy"]:
                     self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
                 retired.append(old)
-        return "draining " + (", ".join(retired) or "nothing (no older instance ran)")
+        return "; ".join(["draining " + (", ".join(retired) or "nothing (no older instance ran)"), *untold])
 
     def switch(self, name: str, strict: bool = True) -> str:
         target = os.path.join(self.p["releases_dir"], name)

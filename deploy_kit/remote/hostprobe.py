@@ -180,6 +180,16 @@ def instances(patterns: list) -> dict:
     return found
 
 
+def free_kb(releases_dir: str) -> int:
+    """Room where releases are written (`releases/` may be a filesystem of its own; before the first
+    deploy, the nearest directory that exists)."""
+    probe_dir = releases_dir
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    vfs = os.statvfs(probe_dir)
+    return vfs.f_bavail * vfs.f_frsize // 1024
+
+
 def check_facts(params: dict, facts: dict) -> dict:
     app = params["app"]
     paths = params["paths"]
@@ -193,11 +203,7 @@ def check_facts(params: dict, facts: dict) -> dict:
                 code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", *test])
                 result["readable"][name] = code == 0
     result["env_keys"] = env_keys(paths["env_file"])
-    probe_dir = paths["deploy_to"]
-    while not os.path.exists(probe_dir):
-        probe_dir = os.path.dirname(probe_dir)
-    vfs = os.statvfs(probe_dir)
-    result["disk_free_kb"] = vfs.f_bavail * vfs.f_frsize // 1024
+    result["disk_free_kb"] = free_kb(paths["releases"])
     result["release_kb"] = 0
     if facts["paths"].get("current") and facts["paths"]["current"].get("resolves"):
         code, out, _ = hostlib.run(["du", "-sk", os.path.realpath(paths["current"])], timeout=60)

@@ -5,6 +5,7 @@ what happened, and the next deploy works.
 The tests of this module run in order; each leaves the stage deployed and healthy.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,10 +13,21 @@ import time
 
 import pytest
 
-from deploy_kit import config
+from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import FAB, ROOT, TEST_SANDBOX, commit, current_release, fab, in_container, on_host, prepare_env
+from .conftest import (
+    FAB,
+    ROOT,
+    TEST_SANDBOX,
+    call_task,
+    commit,
+    current_release,
+    fab,
+    in_container,
+    on_host,
+    prepare_env,
+)
 
 LOCK = "/srv/exampleapp/.deploy-kit/lock"
 
@@ -223,3 +235,132 @@ def test_ctrl_c_during_the_handover_waits_for_the_hosts_and_ends_on_one_release(
     assert code == 0, output
     assert "waiting for it to end" in output
     assert current_release(stage, 0) == current_release(stage, 1) and unlocked(stage)
+
+
+# --- faults at the upload, the write and the handover ---------------------------------------------
+
+RELEASES = "/srv/exampleapp/releases"
+
+
+@contextlib.contextmanager
+def at_the_upload(machine: str, fault: str):
+    """Run the shell text `fault` on `machine` the moment a release's bundle starts to arrive there:
+    a `tar` ahead of the real one on sudo's PATH runs it at the first extraction of a bundle
+    (`tar -x -C DIR`, the bundle on its stdin), then hands over to the real tar. Removed afterwards."""
+    wrapper = ("#!/bin/sh\n"
+               'if [ "$1 $2" = "-x -C" ] && mkdir /run/dk-fault-fired 2>/dev/null; then\n'
+               f"{fault}\nfi\nexec /usr/bin/tar \"$@\"\n")
+    in_container(machine, f"cat > /usr/local/bin/tar <<'EOF_WRAPPER'\n{wrapper}EOF_WRAPPER\n"
+                          "chmod 0755 /usr/local/bin/tar; rmdir /run/dk-fault-fired 2>/dev/null || true")
+    try:
+        yield
+    finally:
+        in_container(machine, "rm -f /usr/local/bin/tar; rmdir /run/dk-fault-fired 2>/dev/null || true")
+
+
+def releases_on(stage, index: int) -> list[str]:
+    return sorted(on_host(stage, index, f"ls -A {RELEASES}").split())
+
+
+def serving(stage, release: str) -> None:
+    """Each host's worker of `release` takes a task from its own queue (the broker may just be back:
+    the workers reconnect by themselves)."""
+    for index, machine in enumerate(("dktest1", "dktest2")):
+        own = units.private_queue(stage, stage.workers[0], release, machine)
+        assert call_task(stage, index, "ledger.tasks.release", queue=own, timeout=120) == repr(f"{RELEASES}/{release}")
+
+
+def test_a_dropped_connection_during_the_upload_changes_nothing(stage, sandbox_config, app_repo):
+    """New dependencies make the upload big (every wheel, dktest1's wheel cache emptied); dktest1's
+    SSH connection is cut once 1 MiB of it arrived: exit 7 naming the host and the cut, nothing
+    switched or left behind on either host, the lock released, and the next deploy works."""
+    good = current_release(stage, 0)
+    before = [releases_on(stage, i) for i in (0, 1)]
+    requirements = (app_repo / "examples/exampleapp/requirements.txt").read_text()
+    commit(app_repo, {"requirements.txt": requirements + "# e2e: a new environment, so every wheel travels\n"},
+           "new requirements")
+    on_host(stage, 0, "rm -f /srv/exampleapp/.deploy-kit/wheels/*.whl")
+    try:
+        with at_the_upload("dktest1", "head -c 1048576 >/dev/null; pkill -f '[s]shd: deploy'"):
+            proc = deploy(sandbox_config)
+    finally:
+        commit(app_repo, {"requirements.txt": requirements}, "the old requirements")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 7, output
+    assert "dktest1" in proc.stderr and "connection" in proc.stderr and "Traceback" not in output
+    assert "nothing was switched" in output
+    assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+    assert [releases_on(stage, i) for i in (0, 1)] == before  # no half-sent, half-built or orphan release
+    serving(stage, good)
+    assert deploy(sandbox_config).returncode == 0
+
+
+@contextlib.contextmanager
+def small_filesystem(machine: str, directory: str):
+    """A tmpfs mounted over `directory` holding a copy of what was there (the live release keeps
+    working); unmounted afterwards whatever happens, the original content back in place."""
+    hidden = "/run/dk-under-small-fs"
+    in_container(machine, f"set -e; mkdir -p {hidden}; mount --bind {directory} {hidden}; "
+                          f"mount -t tmpfs -o size=4g dk-small-fs {directory}; cp -a {hidden}/. {directory}/")
+    try:
+        yield
+    finally:
+        in_container(machine, f"umount {directory} || umount -l {directory}; "
+                              f"umount {hidden} || umount -l {hidden}; rmdir {hidden}")
+
+
+def test_a_disk_that_fills_while_the_release_is_written(stage, sandbox_config):
+    """dktest1's releases/ is a small filesystem; it fills up the moment the release's bundle
+    arrives (after the preflight measured enough room): a clear error naming the host and the cause,
+    the half-written release removed on it (and the other host's discarded), the old release live
+    and serving, the lock released."""
+    good = current_release(stage, 0)
+    before = releases_on(stage, 1)
+    fill = (f"fallocate -l $(( $(stat -f -c '%a * %S' {RELEASES}) - 65536 )) {RELEASES}/.filler; "
+            f"cat /dev/zero >> {RELEASES}/.filler 2>/dev/null || true")  # to the last byte
+    with small_filesystem("dktest1", RELEASES):
+        listed = releases_on(stage, 0)
+        with at_the_upload("dktest1", fill):
+            proc = deploy(sandbox_config)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 7, output
+        assert "dktest1" in proc.stderr and "no space left" in proc.stderr.lower(), output
+        assert RELEASES in proc.stderr and "Traceback" not in output
+        assert "nothing was switched" in output
+        assert releases_on(stage, 0) == sorted([*listed, ".filler"])  # nothing half-written is left
+        assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
+        serving(stage, good)
+    assert releases_on(stage, 1) == before
+    assert deploy(sandbox_config).returncode == 0
+
+
+@pytest.mark.parametrize("moment", ["start: ok", "join: ok"])  # the new worker verifies / is watched
+def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
+    """Redis stops while the new workers verify (or while they are watched on the real queues) and
+    stays down until the deploy ends: every host ends on the old release or the verified new one,
+    the same on both, unlocked; once Redis is back, that release's workers consume tasks."""
+    good = current_release(stage, 0)
+    proc = started(sandbox_config)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if moment in line:
+                on_host(stage, 0, "systemctl stop redis-server")
+                break
+        lines += proc.stdout.readlines()
+        code = proc.wait(timeout=900)
+    finally:
+        on_host(stage, 0, "systemctl start redis-server")
+    output = "".join(lines)
+    print(output)
+    assert code in (0, 5), output
+    assert "Traceback" not in output
+    live = current_release(stage, 0)
+    assert current_release(stage, 1) == live and unlocked(stage)
+    if code == 5:
+        assert live == good and "broker" in output, output
+    else:
+        assert live != good and "verified" in output
+    serving(stage, live)
+    assert deploy(sandbox_config).returncode == 0

@@ -121,3 +121,41 @@ def test_the_last_line_is_the_typed_outcome(host, monkeypatch, capsys):
     build.main(params)
     out = capsys.readouterr().out.strip().splitlines()
     assert release.read_outcome(out[-1]) == BuildOutcome(BuildStatus.BUILT, reused_env=True)
+
+
+@pytest.mark.parametrize("fault", ["a command that says so", "a write of the program's own"])
+def test_a_disk_that_fills_up_is_named_as_the_cause_and_nothing_is_left(host, monkeypatch, fault):
+    params, stage_dir, srv, _ran, _checks = host
+    if fault == "a command that says so":
+        def sh(*argv):
+            raise subprocess.CalledProcessError(2, argv, stderr="tar: x.py: Cannot write: No space left on device\n")
+        monkeypatch.setattr(build, "sh", sh)
+    else:
+        def copyfile(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(build.shutil, "copyfile", copyfile)
+    with pytest.raises(build.Stop) as stopped:
+        build.build(params, str(stage_dir))
+    outcome = stopped.value.outcome
+    assert outcome.status == BuildStatus.NO_SPACE
+    assert f"no space left on the device of {srv}/releases" in outcome.detail and "MiB free of" in outcome.detail
+    assert sorted(os.listdir(srv / "releases")) == [OLD]  # the half-written release is gone
+
+
+def test_a_command_that_fails_for_another_reason_is_not_called_a_full_disk(host, monkeypatch):
+    params, stage_dir, srv, _ran, _checks = host
+
+    def sh(*argv):
+        raise subprocess.CalledProcessError(2, argv, stderr="tar: unexpected end of file\n")
+    monkeypatch.setattr(build, "sh", sh)
+    with pytest.raises(subprocess.CalledProcessError):
+        build.build(params, str(stage_dir))
+    assert sorted(os.listdir(srv / "releases")) == [OLD]
+
+
+def test_a_failing_command_shows_its_error_output(capfd):
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        build.sh("sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3")
+    assert failed.value.stderr == "to-stderr\n"
+    out, err = capfd.readouterr()
+    assert out == "to-stdout\n" and err == "to-stderr\n"  # stdout stays the outcome's channel

@@ -1,5 +1,8 @@
 """The Celery agent's verification against a real Celery app and worker (in-memory broker)."""
 
+import subprocess
+import sys
+
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -51,3 +54,48 @@ def test_the_report_counts_waiting_messages_and_names_the_live_consumers(app):
     assert (celery.waiting, celery.consumers) == (0, tuple(w.node for w in report.workers))
     assert (other.waiting, other.consumers, other.unacked) == (2, (), None)  # unacked: Redis only
     assert report.complete and report.workers[0].active == 0
+
+
+def test_the_late_answer_of_a_request_given_up_on_never_answers_the_next(tmp_path):
+    """A request that found no answer in time (the broker gone) may still be answered later: that
+    answer is skipped, and the next request gets its own."""
+    late = ("import json, sys\n"
+            "first = json.loads(sys.stdin.readline())\n"  # answered only once the second came
+            "second = json.loads(sys.stdin.readline())\n"
+            "for r, text in ((first, 'first'), (second, 'second')):\n"
+            "    print(json.dumps({'ok': True, 'detail': text, 'id': r['id']}), flush=True)\n")
+    agent = celery_agent.Agent.__new__(celery_agent.Agent)
+    agent.proc = subprocess.Popen([sys.executable, "-c", late], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent.asked = 0
+    try:
+        with pytest.raises(celery_agent.StepFailed, match="no answer"):
+            agent.ask({"op": "cancel_consumer"}, 0.5)
+        assert agent.ask({"op": "discard_queue"}, 30) == "second"
+    finally:
+        agent.close()
+
+
+def test_an_agent_that_ended_fails_the_request_it_is_sent_and_says_why():
+    """The agent ends at once when it cannot reach the broker; what is asked of it afterwards (the
+    giving back's clean-up) fails as a step, never as a broken pipe."""
+    agent = celery_agent.Agent.__new__(celery_agent.Agent)
+    agent.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('gone\\n')"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  bufsize=1)
+    agent.asked = 0
+    agent.proc.wait()
+    try:
+        with pytest.raises(celery_agent.StepFailed, match="the Celery agent ended: gone"):
+            agent.ask({"op": "discard_queue", "queue": "q"}, 30)  # a broken pipe, or no answer: it ended
+    finally:
+        agent.close()
+
+
+def test_a_broker_that_cannot_be_reached_is_named():
+    from kombu.exceptions import OperationalError
+
+    refused = OperationalError("Error 111 connecting to 10.0.0.1:6379. Connection refused.")
+    assert celery_agent.failure(refused).startswith("the broker cannot be reached (OperationalError: Error 111")
+    assert celery_agent.failure(ConnectionRefusedError(111, "refused")).startswith("the broker cannot be reached")
+    assert celery_agent.failure(ValueError("x")) == "ValueError: x"

@@ -263,7 +263,7 @@ def test_low_disk_space():
     data["disk_free_kb"] = 100 * 1024
     row = only_failure(evaluate(data))
     assert row.name == "disk space"
-    assert row.detail == "100 MB free under /srv/shop, a release needs about 512 MB"
+    assert row.detail == "100 MB free under /srv/shop/releases, a release needs about 512 MB"
     assert "keep_releases" in row.fix
 
 
@@ -367,3 +367,20 @@ def test_a_plain_unit_of_older_deploy_kits_is_fine_until_the_next_deploy():
     data["unit_state"]["shop-worker-default.service"] = {"enabled": "enabled", "active": "active"}
     rows = evaluate(data)
     assert rows["workers"].status == checks.PASS and "next deploy hands it over" in rows["workers"].detail
+
+
+def test_the_room_for_a_release_is_measured_where_releases_are_written(tmp_path, monkeypatch):
+    """releases/ may be a filesystem of its own (a mount): its room is what a release needs."""
+    import os
+    from types import SimpleNamespace
+
+    from deploy_kit.remote import hostprobe
+
+    asked = []
+    monkeypatch.setattr(hostprobe.os, "statvfs", lambda path: asked.append(path) or SimpleNamespace(
+        f_bavail=10, f_frsize=4096))
+    releases = tmp_path / "srv" / "releases"
+    assert hostprobe.free_kb(str(releases)) == 40 and asked == [str(tmp_path)]  # before the first deploy
+    os.makedirs(releases)
+    hostprobe.free_kb(str(releases))
+    assert asked[-1] == str(releases)

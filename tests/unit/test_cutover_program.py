@@ -373,3 +373,16 @@ def test_restart_in_place_is_watched_once_it_serves_alone(host, monkeypatch):
     state = run_program(monkeypatch, systemd, p)
     assert state.status == CutoverStatus.ROLLED_BACK and "crashed" in state.failure
     assert f"start --no-block {UNIT.format(OLD)}" in systemd.verbs()
+
+
+def test_a_broker_gone_at_the_retire_still_switches_and_says_the_old_worker_was_not_told(host, monkeypatch):
+    """The new worker was verified and watched; the broker then stops answering: the old worker
+    cannot be told to stop consuming, its warm shutdown stops it, and the step says so."""
+    tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.fail = {"cancel_consumer": "no answer within 15s", "discard_queue": "no answer within 15s"}
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.DONE and state.live == NEW
+    retire = next(s for s in state.steps if s.name == "retire")
+    assert retire.ok and f"{UNIT.format(OLD)} could not be told to stop consuming first (no answer" in retire.detail
+    assert f"stop --no-block {UNIT.format(OLD)}" in systemd.verbs()

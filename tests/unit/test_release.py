@@ -201,3 +201,15 @@ def test_a_release_failing_its_check_in_a_reused_environment_is_built_afresh_onc
         build(remote)
     assert remote.calls == 2
     assert "fails its check" in str(caught.value) and "ImproperlyConfigured" in str(caught.value)
+
+
+def test_a_host_whose_disk_filled_during_the_build_is_named_with_the_cause_and_the_fix():
+    from deploy_kit.errors import HostError
+
+    detail = "no space left on the device of /srv/shop/releases while the release was written (0 MiB free of 64 MiB)"
+    remote = FakeRemote(json.dumps({"status": "no_space", "detail": detail}))
+    with pytest.raises(HostError) as caught:
+        build(remote)
+    message = str(caught.value)
+    assert message.startswith("web1: no space left on the device of /srv/shop/releases") and remote.calls == 1
+    assert "nothing was switched" in message and "Fix: free space there" in message
