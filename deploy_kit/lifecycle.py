@@ -1,17 +1,18 @@
 """`fab deploy` and `fab rollback`, phase by phase: this module is the whole flow.
 
-    deploy                                           rollback
+    deploy                                            rollback
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
-    release     pack once here; build on each host (one also compares the queued task
-                names with the new release's)
-    migrate     once, on the migrate host
-    cutover     every host at once, detached:         beat        Beat first, on its host
-                the new release's workers prove       cutover     the workers hand back on
-                themselves, then take over; if one                every host at once
+    release     pack once here; build on each host;   beat        Beat first, on its host
+                one also checks the queued tasks      cutover     the workers hand back on
+    migrate     once, on the migrate host                         every host at once
+    cutover     every host at once, detached:         finish      history, unlock
+                the new release's workers prove       queues      the queue summary
+                themselves, then take over; if one
                 host fails, the others hand back
+    queues      the queue summary (one host), read
+                while Beat moves, said at the end
     beat        Beat, on its host, after every host
-    finish      history, cleanup, unlock              finish      history, unlock
-    queues      the queue summary (one host)          queues      the queue summary
+    finish      history, cleanup, unlock
 
 A failure before the cutover changes nothing that runs (undo: discard the release, record,
 unlock). A first Ctrl-C lets what runs on the hosts finish (builds, migrations, the cutover);
@@ -22,7 +23,7 @@ prints the same steps, built from a read-only probe.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from deploy_kit import checks, outcome
@@ -56,10 +57,15 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             raise
         with run.shielded(WAIT_FOR_HOSTS, stop_after=False):  # the hosts finish by themselves: wait for them
             results = run.cutover(the_plan.phase(Phase.CUTOVER))
-            beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
+            summary = None
+            if outcome.verdict(Mode.DEPLOY, results).ok:
+                summary = run.alongside(the_plan.phase(Phase.SUMMARY))  # the queues, read while Beat moves
+                beat = run.cutover(the_plan.phase(Phase.BEAT))
+            else:
+                beat = {}
             if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
                 results = roll_back(run, the_plan, results, beat)
-            return finish(run, the_plan, results, facts)
+            return finish(run, the_plan, results, facts, summary)
 
 
 def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Outcome:
@@ -192,18 +198,21 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
 
 
 def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
-           facts: Mapping[str, HostFacts]) -> Outcome:
-    """Record, clean up (only after a success), unlock while every host's state is known."""
+           facts: Mapping[str, HostFacts], summary: Callable[[bool], None] | None = None) -> Outcome:
+    """Record, clean up (only after a success), unlock while every host's state is known; then
+    the queue summary (read already, alongside Beat, when the workers' cutover succeeded)."""
     decided = outcome.verdict(run.mode, results)
     run.outcome.result = "success" if decided.ok else "rolled back" if decided.consistent else "failed"
     run.history.result = "success" if decided.ok else "failed"
     run.history.seconds = run.seconds()
     if decided.ok:
         run.execute(the_plan.phase(Phase.FINISH), what="finishing")
-        run.execute(the_plan.phase(Phase.SUMMARY), what="reading the queues")
+        (summary or run.alongside(the_plan.phase(Phase.SUMMARY)))(True)
     else:
         run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
-        run.execute(plans.summary_steps(run.stage), what="reading the queues")
+        if summary:  # read before the way back: no longer true
+            summary(False)
+        run.alongside(plans.summary_steps(run.stage))(True)
         before = {h: plans.current_release(f) for h, f in facts.items()}
         raise outcome.failure(run.mode, results, the_plan.release, before)
     return run.outcome

@@ -30,7 +30,7 @@ class Phase(StrEnum):
     CUTOVER = "cutover"
     BEAT = "beat"
     FINISH = "finish"
-    SUMMARY = "queues"  # after finish: what waits, what is held, who consumes (never fails the run)
+    SUMMARY = "queues"  # what waits, what is held, who consumes (never fails the run; said at the end)
     UNDO = "undo"  # only when something failed: back to no release, discard a release
     MARK_BAD = "mark bad"
 
@@ -277,9 +277,11 @@ def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tup
             for h in hosts]
 
 
-def summary_steps(stage: Stage) -> list[Step]:
-    """One round trip on the reporting host: what the queues hold after the run."""
-    return [Step(queues.reporter(stage).name, Phase.SUMMARY, "the queues after the run",
+def summary_steps(stage: Stage, alongside: str = "") -> list[Step]:
+    """One round trip on the reporting host: what the queues hold after the run (or after the
+    workers' cutover, read `alongside` the next step and said at the end)."""
+    when = f"after the workers' cutover, alongside {alongside}" if alongside else "after the run"
+    return [Step(queues.reporter(stage).name, Phase.SUMMARY, f"the queues {when}",
                  Queues(tuple(queues.queue_names(stage))))]
 
 
@@ -302,11 +304,11 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                       Script(migrate_script(stage, source.name))))
     targets = {h.name: source.name for h in stage.hosts}
     steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id)
+    steps += summary_steps(stage, alongside="Beat")
     steps += beat_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts],
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},
                           moves={h: (c, source.name) for h, c in current.items()})
-    steps += summary_steps(stage)
     back = {h: c for h, c in current.items() if c}
     on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
     on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",

@@ -268,15 +268,28 @@ class Run:
 
     # --- the queues: one round trip on one host (`queues.py`) -----------------------------------
 
-    def _queue_summary(self, remote: RemoteHost) -> None:
-        """Say, per queue, what waits, what is held and who consumes it; never fails the run."""
+    def alongside(self, steps: Sequence[Step]) -> Callable[[bool], None]:
+        """Start the queue summary's `steps` in the background (they never fail the run); the
+        function returned waits for them and says what they found (or, given False, stays silent)."""
+        found: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: found.update(self.execute(steps, what="reading the queues")),
+                                  daemon=True)
+        worker.start()
+
+        def wait(say: bool = True) -> None:
+            worker.join()
+            for lines in found.values() if say else ():
+                for line in lines:
+                    self.say("", line)
+        return wait
+
+    def _queue_summary(self, remote: RemoteHost) -> list[str]:
+        """Per queue, what waits, what is held and who consumes it; never fails the run."""
         try:
             report = queues.parse(queues.ask(remote, self.stage, [queues.report_request(self.stage)])[-1])
         except (DeployKitError, ValueError, KeyError) as exc:
-            self.say("", f"queues: unknown ({exc})")
-            return
-        for line in [*queues.summary(report), *(f"PROBLEM: {p}" for p in queues.problems(self.stage, report))]:
-            self.say("", line)
+            return [f"queues: unknown ({exc})"]
+        return [*queues.summary(report), *(f"PROBLEM: {p}" for p in queues.problems(self.stage, report))]
 
     def queued_tasks(self, steps: Sequence[Step], built: dict[str, release.Built]) -> None:
         """What the build that was asked found in the queues: messages waiting for a task the new

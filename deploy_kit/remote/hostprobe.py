@@ -15,6 +15,7 @@ import os
 import pwd
 import stat
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from deploy_kit.remote import contracts, hostlib, probes
@@ -218,12 +219,15 @@ def check_facts(params: dict, facts: dict) -> dict:
     result["release_python"] = has_release
     can_run = facts["user"] is not None and facts["group"] is not None \
         and facts["paths"].get("env_file") is not None
-    if can_run:
-        result["broker"] = as_service(params, ["broker"], has_release)
-        if has_release:
-            code, _, _ = hostlib.run(["runuser", "-u", app["user"], "--", params["release_python"], "-m",
-                              "celery", "--version"])
-            result["release_runs"] = code == 0
-            result["app_import"] = as_service(params, ["app", app["celery_app"]], True)
+    if can_run:  # each probe is a Python start-up as the service: all at once
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            broker = pool.submit(as_service, params, ["broker"], has_release)
+            if has_release:
+                runs = pool.submit(hostlib.run, ["runuser", "-u", app["user"], "--", params["release_python"],
+                                                 "-m", "celery", "--version"])
+                imports = pool.submit(as_service, params, ["app", app["celery_app"]], True)
+                result["release_runs"] = runs.result()[0] == 0
+                result["app_import"] = imports.result()
+            result["broker"] = broker.result()
     return result
 

@@ -65,6 +65,7 @@ class FakeRun(Run):
 
     def _queue_summary(self, remote):
         self.summarized = True
+        return ["queues: fine"]
 
     def pack(self, facts, reuses):
         self.source = release.Source(name=NEW, sha="f" * 40, ref=self.ref, archive=b"x" * 4096,
@@ -124,7 +125,7 @@ def test_the_deploy_executes_exactly_the_plan(fake):
     lifecycle.deploy(stage, ref="main", say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + \
-        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2 + [Phase.SUMMARY]
+        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.SUMMARY] + [Phase.BEAT] + [Phase.FINISH] * 2
 
 
 def test_the_plan_says_per_host_what_will_happen(fake):
