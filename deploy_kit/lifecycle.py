@@ -5,9 +5,9 @@
     release     pack once here; build on each host;   beat        Beat first, on its host
                 one also checks the queued tasks      cutover     the workers hand back on
     migrate     once, on the migrate host                         every host at once
-    cutover     every host at once, detached:         finish      history, unlock
-                the new release's workers prove       queues      the queue summary
-                themselves, then take over; if one
+    cutover     every host at once, detached:         queues      the queue summary, read
+                the new release's workers prove                   while the run finishes
+                themselves, then take over; if one    finish      history, unlock
                 host fails, the others hand back
     queues      the queue summary (one host), read
                 while Beat moves, said at the end
@@ -200,19 +200,22 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
 def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
            facts: Mapping[str, HostFacts], summary: Callable[[bool], None] | None = None) -> Outcome:
     """Record, clean up (only after a success), unlock while every host's state is known; then
-    the queue summary (read already, alongside Beat, when the workers' cutover succeeded)."""
+    say the queue summary, read alongside Beat (a deploy whose workers took over) or alongside
+    this finish (anything else)."""
     decided = outcome.verdict(run.mode, results)
     run.outcome.result = "success" if decided.ok else "rolled back" if decided.consistent else "failed"
     run.history.result = "success" if decided.ok else "failed"
     run.history.seconds = run.seconds()
+    if summary is None or not decided.ok:
+        if summary is not None:  # read before the way back: no longer true
+            summary(False)
+        summary = run.alongside(the_plan.phase(Phase.SUMMARY) if decided.ok else plans.summary_steps(run.stage))
     if decided.ok:
         run.execute(the_plan.phase(Phase.FINISH), what="finishing")
-        (summary or run.alongside(the_plan.phase(Phase.SUMMARY)))(True)
     else:
         run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
-        if summary:  # read before the way back: no longer true
-            summary(False)
-        run.alongside(plans.summary_steps(run.stage))(True)
+    summary(True)
+    if not decided.ok:
         before = {h: plans.current_release(f) for h, f in facts.items()}
         raise outcome.failure(run.mode, results, the_plan.release, before)
     return run.outcome

@@ -280,7 +280,7 @@ def finish_steps(stage: Stage, hosts: Iterable[str], *, delete: Mapping[str, tup
 def summary_steps(stage: Stage, alongside: str = "") -> list[Step]:
     """One round trip on the reporting host: what the queues hold after the run (or after the
     workers' cutover, read `alongside` the next step and said at the end)."""
-    when = f"after the workers' cutover, alongside {alongside}" if alongside else "after the run"
+    when = f"after the cutover, read alongside {alongside}" if alongside else "after the run"
     return [Step(queues.reporter(stage).name, Phase.SUMMARY, f"the queues {when}",
                  Queues(tuple(queues.queue_names(stage))))]
 
@@ -336,8 +336,8 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
         raise UsageError(f"every host already runs {to}")
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
     steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id)
+    steps += summary_steps(stage, alongside="the finish")
     steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in moving.items()})
-    steps += summary_steps(stage)
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 
 
