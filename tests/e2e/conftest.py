@@ -154,8 +154,11 @@ def in_container(machine_name: str, command: str) -> str:
     nspawn = _find_nspawn(machine_name)
     assert nspawn is not None, f"{machine_name} is not running"
     init = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()[0]
-    return subprocess.run(["nsenter", "-t", init, "-m", "-u", "-i", "-n", "-p", "--", "/bin/sh", "-c", command],
-                          capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(["nsenter", "-t", init, "-m", "-u", "-i", "-n", "-p", "--", "/bin/sh", "-c", command],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"in {machine_name}: {command!r} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")
