@@ -11,6 +11,7 @@ every process, mount, namespace and link it made.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -133,14 +134,16 @@ class Sandbox:
     def _create(self, count: int, base: Path, say: Say) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
-        index = self._free_subnet()
-        net = ipaddress.ip_network(SUBNET.format(index=index))
-        gateway = str(net.network_address + 1)
-        names = [f"{self.name}{i}" for i in range(1, count + 1)]
-        state = {"name": self.name, "subnet": str(net), "gateway": gateway,
-                 "hosts": [{"name": n, "address": str(net.network_address + 10 + i)}
-                           for i, n in enumerate(names, start=1)]}
-        self.state_file.write_text(json.dumps(state, indent=2) + "\n")
+        with open(self.dir.parent / ".subnets.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two sandboxes booting at once never take one subnet
+            index = self._free_subnet()
+            net = ipaddress.ip_network(SUBNET.format(index=index))
+            gateway = str(net.network_address + 1)
+            names = [f"{self.name}{i}" for i in range(1, count + 1)]
+            state = {"name": self.name, "subnet": str(net), "gateway": gateway,
+                     "hosts": [{"name": n, "address": str(net.network_address + 10 + i)}
+                               for i, n in enumerate(names, start=1)]}
+            self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         for path in (self.identity_file, Path(f"{self.identity_file}.pub")):
             path.unlink(missing_ok=True)
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"deploy-kit-{self.name}",

@@ -19,7 +19,10 @@ from deploy_kit.ssh import connect
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
-TEST_SANDBOX = "dktest"
+# One sandbox per pytest-xdist worker (gw0: "dktest", gw1: "dktestb", ...); each file runs on one.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+TEST_SANDBOX = "dktest" + ("" if _WORKER == 0 else chr(ord("a") + _WORKER))
+H1, H2 = f"{TEST_SANDBOX}1", f"{TEST_SANDBOX}2"  # its two hosts
 
 
 def _can_boot() -> str | None:
@@ -115,7 +118,7 @@ def current_release(stage, index: int) -> str:
 def sandbox_config(tmp_path_factory):
     """A two-host sandbox and the configuration file holding its stage (its app: a git repo
     with a copy of the example app that tests commit to)."""
-    directory = tmp_path_factory.mktemp("dktest")
+    directory = tmp_path_factory.mktemp(TEST_SANDBOX)
     box = Sandbox(TEST_SANDBOX)
     try:
         box, config_file, _repo = boot(TEST_SANDBOX, 2, directory)

@@ -14,7 +14,7 @@ import pytest
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import TEST_SANDBOX, call_task, commit, current_release, fab, on_host, prepare_env
+from .conftest import H1, H2, TEST_SANDBOX, call_task, commit, current_release, fab, on_host, prepare_env
 
 TASKS = "ledger/tasks.py"
 VERSION_TASK = '''
@@ -186,7 +186,7 @@ def test_a_killed_laptop_cannot_leave_a_host_half_switched(stage, sandbox_config
         time.sleep(1)
     assert [s["status"] for s in states] == ["done", "done"]  # finished on their own, verified, unwatched
     assert current_release(stage, 1) == state["target"] != before
-    own = units.private_queue(stage, stage.workers[0], state["target"], "dktest2")
+    own = units.private_queue(stage, stage.workers[0], state["target"], H2)
     assert call_task(stage, 1, "ledger.tasks.release", queue=own) == \
         repr(f"/srv/exampleapp/releases/{state['target']}")  # asked of dktest2's own new worker
     # Beat never moved (the laptop died before its turn): status names what is left and how to finish it.
@@ -214,11 +214,11 @@ def test_a_dropped_connection_during_the_cutover_only_pauses_the_watching(stage,
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "dktest2 join: ok" in line:  # mid-handover (watch, retire, switch follow): cut dktest2's SSH sessions
-            in_container("dktest2", "pkill -f '[s]shd: deploy' || true")
+        if f"{H2} join: ok" in line:  # mid-handover (watch, retire, switch follow): cut dktest2's SSH sessions
+            in_container(H2, "pkill -f '[s]shd: deploy' || true")
     assert proc.wait(timeout=600) == 0, "".join(lines)
     output = "".join(lines)
-    assert "dktest2 lost the connection" in output and "dktest2 connection back" in output
+    assert f"{H2} lost the connection" in output and f"{H2} connection back" in output
     assert current_release(stage, 1) == current_release(stage, 0)
     assert "verified" in output
 
@@ -255,7 +255,7 @@ def test_plan_prints_every_step_and_changes_nothing(stage, sandbox_config):
             assert f"{host.name} {phase}:" in proc.stdout
     assert proc.stdout.count("manage.py migrate") == 1  # once per stage, on the migrate host
     assert proc.stdout.count("restart beat:") == 1  # Beat on its one host, after the workers
-    assert "deploy-kit.exampleapp.dktest.default." in proc.stdout and "@dktest2" in proc.stdout
+    assert f"deploy-kit.exampleapp.{TEST_SANDBOX}.default." in proc.stdout and f"@{H2}" in proc.stdout
     assert Sandbox(TEST_SANDBOX).redis_password_file.read_text().strip() not in proc.stdout
     assert snapshot() == before
 
@@ -321,7 +321,7 @@ def test_a_task_running_during_the_handover_finishes_on_the_old_release(stage, s
 
     tag = f"slow-{time.time_ns()}"
     result: dict[str, str] = {}
-    own = units.private_queue(stage, stage.workers[0], current_release(stage, 0), "dktest1")
+    own = units.private_queue(stage, stage.workers[0], current_release(stage, 0), H1)
     sender = threading.Thread(target=lambda: result.update(value=call_task(
         stage, 0, "ledger.tasks.slow", [6, tag], timeout=120, queue=own)))
     sender.start()

@@ -19,6 +19,8 @@ from deploy_kit.sandbox import Sandbox
 
 from .conftest import (
     FAB,
+    H1,
+    H2,
     ROOT,
     TEST_SANDBOX,
     call_task,
@@ -105,13 +107,13 @@ def test_the_broker_down_stops_the_deploy_in_its_preflight(stage, sandbox_config
 
 def test_a_host_unreachable_from_the_start_changes_nothing_anywhere(stage, sandbox_config):
     good = current_release(stage, 0)
-    in_container("dktest2", "systemctl stop ssh.socket ssh.service 2>/dev/null; pkill -f '[s]shd: ' || true")
+    in_container(H2, "systemctl stop ssh.socket ssh.service 2>/dev/null; pkill -f '[s]shd: ' || true")
     try:
         proc = deploy(sandbox_config)
     finally:
-        in_container("dktest2", "systemctl start ssh.service")
+        in_container(H2, "systemctl start ssh.service")
     assert proc.returncode == 7, proc.stdout + proc.stderr
-    assert "dktest2" in proc.stderr and "Traceback" not in proc.stderr
+    assert H2 in proc.stderr and "Traceback" not in proc.stderr
     assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
 
 
@@ -154,17 +156,17 @@ def test_a_host_that_goes_silent_during_the_build_is_given_up_and_the_other_left
         for line in proc.stdout:
             lines.append(line)
             if "KiB packed" in line:  # the builds start now
-                subprocess.run(["ip", "link", "set", "dk-dktest2", "down"], check=True)
+                subprocess.run(["ip", "link", "set", f"dk-{H2}", "down"], check=True)
                 silenced = time.monotonic()
                 break
         lines += proc.stdout.readlines()
         code = proc.wait(timeout=600)  # a guard against a hang, not a measurement
         print(f"the silent host was given up after {time.monotonic() - silenced:.0f} s")
     finally:
-        subprocess.run(["ip", "link", "set", "dk-dktest2", "up"], check=True)
+        subprocess.run(["ip", "link", "set", f"dk-{H2}", "up"], check=True)
     output = "".join(lines)
     assert code == 7, output
-    assert "dktest2" in output and "Traceback" not in output
+    assert H2 in output and "Traceback" not in output
     assert current_release(stage, 0) == good and current_release(stage, 1) == good
     assert on_host(stage, 0, f"test -d {LOCK} && echo held || echo free").strip() == "free"
     shown = fab("unlock", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config)
@@ -210,7 +212,7 @@ def test_a_dropped_connection_during_the_migrations_leaves_current_untouched(sta
         built += " built " in line
         if built == 2:  # both hosts built: the migrations run on dktest1 now
             time.sleep(3)
-            in_container("dktest1", "pkill -f '[s]shd: deploy' || true")
+            in_container(H1, "pkill -f '[s]shd: deploy' || true")
             break
     lines += proc.stdout.readlines()
     code = proc.wait(timeout=600)
@@ -266,7 +268,7 @@ def releases_on(stage, index: int) -> list[str]:
 def serving(stage, release: str) -> None:
     """Each host's worker of `release` takes a task from its own queue (the broker may just be back:
     the workers reconnect by themselves)."""
-    for index, machine in enumerate(("dktest1", "dktest2")):
+    for index, machine in enumerate((H1, H2)):
         own = units.private_queue(stage, stage.workers[0], release, machine)
         assert call_task(stage, index, "ledger.tasks.release", queue=own, timeout=120) == repr(f"{RELEASES}/{release}")
 
@@ -282,13 +284,13 @@ def test_a_dropped_connection_during_the_upload_changes_nothing(stage, sandbox_c
            "new requirements")
     on_host(stage, 0, "rm -f /srv/exampleapp/.deploy-kit/wheels/*.whl")
     try:
-        with at_the_upload("dktest1", "head -c 1048576 >/dev/null; pkill -f '[s]shd: deploy'"):
+        with at_the_upload(H1, "head -c 1048576 >/dev/null; pkill -f '[s]shd: deploy'"):
             proc = deploy(sandbox_config)
     finally:
         commit(app_repo, {"requirements.txt": requirements}, "the old requirements")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 7, output
-    assert "dktest1" in proc.stderr and "connection" in proc.stderr and "Traceback" not in output
+    assert H1 in proc.stderr and "connection" in proc.stderr and "Traceback" not in output
     assert "nothing was switched" in output
     assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage)
     assert [releases_on(stage, i) for i in (0, 1)] == before  # no half-sent, half-built or orphan release
@@ -330,13 +332,13 @@ def test_a_disk_that_fills_while_the_release_is_written(stage, sandbox_config):
             f"cat /dev/zero >> {RELEASES}/.filler 2>/dev/null || true")  # to the last byte
     live_kb = int(on_host(stage, 0, f"du -sk {RELEASES}/{good}").split()[0])
     room = max(checks.MIN_FREE_KB, 2 * live_kb) + 64 * 1024  # what the preflight wants, and a little
-    with small_filesystem("dktest1", RELEASES, room):
+    with small_filesystem(H1, RELEASES, room):
         listed = releases_on(stage, 0)
-        with at_the_upload("dktest1", fill):
+        with at_the_upload(H1, fill):
             proc = deploy(sandbox_config)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 7, output
-        assert "dktest1" in proc.stderr and "no space left" in proc.stderr.lower(), output
+        assert H1 in proc.stderr and "no space left" in proc.stderr.lower(), output
         assert RELEASES in proc.stderr and "Traceback" not in output
         assert "nothing was switched" in output
         assert releases_on(stage, 0) == sorted([*listed, ".filler"])  # nothing half-written is left

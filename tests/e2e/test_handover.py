@@ -17,7 +17,7 @@ from celery import Celery
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import TEST_SANDBOX, commit, current_release, fab, on_host, prepare_env
+from .conftest import H1, H2, TEST_SANDBOX, commit, current_release, fab, on_host, prepare_env
 
 CELERY = "examples/exampleapp/exampleapp/celery.py"
 TASKS = "examples/exampleapp/ledger/tasks.py"
@@ -126,9 +126,9 @@ def test_every_task_sent_through_a_deploy_and_a_rollback_runs_exactly_once(stage
     def first(text: str) -> int:
         return next(i for i, line in enumerate(lines) if text in line)
 
-    assert max(first("dktest1 start: ok"), first("dktest2 start: ok")) < \
-        min(first("dktest1 retire: ok"), first("dktest2 retire: ok"))
-    assert max(first("dktest1 switch: ok"), first("dktest2 switch: ok")) < first("dktest1 restart beat: ok")
+    assert max(first(f"{H1} start: ok"), first(f"{H2} start: ok")) < \
+        min(first(f"{H1} retire: ok"), first(f"{H2} retire: ok"))
+    assert max(first(f"{H1} switch: ok"), first(f"{H2} switch: ok")) < first(f"{H1} restart beat: ok")
     history = [json.loads(line) for line in on_host(stage, 0, "cat /srv/exampleapp/.deploy-kit/history.jsonl")
                .splitlines()]
     assert [(h["action"], h["result"]) for h in history[-2:]] == [("deploy", "success"), ("rollback", "success")]
@@ -228,7 +228,7 @@ def test_status_shows_one_instance_per_service_after_the_handover(stage, sandbox
     assert check.returncode == 0, check.stdout + check.stderr
     enabled = on_host(stage, 0, "ls /etc/systemd/system/multi-user.target.wants/ | grep exampleapp-worker-default")
     assert enabled.split() == [f"exampleapp-worker-default@{release}.service"]  # exactly current's at boot
-    assert units.private_queue(stage, stage.workers[0], release, "dktest1") in on_host(
+    assert units.private_queue(stage, stage.workers[0], release, H1) in on_host(
         stage, 0, f"systemctl show -p Environment exampleapp-worker-default@{release}.service")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from deploy_kit import units
 
-from .conftest import FAB, ROOT, TEST_SANDBOX, call_task, current_release, fab, in_container, on_host
+from .conftest import FAB, H1, H2, ROOT, TEST_SANDBOX, call_task, current_release, fab, in_container, on_host
 
 
 class Follower:
@@ -101,19 +101,19 @@ def test_filters_work_as_documented(deployed, sandbox_config):
 
     found = lines("--grep", text)
     release = current_release(deployed, 1)
-    assert found and {(x["host"], x["unit"]) for x in found} == {("dktest2", f"exampleapp-worker-default@{release}")}
+    assert found and {(x["host"], x["unit"]) for x in found} == {(H2, f"exampleapp-worker-default@{release}")}
     assert all(text in x["message"] for x in found)  # the echo and the "succeeded" lines
-    only = lines("--host", "dktest2", "--service", "reports", "-n", "5")
-    assert only and {x["host"] for x in only} == {"dktest2"}
+    only = lines("--host", H2, "--service", "reports", "-n", "5")
+    assert only and {x["host"] for x in only} == {H2}
     assert {x["unit"].split("@")[0] for x in only} == {"exampleapp-worker-reports"}
     assert len(lines("-n", "1", "--service", "default")) == 2  # the last line of each host
     assert not lines("--since", after, "--grep", text)
     assert lines("--since", before, "--grep", text)
     beat = lines("--service", "beat", "-n", "3")
-    assert beat and {x["host"] for x in beat} == {"dktest1"}  # Beat runs on one host only
+    assert beat and {x["host"] for x in beat} == {H1}  # Beat runs on one host only
     plain = fab("logs", "--stage", TEST_SANDBOX, "--no-follow", "--grep", text, config_file=sandbox_config,
                 check=True).stdout
-    assert plain.startswith(f"dktest2 exampleapp-worker-default@{release} ") and text in plain
+    assert plain.startswith(f"{H2} exampleapp-worker-default@{release} ") and text in plain
     bad = fab("logs", "--stage", TEST_SANDBOX, "--service", "nope", config_file=sandbox_config)
     assert bad.returncode == 2 and "no service named 'nope'" in bad.stderr
     pattern = fab("logs", "--stage", TEST_SANDBOX, "--grep", "(", config_file=sandbox_config, timeout=60)
@@ -132,18 +132,18 @@ def test_hint_for_a_classic_failure(deployed, sandbox_config):
 
 
 def test_a_host_whose_sshd_stops_resumes_from_its_cursor(deployed, sandbox_config):
-    follower = Follower(sandbox_config, "--host", "dktest2", "--service", "default")
+    follower = Follower(sandbox_config, "--host", H2, "--service", "default")
     try:
         time.sleep(2)
         first = marker()
         echo_on(deployed, 1, first)
         follower.wait_for(lambda item: first in item["message"])
-        in_container("dktest2", "systemctl stop ssh.socket ssh.service 2>/dev/null; pkill -f '[s]shd: deploy' || true")
+        in_container(H2, "systemctl stop ssh.socket ssh.service 2>/dev/null; pkill -f '[s]shd: deploy' || true")
         during = [marker(), marker()]
         for text in during:  # written while the host is unreachable over SSH
             echo_on(deployed, 1, text)
         time.sleep(3)
-        in_container("dktest2", "systemctl start ssh.service")
+        in_container(H2, "systemctl start ssh.service")
         for text in during:
             follower.wait_for(lambda item, text=text: text in item["message"], timeout=90)
         after = marker()

@@ -12,7 +12,7 @@ from celery import Celery
 
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import TEST_SANDBOX, current_release, fab, on_host
+from .conftest import H1, H2, TEST_SANDBOX, current_release, fab, on_host
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +88,19 @@ def test_depths_unacked_consumers_and_workers_match_the_messages_sent(stage, san
     assert (reports["waiting"], reports["unacked"], reports["consumers"]) == (5, 0, [])
     assert (celery["waiting"], celery["unacked"], celery["stranded"]) == (0, 2, 0)
     assert celery["oldest_unacked_s"] >= 2
-    assert sorted(celery["consumers"]) == [f"default.{release}@dktest1", f"default.{release}@dktest2"]
+    assert sorted(celery["consumers"]) == [f"default.{release}@{H1}", f"default.{release}@{H2}"]
     assert not any(q["name"].startswith("deploy-kit.") for q in report["queues"])  # no private queue
     nodes = {w["node"]: w for w in report["workers"]}
     assert set(nodes) == {f"{s}.{release}@dktest{i}" for s in ("default",) for i in (1, 2)}  # reports stopped
     assert all(set(w) >= {"node", "host", "release", "active", "reserved", "succeeded", "failed"}
                for w in nodes.values())
     assert {w["release"] for w in nodes.values()} == {release}
-    assert sum(w["active"] for w in nodes.values()) == 2 and nodes[f"default.{release}@dktest1"]["host"] == "dktest1"
+    assert sum(w["active"] for w in nodes.values()) == 2 and nodes[f"default.{release}@{H1}"]["host"] == H1
     assert "queue reports: no worker consumes it (5 waiting)" in plain
     assert [r.get(timeout=30) for r in running] == [10, 10]
     wait_for(lambda: row(queues_json(sandbox_config), "reports")["waiting"] == 0, 60, "the reports queue to drain")
     status = fab("status", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True).stdout
-    assert f"queue reports: 0 waiting, 0 unacked, consumed by reports.{release}@dktest1" in status
+    assert f"queue reports: 0 waiting, 0 unacked, consumed by reports.{release}@{H1}" in status
 
 
 def test_messages_of_a_killed_worker_are_stranded_until_restore_and_then_complete_once(stage, sandbox_config,
