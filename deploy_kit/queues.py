@@ -25,10 +25,11 @@ from deploy_kit.ssh import RemoteHost
 class QueueRow:
     name: str
     waiting: int
-    unacked: int | None  # None: the broker does not say (not Redis)
-    oldest_unacked_s: float | None
+    unacked: int | None  # None: the broker does not say (RabbitMQ without its management API)
+    oldest_unacked_s: float | None  # None: nothing held, or the broker does not say (RabbitMQ)
     consumers: tuple[str, ...]  # Celery node names
-    stranded: int | None  # held by no live worker; None: unknown (a worker did not answer, or not Redis)
+    stranded: int | None  # held by no live worker; None: unknown (a worker did not answer), or not
+    # a thing on this broker (RabbitMQ puts back what a closed connection held)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Report:
     queues: tuple[QueueRow, ...]
     workers: tuple[WorkerRow, ...]
     complete: bool  # every live worker answered
+    broker: str = "redis"  # kombu's transport: "redis", "amqp" (RabbitMQ), ...
+    notes: tuple[str, ...] = ()  # what the broker could not tell, with the fix
 
 
 def queue_names(stage: Stage) -> list[str]:
@@ -108,7 +111,8 @@ def parse(detail: str) -> Report:
                    for name, q in data.get("queues", {}).items())
     rows = tuple(WorkerRow(node, *node_parts(node), int(w.get("active", 0)), int(w.get("reserved", 0)),
                            w.get("processed")) for node, w in sorted(workers.items()))
-    return Report(queues, rows, bool(data.get("complete", True)))
+    return Report(queues, rows, bool(data.get("complete", True)), str(data.get("transport") or "redis"),
+                  tuple(str(n) for n in data.get("notes", ())))
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -128,7 +132,8 @@ def problems(stage: Stage, report: Report) -> list[str]:
         if q.stranded:
             found.append(f"queue {q.name}: {q.stranded} message(s) held by a worker that is gone, stranded until "
                          f"Redis's visibility timeout (an hour). Fix: `fab queues --restore --stage {stage.name}`")
-    if not report.complete:
+    found += report.notes
+    if not report.complete and report.broker == "redis":
         found.append("not every worker answered in time, so stranded messages cannot be told from held ones. "
                      "Fix: look again in a moment")
     return found

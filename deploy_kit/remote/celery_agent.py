@@ -11,9 +11,15 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "queues", "node"}                                    what the node consumes now
     {"op": "discard_queue", "queue"}                            delete a private queue, and what a
                                                                 killed worker held of it (Redis)
-    {"op": "restore_stranded", "queues"}                        put back what dead workers held
+    {"op": "restore_stranded", "queues"}                        put back what dead workers held (Redis;
+                                                                RabbitMQ does it by itself)
     {"op": "report", "queues"}                                  depths, unacked, stranded, workers (JSON)
     {"op": "unregistered", "queues"}                            waiting task names the app lacks (JSON)
+
+Redis and RabbitMQ (kombu's `amqp` transport) are read each its own way: Redis's lists and its
+`unacked` hash directly; RabbitMQ's ready counts with a passive queue.declare, its unacknowledged
+counts from its management API (AMQP does not tell them), its waiting task names by taking the
+first messages without acknowledging them and closing the channel, which puts them back.
 
 The cutover program on the host speaks to it through `Agent` (the same file, so one text
 ships both sides).
@@ -31,7 +37,9 @@ import time
 
 from deploy_kit.remote import hostlib
 
-URL_NAMES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+# DEPLOY_KIT_RABBITMQ_API: RabbitMQ's management API, when it is not at the broker's host on port
+# 15672 (15671 over TLS) with the broker's user, e.g. https://monitor:PASSWORD@mq.internal:15671/api/
+URL_NAMES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DEPLOY_KIT_RABBITMQ_API")
 SECRETS = set().union(*(hostlib.url_secrets(os.environ.get(name, "")) for name in URL_NAMES))
 
 
@@ -102,13 +110,20 @@ def stranded(held: list, live: set, queues: list, cutoff: float) -> list:
     return [h for h in held if h[1] in queues and h[2] not in live and h[3] is not None and h[3] <= cutoff]
 
 
+RETURNS_BY_ITSELF = ("RabbitMQ puts back by itself what a worker held when the worker's connection closes (at "
+                     "once for a killed worker, after the heartbeat timeout for a host that vanished): "
+                     "nothing is left stranded, nothing to return")
+
+
 def restore_stranded(app, queues: list, settle: float = 2.0) -> str:
     """Return to their queues the messages that no live worker holds. Redis keeps what a worker
     took in its `unacked` hash until the visibility timeout (an hour by default), even when that
     worker died; a message a live worker holds shows in its `active` or `reserved` tasks."""
     with app.connection_for_write() as connection:
+        if connection.transport.driver_type == "amqp":
+            return RETURNS_BY_ITSELF
         if connection.transport.driver_type != "redis":
-            return "the broker returns a dead worker's messages by itself"
+            return f"stranded messages are read on Redis only; nothing done on {connection.transport.driver_type}"
         found = survey(app)
         if not found["complete"]:  # a silent worker's tasks would look stranded: touch nothing
             return "not every live worker answered; nothing returned (the visibility timeout will)"
@@ -126,11 +141,21 @@ def report(app, queues: list, settle: float = 2.0) -> str:
     found = survey(app)
     now = time.time()
     rows = {q: {"waiting": 0, "unacked": None, "oldest_unacked_s": None, "stranded": None} for q in queues}
+    notes = []
     with app.connection_for_write() as connection:
-        channel = connection.default_channel
         for queue in queues:
-            with contextlib.suppress(Exception):  # a queue nobody declared yet holds nothing
+            with contextlib.suppress(Exception), connection.channel() as channel:  # one channel each: on
+                # RabbitMQ a queue nobody declared yet (it holds nothing) closes the channel that asked
                 rows[queue]["waiting"] = channel.queue_declare(queue=queue, passive=True).message_count
+        channel = connection.default_channel
+        if connection.transport.driver_type == "amqp":
+            api = ManagementAPI(connection)
+            for queue in queues:
+                try:
+                    rows[queue]["unacked"] = int((api.queue(queue) or {}).get("messages_unacknowledged") or 0)
+                except ManagementUnavailable as exc:
+                    notes.append(f"unacked unknown: {exc}")
+                    break
         if connection.transport.driver_type == "redis":
             held = unacked(channel)
             lost = stranded(held, found["live"], queues, now - settle) if found["complete"] else None
@@ -140,27 +165,120 @@ def report(app, queues: list, settle: float = 2.0) -> str:
                                    oldest_unacked_s=round(now - min(times), 1) if times else None,
                                    stranded=None if lost is None else sum(1 for h in lost if h[1] == queue))
     return json.dumps({"queues": rows, "workers": found["workers"], "complete": found["complete"],
-                       "transport": connection.transport.driver_type})
+                       "transport": connection.transport.driver_type, "notes": notes})
 
 
 def unregistered(app, queues: list, limit: int = 10000) -> str:
     """Task names of the messages waiting in `queues` that this app does not register, with how
-    many messages each (peeked on Redis with LRANGE: nothing is consumed). JSON text."""
+    many messages each (the first `limit` of each queue; nothing is consumed: peeked on Redis
+    with LRANGE, taken and put back on RabbitMQ, see `peek_amqp`). JSON text."""
     counts: dict = {}
     with app.connection_for_write() as connection:
-        if connection.transport.driver_type != "redis":
-            return json.dumps({})
-        channel = connection.default_channel
-        for queue in queues:
-            for pri in channel.priority_steps:
-                for raw in channel.client.lrange(channel._q_for_pri(queue, pri), 0, limit - 1):
-                    try:
-                        name = json.loads(raw)["headers"]["task"]
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                    if name not in app.tasks:
-                        counts[name] = counts.get(name, 0) + 1
+        if connection.transport.driver_type == "redis":
+            channel = connection.default_channel
+            names = [task_name(raw, None) for queue in queues for pri in channel.priority_steps
+                     for raw in channel.client.lrange(channel._q_for_pri(queue, pri), 0, limit - 1)]
+        elif connection.transport.driver_type == "amqp":
+            names = [name for queue in queues for name in peek_amqp(connection, queue, limit)]
+        else:
+            names = []
+    for name in names:
+        if name is not None and name not in app.tasks:
+            counts[name] = counts.get(name, 0) + 1
     return json.dumps(counts)
+
+
+def task_name(body, headers) -> str | None:
+    """The task a message asks for: in its headers (Celery's protocol 2) or its body (protocol 1);
+    None when it is no Celery task message. On Redis the headers are inside the body's JSON."""
+    try:
+        if headers is None:
+            message = json.loads(body)
+            headers, body = message.get("headers") or {}, message.get("body")
+        if headers.get("task"):
+            return str(headers["task"])
+        return str(json.loads(body)["task"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def peek_amqp(connection, queue: str, limit: int) -> list:
+    """The task names of the first `limit` messages waiting in a RabbitMQ queue. AMQP cannot browse
+    a queue: each message is taken without acknowledging it, and closing the channel puts them all
+    back, each at its place (RabbitMQ marks them `redelivered`, which Celery ignores unless
+    worker_deduplicate_successful_tasks is on). A quorum queue counts every return against its
+    delivery limit, so only classic queues are peeked (as the management API tells, when it does)."""
+    try:
+        kind = (ManagementAPI(connection).queue(queue) or {}).get("type", "classic")
+    except ManagementUnavailable:
+        kind = "classic"  # Celery's default queues; the API is only asked to spare quorum queues
+    if kind != "classic":
+        return []
+    names = []
+    channel = connection.channel()
+    try:
+        for _ in range(limit):
+            message = channel.basic_get(queue, no_ack=False)
+            if message is None:
+                break
+            names.append(task_name(message.body, message.headers or {}))
+    except Exception:  # noqa: BLE001 - a queue nobody declared yet has nothing waiting
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+    return names
+
+
+class ManagementUnavailable(Exception):
+    """RabbitMQ's management API did not answer; the text says why and what to do, with no secret."""
+
+
+class ManagementAPI:
+    """RabbitMQ's management HTTP API, read with the broker's own user (or DEPLOY_KIT_RABBITMQ_API)."""
+
+    def __init__(self, connection, timeout: float = 5.0):
+        import base64
+        from urllib.parse import unquote, urlsplit
+
+        url = os.environ.get("DEPLOY_KIT_RABBITMQ_API", "").strip()
+        if url:
+            parts = urlsplit(url)
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+            self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}"
+        else:
+            tls = bool(connection.ssl) or connection.transport_cls == "amqps"  # amqps:// leaves .ssl unset
+            user, password = connection.userid or "guest", connection.password or "guest"
+            self.base = f"{'https' if tls else 'http'}://{connection.hostname}:{15671 if tls else 15672}/api"
+        self.where = self.base.split("://", 1)[1]  # host:port/path, never the user
+        self.vhost = connection.virtual_host or "/"
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.timeout = timeout
+
+    def queue(self, name: str) -> dict | None:
+        """The API's view of queue `name` (None: no such queue); ManagementUnavailable otherwise."""
+        import urllib.error
+        import urllib.request
+        from urllib.parse import quote
+
+        request = urllib.request.Request(f"{self.base}/queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}",
+                                         headers={"Authorization": self.auth})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            fix = ("give the broker's user the `monitoring` tag (rabbitmqctl set_user_tags USER monitoring)"
+                   if exc.code in (401, 403) else "look at the broker's log")
+            raise ManagementUnavailable(f"RabbitMQ's management API at {self.where} answered HTTP {exc.code}. "
+                                        f"Fix: {fix}, or set DEPLOY_KIT_RABBITMQ_API in the env file") from None
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ManagementUnavailable(
+                f"RabbitMQ's management API at {self.where} did not answer ({reason}). Fix: enable it on the "
+                "broker (rabbitmq-plugins enable rabbitmq_management) and let the hosts reach its port, or set "
+                "DEPLOY_KIT_RABBITMQ_API in the env file to where it is") from None
 
 
 class Unanswered(Exception):

@@ -1,7 +1,8 @@
 """Sandbox hosts: real Debian 12 machines booted on this one with systemd-nspawn, for demos and tests.
 
 A sandbox called NAME holds hosts NAME1..NAMEn. Each is a container with systemd
-as PID 1, sshd, journald and redis, in its own network namespace, joined by a
+as PID 1, sshd, journald and a broker (redis, or rabbitmq-server with
+`broker="rabbitmq"`) on the first host, in its own network namespace, joined by a
 veth pair to a bridge on this machine (10.199.K.0/24; this machine is .1, host i
 is .10+i). `up` writes a stage called NAME into the configuration file, with a
 dedicated SSH key and a known_hosts holding the hosts' real keys. `down` removes
@@ -29,10 +30,12 @@ from deploy_kit.config import Host, SSHSettings
 from deploy_kit.errors import ConnectError, DeployKitError, SandboxError, UsageError
 from deploy_kit.sandbox import rootfs, stage
 from deploy_kit.sandbox.machine import Machine, link_exists, netns_exists, sh
+from deploy_kit.sandbox.rootfs import RABBITMQ_USER
 from deploy_kit.ssh import connect
 
 STATE_ROOT = Path(os.environ.get("DEPLOY_KIT_SANDBOX_DIR", "/var/lib/deploy-kit/sandbox"))
 DEFAULT_NAME = "sandbox"
+BROKERS = ("redis", "rabbitmq")
 MAX_HOSTS = 20
 SUBNET = "10.199.{index}.0/24"
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,8}\Z")
@@ -73,7 +76,16 @@ class Sandbox:
 
     @property
     def redis_password_file(self) -> Path:
+        """The broker's password, Redis's or RabbitMQ's (the file kept its first name)."""
         return self.dir / "redis-password"
+
+    @property
+    def broker(self) -> str:
+        """The broker of the stage: "redis" (the default) or "rabbitmq"."""
+        try:
+            return str(json.loads(self.state_file.read_text()).get("broker", "redis"))
+        except (OSError, ValueError):
+            return "redis"
 
     @property
     def bridge(self) -> str:
@@ -84,9 +96,12 @@ class Sandbox:
                            connect_timeout=10.0)
 
     def broker_url(self, db: int = 0) -> str:
-        """The Redis URL of the broker on the first host (holds the password: never print it)."""
-        first = self.machines()[0]
-        return f"redis://:{self.redis_password_file.read_text().strip()}@{first.address}:6379/{db}"
+        """The URL of the broker on the first host (holds the password: never print it); `db` is
+        Redis's database number (RabbitMQ's sandbox has one virtual host, `/`)."""
+        first, password = self.machines()[0], self.redis_password_file.read_text().strip()
+        if self.broker == "rabbitmq":
+            return f"amqp://{RABBITMQ_USER}:{password}@{first.address}:5672//"
+        return f"redis://:{password}@{first.address}:6379/{db}"
 
     def machines(self) -> list[Machine]:
         try:
@@ -107,21 +122,24 @@ class Sandbox:
 
     # --- up ---------------------------------------------------------------------------------------
 
-    def up(self, count: int, config_file: Path, say: Say, repo_root: Path | None = None) -> list[Host]:
+    def up(self, count: int, config_file: Path, say: Say, repo_root: Path | None = None,
+           broker: str = "redis") -> list[Host]:
         """Boot `count` fresh hosts and write the stage; on any failure leave nothing behind."""
         if not 1 <= count <= MAX_HOSTS:
             raise UsageError(f"--hosts must be between 1 and {MAX_HOSTS}, got {count}")
+        if broker not in BROKERS:
+            raise UsageError(f"--broker must be one of {', '.join(BROKERS)}, got {broker!r}")
         require_host_machine()
         if self.state_file.exists() or self._leftovers():
             say(f"sandbox {self.name!r} exists: tearing it down first so every host starts clean")
             self.down(say)
-        base = rootfs.ensure_base(say)
+        lowers = rootfs.ensure_layers(("rabbitmq",) if broker == "rabbitmq" else (), say)
         try:
-            self._create(count, base, say)
+            self._create(count, lowers, broker, say)
             hosts = self.hosts()
             say(f"writing stage {self.name!r} to {config_file}")
             stage.write(config_file, self.name, stage.render(self.name, hosts, self.ssh_settings(),
-                                                             repo_root or stage.repo_root()))
+                                                             repo_root or stage.repo_root(), broker))
             return hosts
         except BaseException as exc:
             say("boot failed: removing what was made")
@@ -131,7 +149,7 @@ class Sandbox:
                 raise SandboxError(f"{exc}\nand the clean-up failed too: {cleanup}") from None
             raise
 
-    def _create(self, count: int, base: Path, say: Say) -> None:
+    def _create(self, count: int, lowers: list[Path], broker: str, say: Say) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         with open(self.dir.parent / ".subnets.lock", "w") as lock:
@@ -140,7 +158,7 @@ class Sandbox:
             net = ipaddress.ip_network(SUBNET.format(index=index))
             gateway = str(net.network_address + 1)
             names = [f"{self.name}{i}" for i in range(1, count + 1)]
-            state = {"name": self.name, "subnet": str(net), "gateway": gateway,
+            state = {"name": self.name, "subnet": str(net), "gateway": gateway, "broker": broker,
                      "hosts": [{"name": n, "address": str(net.network_address + 10 + i)}
                                for i, n in enumerate(names, start=1)]}
             self.state_file.write_text(json.dumps(state, indent=2) + "\n")
@@ -161,8 +179,9 @@ class Sandbox:
         machines = self.machines()
         say(f"booting {count} host(s): {', '.join(f'{m.name} ({m.address})' for m in machines)}")
 
-        def boot(machine: Machine) -> None:
-            machine.prepare(base, authorized, password)
+        def boot(machine: Machine) -> None:  # every host runs Redis (as ever); only the first RabbitMQ
+            serves = broker if broker == "redis" or machine == machines[0] else "none"
+            machine.prepare(lowers, authorized, password, serves)
             machine.plug_network()
             machine.wait_for_ssh(machine.boot())
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy_kit.errors import SandboxError
-from deploy_kit.sandbox.rootfs import SSH_USER
+from deploy_kit.sandbox.rootfs import RABBITMQ_USER, SSH_USER, is_mounted
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,15 @@ class Machine:
 
     # --- bring up -------------------------------------------------------------------------------
 
-    def prepare(self, base: Path, authorized_key: str, redis_password: str) -> None:
-        """Mount the overlay, make the host's identity (hostname, SSH host key, authorized key)."""
+    def prepare(self, lowers: list[Path], authorized_key: str, password: str, broker: str = "redis") -> None:
+        """Mount the overlay on the image (its layers, topmost first), make the host's identity
+        (hostname, SSH host key, authorized key) and the configuration of the broker it serves
+        (`broker`: "redis", "rabbitmq" or "none")."""
         for sub in ("upper", "work", "root"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         sh("mount", "-t", "overlay", "overlay", "-o",
-           f"lowerdir={base},upperdir={self.state_dir / 'upper'},workdir={self.state_dir / 'work'}",
+           f"lowerdir={':'.join(map(str, lowers))},upperdir={self.state_dir / 'upper'},"
+           f"workdir={self.state_dir / 'work'}",
            str(self.root), what=f"mounting the overlay of {self.name}")
         etc = self.root / "etc"
         (etc / "hostname").write_text(self.name + "\n")
@@ -73,10 +76,22 @@ class Machine:
         keys.write_text(authorized_key.strip() + "\n")
         os.chown(keys, uid, gid)
         keys.chmod(0o600)
-        redis_conf = etc / "redis" / "sandbox.conf"
-        redis_conf.write_text(f"bind * -::*\nrequirepass {redis_password}\n")
-        os.chown(redis_conf, 0, _ids(self.root, "redis")[1])
-        redis_conf.chmod(0o640)
+        if broker == "rabbitmq":
+            # The user exists from the first boot on (each host's database starts empty); the
+            # management API (for `fab queues`) refreshes its counts every second instead of five.
+            self._private_conf(etc / "rabbitmq" / "rabbitmq.conf", "rabbitmq",
+                               f"loopback_users = none\ndefault_user = {RABBITMQ_USER}\ndefault_pass = {password}\n"
+                               "default_user_tags.administrator = true\ncollect_statistics_interval = 1000\n")
+        elif broker == "redis":
+            self._private_conf(etc / "redis" / "sandbox.conf", "redis", f"bind * -::*\nrequirepass {password}\n")
+        if broker != "rabbitmq" and (etc / "rabbitmq").is_dir():  # the image has it; this host serves none
+            (etc / "systemd/system/rabbitmq-server.service").symlink_to("/dev/null")
+
+    def _private_conf(self, path: Path, group: str, text: str) -> None:
+        """A configuration file holding the broker's password: root:GROUP 0640."""
+        path.write_text(text)
+        os.chown(path, 0, _ids(self.root, group)[1])
+        path.chmod(0o640)
 
     def plug_network(self) -> None:
         """A network namespace joined to the sandbox bridge by a veth pair; no default route."""
@@ -170,9 +185,9 @@ class Machine:
         # Whatever is still in the container's cgroups outlived its nspawn (a container whose
         # shutdown hung, a crashed `up`): kill it, or it would run on unseen.
         _kill_cgroup_members(self.cgroups())
-        if _is_mounted(self.root):
+        if is_mounted(self.root):
             sh("umount", str(self.root), what=f"unmounting {self.root}", check=False)
-            if _is_mounted(self.root):
+            if is_mounted(self.root):
                 sh("umount", "-l", str(self.root), what=f"unmounting {self.root}")
         for directory in self.cgroups():
             _remove_cgroup(directory)
@@ -230,12 +245,6 @@ def _wait_gone(link: str, timeout: float = 5) -> bool:
             return False
         time.sleep(0.1)
     return True
-
-
-def _is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split(" ")[1] == target for line in mounts)
 
 
 def _ids(root: Path, user: str) -> tuple[int, int]:

@@ -35,7 +35,10 @@ def _toml(value: object) -> str:
     return json.dumps(value)
 
 
-def render(name: str, hosts: Sequence[Host], ssh: SSHSettings, repo: Path) -> str:
+BROKER_UNITS = {"redis": "redis-server.service", "rabbitmq": "rabbitmq-server.service"}
+
+
+def render(name: str, hosts: Sequence[Host], ssh: SSHSettings, repo: Path, broker: str = "redis") -> str:
     lines = [
         begin_marker(name),
         f"[stages.{name}]",
@@ -91,7 +94,7 @@ def render(name: str, hosts: Sequence[Host], ssh: SSHSettings, repo: Path) -> st
         "timeout = 60",
         "",
         f"[stages.{name}.systemd]",
-        'broker_unit = "redis-server.service"',
+        f"broker_unit = {_toml(BROKER_UNITS[broker])}",
         end_marker(name),
     ]
     return "\n".join(lines) + "\n"

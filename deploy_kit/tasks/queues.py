@@ -53,9 +53,15 @@ def _dumps(report: lib.Report) -> str:
     return json.dumps(lib.to_json(report))
 
 
+def stranded(report: lib.Report, row: lib.QueueRow) -> object:
+    if report.broker == "amqp":
+        return "none (RabbitMQ)"  # it puts back what a closed connection held: see `fab queues --restore`
+    return "?" if row.stranded is None else row.stranded
+
+
 def show(console, stage, report: lib.Report, samples: list, host: str) -> None:
     rows = [(q.name, q.waiting, "-" if q.unacked is None else q.unacked, lib.age(q.oldest_unacked_s),
-             "?" if q.stranded is None else q.stranded, ", ".join(q.consumers) or "NONE") for q in report.queues]
+             stranded(report, q), ", ".join(q.consumers) or "NONE") for q in report.queues]
     console.print(ui.table(f"queues of stage {stage.name} (read on {host} at {time.strftime('%H:%M:%S')})",
                            ("queue", "waiting", "unacked", "oldest unacked", "stranded", "consumers"), rows))
     console.print(ui.table("workers", ("node", "host", "release", "active", "reserved", "processed"),

@@ -3,25 +3,27 @@
 from invoke import task
 
 from deploy_kit import config, ui
-from deploy_kit.sandbox import DEFAULT_NAME, Sandbox
+from deploy_kit.sandbox import BROKERS, DEFAULT_NAME, Sandbox
 
 from ._stage import count
 
 STAGE_HELP = f"name of the sandbox and of the stage it writes (default: {DEFAULT_NAME})"
 
 
-@task(help={"hosts": "how many hosts to boot (default: 1)", "stage": STAGE_HELP})
-def up(c, hosts="1", stage=DEFAULT_NAME):
+@task(help={"hosts": "how many hosts to boot (default: 1)", "stage": STAGE_HELP,
+            "broker": f"the stage's broker on the first host: {' or '.join(BROKERS)} (default: redis; "
+                      "rabbitmq adds rabbitmq-server to the image the first time, about 15 s)"})
+def up(c, hosts="1", stage=DEFAULT_NAME, broker="redis"):
     """Boot fresh sandbox hosts and write their stage into hosts.toml."""
     console = ui.make_console()
     with ui.user_errors():
         number = count("--hosts", hosts, "hosts")
         path = config.config_path()
-        booted = Sandbox(stage).up(number, path, ui.sayer(console))
+        booted = Sandbox(stage).up(number, path, ui.sayer(console), broker=broker)
         console.print(ui.table(f"sandbox {stage}", ("host", "address", "ssh user", "roles"),
                                [(h.name, h.address, h.user, ", ".join(h.roles)) for h in booted]))
-        console.print(f"Use it with --stage {stage}, e.g. `fab hosts --stage {stage}`; "
-                      "remove it with `fab sandbox.down`.")
+        console.print(f"Use it with --stage {stage}, e.g. `fab hosts --stage {stage}`; its broker is "
+                      f"{broker} on {booted[0].name}; remove it with `fab sandbox.down`.")
 
 
 @task(help={"stage": STAGE_HELP})

@@ -9,9 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
@@ -78,12 +81,17 @@ def make_app_repo(directory: Path) -> Path:
     return directory
 
 
-def boot(name: str, hosts: int, directory: Path) -> tuple[Sandbox, Path, Path]:
+def boot(name: str, hosts: int, directory: Path, broker: str = "redis") -> tuple[Sandbox, Path, Path]:
     repo = make_app_repo(directory / "repo")
     config_file = directory / "hosts.toml"
     box = Sandbox(name)
-    box.up(hosts, config_file, say, repo_root=repo)
+    box.up(hosts, config_file, say, repo_root=repo, broker=broker)
     return box, config_file, repo
+
+
+def result_backend(broker_url: str) -> str:
+    """Where a test's own Celery app reads results: the broker on Redis; RabbitMQ sends them back."""
+    return "rpc://" if broker_url.startswith("amqp") else broker_url
 
 
 def prepare_env(box: Sandbox, config_file: Path, stage: str) -> None:
@@ -173,3 +181,52 @@ def deployed(sandbox_config):
         prepare_env(Sandbox(TEST_SANDBOX), sandbox_config, TEST_SANDBOX)
         fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
     return stage
+
+
+class Producer:
+    """Sends `ledger.tasks.probe` to the default queue every `interval` seconds until stopped; with
+    `slow_every`, every so many tasks one runs for `slow` seconds."""
+
+    def __init__(self, interval: float = 0.1, slow_every: int = 0, slow: float = 3.0, sandbox: str = TEST_SANDBOX):
+        self.interval, self.slow_every, self.slow = interval, slow_every, slow
+        url = Sandbox(sandbox).broker_url()
+        self.app = Celery("e2e-producer", broker=url, backend=result_backend(url))
+        self.tag = f"p{time.time_ns()}"
+        self.sent: list = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        n = 0
+        while not self.stop.is_set():
+            args = [f"{self.tag}-{n}"] + ([self.slow] if self.slow_every and n % self.slow_every == 0 else [])
+            self.sent.append((time.time(), self.app.send_task("ledger.tasks.probe", args=args, queue="celery")))
+            n += 1
+            time.sleep(self.interval)
+
+    def long(self, seconds: float):
+        return self.app.send_task("ledger.tasks.probe", args=[f"{self.tag}-long", seconds], queue="celery")
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(1)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def results(self, timeout: float = 120) -> list[dict]:
+        return [r.get(timeout=timeout) for _, r in self.sent]
+
+
+def ran_counts(stage, tag: str) -> dict[str, int]:
+    """How many times each probe of `tag` ran, in the journals of every host of the stage."""
+    counts: dict[str, int] = {}
+    for index in range(len(stage.hosts)):
+        lines = on_host(stage, index, f"journalctl -u 'exampleapp-worker-*' -o cat --no-pager --since '-10min' "
+                                      f"| grep -o 'probe {tag}-[0-9a-z]* ran' || true")
+        for line in lines.split():
+            if line.startswith(tag):
+                counts[line] = counts.get(line, 0) + 1
+    return counts

@@ -8,16 +8,14 @@ ran it, so "exactly once" is counted in the journals of both hosts.
 """
 
 import json
-import threading
 import time
 
 import pytest
-from celery import Celery
 
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import H1, H2, TEST_SANDBOX, commit, current_release, fab, on_host, prepare_env
+from .conftest import H1, H2, TEST_SANDBOX, Producer, commit, current_release, fab, on_host, prepare_env, ran_counts
 
 CELERY = "examples/exampleapp/exampleapp/celery.py"
 TASKS = "examples/exampleapp/ledger/tasks.py"
@@ -41,54 +39,6 @@ def stage(sandbox_config):
     if not current_release(config.load(sandbox_config).stage(TEST_SANDBOX), 0):
         fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
     return config.load(sandbox_config).stage(TEST_SANDBOX)
-
-
-class Producer:
-    """Sends `ledger.tasks.probe` to the default queue every `interval` seconds until stopped; with
-    `slow_every`, every so many tasks one runs for `slow` seconds."""
-
-    def __init__(self, interval: float = 0.1, slow_every: int = 0, slow: float = 3.0):
-        self.interval, self.slow_every, self.slow = interval, slow_every, slow
-        url = Sandbox(TEST_SANDBOX).broker_url()
-        self.app = Celery("e2e-producer", broker=url, backend=url)
-        self.tag = f"p{time.time_ns()}"
-        self.sent: list = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        n = 0
-        while not self.stop.is_set():
-            args = [f"{self.tag}-{n}"] + ([self.slow] if self.slow_every and n % self.slow_every == 0 else [])
-            self.sent.append((time.time(), self.app.send_task("ledger.tasks.probe", args=args, queue="celery")))
-            n += 1
-            time.sleep(self.interval)
-
-    def long(self, seconds: float):
-        return self.app.send_task("ledger.tasks.probe", args=[f"{self.tag}-long", seconds], queue="celery")
-
-    def __enter__(self):
-        self.thread.start()
-        time.sleep(1)
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=10)
-
-    def results(self, timeout: float = 120) -> list[dict]:
-        return [r.get(timeout=timeout) for _, r in self.sent]
-
-
-def ran_counts(stage, tag: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for index in (0, 1):
-        lines = on_host(stage, index, f"journalctl -u 'exampleapp-worker-*' -o cat --no-pager --since '-10min' "
-                                      f"| grep -o 'probe {tag}-[0-9a-z]* ran' || true")
-        for line in lines.split():
-            if line.startswith(tag):
-                counts[line] = counts.get(line, 0) + 1
-    return counts
 
 
 def unacked(stage) -> int:

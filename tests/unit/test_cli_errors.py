@@ -170,6 +170,7 @@ UNREACHABLE = (STAGE.replace("10.0.0.5", "192.0.2.5").replace("10.0.0.6", "192.0
     (("sandbox.up", "--hosts", "-1"), "--hosts takes a number of hosts, got '-1'"),
     (("sandbox.up", "--hosts", "\u00b2"), "--hosts takes a number of hosts, got '\u00b2'"),
     (("sandbox.up", "--hosts", "0"), "--hosts must be between 1 and"),
+    (("sandbox.up", "--broker", "kafka"), "--broker must be one of redis, rabbitmq, got 'kafka'"),
     (("sandbox.down", "--stage", "Bad"), "sandbox name 'Bad' must be 1-9 lowercase letters"),
     (("env.set", "BAD KEY=x"), "'BAD KEY' is not a valid variable name"),
     (("env.set", "KEY=a\nb"), "the value of KEY spans several lines"),

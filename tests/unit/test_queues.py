@@ -99,3 +99,29 @@ def test_stranded_is_what_no_live_worker_holds_of_the_asked_queues_taken_before_
 def test_node_names_split_into_host_and_release():
     assert queues.node_parts("reports.2026-11-24-120000@web2") == ("web2", "2026-11-24-120000")
     assert queues.node_parts("celery@box") == ("box", None)
+
+
+def test_on_rabbitmq_what_the_broker_cannot_tell_is_a_note_with_its_fix_not_a_guess():
+    data = json.loads(agent_report(reports={"waiting": 7, "unacked": None, "oldest_unacked_s": None,
+                                            "stranded": None}))
+    data.update(transport="amqp", complete=False,
+                notes=["unacked unknown: RabbitMQ's management API at mq:15672/api did not answer (refused). Fix: x"])
+    report = queues.parse(json.dumps(data))
+    assert report.broker == "amqp" and report.queues[2].unacked is None
+    found = queues.problems(stage_of(STAGE), report)
+    assert found[-1].startswith("unacked unknown: RabbitMQ's management API") and "Fix:" in found[-1]
+    assert not any("not every worker answered" in p for p in found)  # stranded is Redis's matter only
+    assert "queue reports: 7 waiting, ? unacked" in queues.summary(report)[2]
+
+
+def test_task_names_are_read_from_either_protocol_and_foreign_messages_are_skipped():
+    from base64 import b64encode
+
+    v2 = json.dumps({"headers": {"task": "shop.tasks.a", "id": "1"}, "body": "W10=", "properties": {}})
+    v1_body = json.dumps({"task": "shop.tasks.old", "id": "2", "args": []})
+    assert celery_agent.task_name(v2, None) == "shop.tasks.a"  # Redis: the whole message is the JSON
+    assert celery_agent.task_name(json.dumps({"headers": {}, "body": v1_body}), None) == "shop.tasks.old"
+    assert celery_agent.task_name(b'[[], {}, {}]', {"task": "shop.tasks.b"}) == "shop.tasks.b"  # AMQP headers
+    assert celery_agent.task_name(v1_body.encode(), {}) == "shop.tasks.old"
+    assert celery_agent.task_name(b64encode(b"not json"), {}) is None
+    assert celery_agent.task_name("plain", None) is None

@@ -33,3 +33,9 @@ def test_write_creates_the_file_when_missing(tmp_path):
     target = tmp_path / "hosts.toml"
     stage.write(target, "sb", stage.render("sb", HOSTS, SSH, Path("/r")))
     assert config.load(target).stage(None).name == "sb"
+
+
+def test_the_broker_unit_is_the_sandboxs_broker(tmp_path):
+    for broker, unit in (("redis", "redis-server.service"), ("rabbitmq", "rabbitmq-server.service")):
+        block = stage.render("sb", HOSTS, SSH, Path("/r"), broker)
+        assert config.parse(block, tmp_path / "hosts.toml").stage("sb").systemd.broker_unit == unit

@@ -2,8 +2,9 @@
 which systemd loads from the env file (EnvironmentFile=) that `fab setup` creates:
 
     DJANGO_SECRET_KEY       required
-    CELERY_BROKER_URL       required, e.g. redis://:password@localhost:6379/0
-    CELERY_RESULT_BACKEND   optional, defaults to the broker URL
+    CELERY_BROKER_URL       required, e.g. redis://:password@localhost:6379/0 or
+                            amqp://user:password@localhost:5672// (RabbitMQ)
+    CELERY_RESULT_BACKEND   optional, defaults to the broker URL on Redis, rpc:// on RabbitMQ
     DATABASE_URL            optional, sqlite:////abs/path.sqlite3 (default: db.sqlite3 beside
                             the code) or postgres://user:password@host:5432/name
     DJANGO_DEBUG            optional, "1" to turn debug on
@@ -73,7 +74,10 @@ LOGGING = {
 
 # Celery: read by exampleapp/celery.py (namespace "CELERY").
 CELERY_BROKER_URL = required("CELERY_BROKER_URL")
-CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or CELERY_BROKER_URL
+# RabbitMQ is no result store: Celery sends results back to the caller over it instead (rpc://).
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or (
+    "rpc://" if CELERY_BROKER_URL.startswith(("amqp", "pyamqp")) else CELERY_BROKER_URL
+)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ACKS_LATE = True  # the tasks below are idempotent: re-run them if a worker dies
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
