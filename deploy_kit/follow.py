@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 S = CutoverStatus
 STARTUP_GRACE = 15  # seconds a started cutover may take to write its first state
+ENDED = ("inactive", "failed")  # what `systemctl is-active` says of a unit that ended (or never ran)
 
 
 def budget(params: dict[str, Any]) -> float:
@@ -50,13 +51,16 @@ def _launch_script(params: dict[str, object], unit: str, app_name: str, python: 
 
 
 def _follow_script(unit: str, path: str) -> str:
-    """Print `ACTIVE-STATE STATE-JSON` each time either changes (the unit's state first, then the
-    file: a cutover that ends in between is read as ended, not dead), until the unit has ended."""
-    return (f"prev=''\nwhile :; do\n"
+    """Print `ACTIVE-STATE STATE-JSON` each time either changes, and every 5 s anyway (a silent
+    link is noticed, a reader that went away ends this loop), until the unit has ended. The
+    unit's state is read first, then the file: a cutover that ends in between is read as ended,
+    not dead. Only `inactive` or `failed` end it (an empty answer of a busy systemd does not)."""
+    return (f"prev=''; n=0\nwhile :; do\n"
             f"  a=$(systemctl is-active {quote(unit)} 2>/dev/null || true)\n"
             f"  s=$(cat {quote(path)} 2>/dev/null || true)\n"
-            f"  if [ \"$a $s\" != \"$prev\" ]; then printf '%s %s\\n' \"$a\" \"$s\"; prev=\"$a $s\"; fi\n"
-            f"  case \"$a\" in active|activating|reloading) sleep 0.2 ;; *) exit 0 ;; esac\n"
+            f"  if [ \"$a $s\" != \"$prev\" ] || [ $((n % 25)) -eq 0 ]; then\n"
+            f"    printf '%s %s\\n' \"$a\" \"$s\"; prev=\"$a $s\"\n  fi\n  n=$((n + 1))\n"
+            f"  case \"$a\" in inactive|failed) exit 0 ;; *) sleep 0.2 ;; esac\n"
             f"done\n")
 
 
@@ -103,7 +107,7 @@ class Progress:
 
     def feed(self, line: str) -> None:
         active, _, text = line.partition(" ")
-        self.seen, self.running = True, active in ("active", "activating", "reloading")
+        self.seen, self.running = True, active not in ENDED
         state = _parse(text, self.last.id)
         if state is None:
             return

@@ -272,8 +272,14 @@ class Run:
         """Start the queue summary's `steps` in the background (they never fail the run); the
         function returned waits for them and says what they found (or, given False, stays silent)."""
         found: dict[str, Any] = {}
-        worker = threading.Thread(target=lambda: found.update(self.execute(steps, what="reading the queues")),
-                                  daemon=True)
+
+        def read() -> None:
+            try:
+                found.update(self.execute(steps, what="reading the queues"))
+            except BaseException as exc:  # noqa: BLE001 - the summary never fails the run
+                found[""] = [f"queues: unknown ({exc})"]
+
+        worker = threading.Thread(target=read, daemon=True)
         worker.start()
 
         def wait(say: bool = True) -> None:

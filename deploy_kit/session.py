@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -25,6 +26,7 @@ class Session:
         self.stage = stage
         self.hosts = list(hosts if hosts is not None else stage.hosts)
         self.require_all = require_all
+        self._reconnecting = threading.Lock()
         self.remotes: dict[str, RemoteHost] = {}
         self.unreachable: dict[str, DeployKitError] = {}
 
@@ -60,17 +62,22 @@ class Session:
     def remote(self, name: str) -> RemoteHost:
         return self.remotes[name]
 
-    def reconnect(self, name: str) -> None:
-        """Replace a dropped connection; keeps the old one when the host is still unreachable."""
+    def reconnect(self, name: str, *, only_if_dead: bool = False) -> None:
+        """Replace a dropped connection; keeps the old one when the host is still unreachable. One
+        at a time (the queue summary reads alongside Beat): a connection just made is never closed."""
         host = next(h for h in self.hosts if h.name == name)
-        try:
-            fresh = connect(host, self.stage.ssh)
-        except DeployKitError:
-            return
-        old = self.remotes.get(name)
-        self.remotes[name] = fresh
-        if old is not None:
-            old.close()
+        with self._reconnecting:
+            old = self.remotes.get(name)
+            if only_if_dead and old is not None and old.connection.transport is not None \
+                    and old.connection.transport.is_active():
+                return
+            try:
+                fresh = connect(host, self.stage.ssh)
+            except DeployKitError:
+                return
+            self.remotes[name] = fresh
+            if old is not None:
+                old.close()
 
     def revive(self, names: Iterable[str]) -> None:
         """Reconnect the hosts whose connection died (no round trip for the live ones)."""
@@ -78,7 +85,7 @@ class Session:
             remote = self.remotes.get(name)
             transport = remote.connection.transport if remote is not None else None
             if transport is None or not transport.is_active():
-                self.reconnect(name)
+                self.reconnect(name, only_if_dead=True)
 
     def each(self, work: Callable[[RemoteHost], Result], *, what: str,
              only: Iterable[str] | None = None) -> dict[str, Result]:

@@ -6,6 +6,7 @@ keyed by requirements and target, so an unchanged deploy downloads nothing.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import subprocess
 import sys
@@ -56,21 +57,26 @@ class Wheelhouse:
         digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
         directory = self.cache_dir / "wheels" / self.target.key / digest
         done = directory / ".complete"
-        if not done.exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            requirements = directory / "requirements.txt"
-            requirements.write_text(self.requirements + "".join(f"\n{r}" for r in extra) + "\n")
-            for name, text in self.constraints.items():
-                (directory / name).write_text(text)
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                 "--dest", str(directory), *self.target.pip_args(), "-r", str(requirements)],
-                capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = "\n".join(line for line in proc.stderr.splitlines()
-                                 if not line.startswith("WARNING: Location"))[-1500:]
-                raise WheelError(f"could not fetch wheels for Python {self.target.python} on "
-                                 f"{self.target.machine}:\n{tail}\nFix: make sure every requirement has a "
-                                 "wheel on your package index (pure-Python sdists: build and publish a wheel)")
-            done.write_text("")
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two deploys at once: one downloads, the other waits for it
+            if not done.exists():
+                self._download(directory, extra)
+                done.write_text("")
         return sorted(directory.glob("*.whl"))
+
+    def _download(self, directory: Path, extra: list[str]) -> None:
+        requirements = directory / "requirements.txt"
+        requirements.write_text(self.requirements + "".join(f"\n{r}" for r in extra) + "\n")
+        for name, text in self.constraints.items():
+            (directory / name).write_text(text)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+             "--dest", str(directory), *self.target.pip_args(), "-r", str(requirements)],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(line for line in proc.stderr.splitlines()
+                             if not line.startswith("WARNING: Location"))[-1500:]
+            raise WheelError(f"could not fetch wheels for Python {self.target.python} on "
+                             f"{self.target.machine}:\n{tail}\nFix: make sure every requirement has a "
+                             "wheel on your package index (pure-Python sdists: build and publish a wheel)")

@@ -128,12 +128,12 @@ def check(p: dict, building: str) -> dict:
     argv = [python, "-c", probes.READ_STDIN, "release", p["celery_app"], json.dumps(p.get("queues", []))]
     code, out, err = hostlib.run(hostlib.service_argv(p["service_environment"], building, argv),
                                  stdin=probes.release_program(), timeout=600)
-    lines = (out + err).strip().splitlines()
-    last = out.strip().splitlines()[-1] if out.strip() else ""
+    answers = [line[len(probes.RESULT):] for line in out.splitlines() if line.startswith(probes.RESULT)]
+    last = answers[-1] if answers else ""
     if code == 0 and last.startswith("ok "):
         return json.loads(last[3:])
     what = last[5:] if last.startswith("fail ") else "the release check did not finish"
-    tail = "\n".join(line for line in lines if line != last)
+    tail = "\n".join(line for line in (out + err).strip().splitlines() if not line.startswith(probes.RESULT))
     raise Stop(BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=p.get("reused", False)),
                f"RELEASE CHECK FAILED: {what}\n" + "\n".join(tail.splitlines()[-25:]))
 

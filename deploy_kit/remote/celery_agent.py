@@ -39,8 +39,7 @@ from deploy_kit.remote import hostlib
 
 # DEPLOY_KIT_RABBITMQ_API: RabbitMQ's management API, when it is not at the broker's host on port
 # 15672 (15671 over TLS) with the broker's user, e.g. https://monitor:PASSWORD@mq.internal:15671/api/
-URL_NAMES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DEPLOY_KIT_RABBITMQ_API")
-SECRETS = set().union(*(hostlib.url_secrets(os.environ.get(name, "")) for name in URL_NAMES))
+SECRETS = hostlib.env_secrets()
 
 
 def say(ok: bool, detail: str, request_id: object = None) -> None:

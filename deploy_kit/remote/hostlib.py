@@ -162,9 +162,13 @@ def take_lock(state_dir: str, holder: dict) -> dict:
         os.mkdir(lock, 0o700)
     except FileExistsError:
         return {"acquired": False, "holder": read_lock(state_dir) or {"who": "unknown (no holder file)"}}
-    with open(os.path.join(lock, "holder.json.tmp"), "w") as handle:
-        json.dump(holder, handle)
-    os.replace(os.path.join(lock, "holder.json.tmp"), os.path.join(lock, "holder.json"))
+    try:
+        with open(os.path.join(lock, "holder.json.tmp"), "w") as handle:
+            json.dump(holder, handle)
+        os.replace(os.path.join(lock, "holder.json.tmp"), os.path.join(lock, "holder.json"))
+    except BaseException:  # a full disk: no lock without a holder (nobody could release it)
+        shutil.rmtree(lock, ignore_errors=True)
+        raise
     return {"acquired": True, "holder": holder}
 
 
@@ -199,6 +203,14 @@ def mask_url(url: str) -> str:
     """The URL with its whole user info (user and password) shown as `***`."""
     head, userinfo, rest = _split_url(url)
     return head + "***@" + rest if userinfo else url
+
+
+SECRET_URLS = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DEPLOY_KIT_RABBITMQ_API")
+
+
+def env_secrets() -> set:
+    """The secrets in the URLs of this process's environment (the service's, under systemd-run)."""
+    return set().union(*(url_secrets(os.environ.get(name, "")) for name in SECRET_URLS))
 
 
 def url_secrets(url: str) -> set:

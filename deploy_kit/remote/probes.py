@@ -22,6 +22,7 @@ import runpy
 import socket
 import ssl
 import sys
+import traceback
 from urllib.parse import unquote, urlsplit
 
 from deploy_kit.remote import hostlib
@@ -97,10 +98,14 @@ def app(name: str) -> tuple:
 
 
 def release(celery_app: str, queues: list) -> tuple:
-    """(ok, detail): `manage.py check` run in this process as manage.py runs it (its settings;
-    its messages go to stdout and stderr), then the Celery app, then the queued task names it
-    lacks. The detail of a success is JSON: {"tasks", "unregistered": {name: count}} or, when the
-    queues could not be read, {"tasks", "queued_error"}."""
+    """(ok, detail): the Celery app imports in a fresh interpreter, as a worker starts it; then
+    `manage.py check` runs in this process as manage.py runs it (its messages go to stdout and
+    stderr); then the queued task names the app lacks. The detail of a success is JSON:
+    {"tasks", "unregistered": {name: count}} or, when the queues could not be read,
+    {"tasks", "queued_error"}."""
+    ok, detail = app(celery_app)
+    if not ok:
+        return False, f"the Celery app -A {celery_app} does not import: {detail}"
     argv = sys.argv
     sys.argv = ["manage.py", "check", "--fail-level", "ERROR"]
     try:
@@ -108,11 +113,11 @@ def release(celery_app: str, queues: list) -> tuple:
     except SystemExit as exc:
         if exc.code not in (None, 0):
             return False, "manage.py check"
+    except BaseException:  # noqa: BLE001 - e.g. an ImportError in the settings: show where
+        traceback.print_exc()
+        return False, "manage.py check"
     finally:
         sys.argv = argv
-    ok, detail = app(celery_app)
-    if not ok:
-        return False, f"the Celery app -A {celery_app} does not import: {detail}"
     found: dict = {"tasks": detail}
     if queues:
         try:
@@ -125,9 +130,12 @@ def release(celery_app: str, queues: list) -> tuple:
     return True, json.dumps(found)
 
 
+RESULT = "deploy-kit-release-check: "  # marks the release check's answer among the project's output
+
+
 def main(argv: list) -> None:
     url = os.environ.get("CELERY_BROKER_URL", "").strip()
-    secrets = hostlib.url_secrets(url)
+    secrets = hostlib.env_secrets()
     try:
         if argv[0] == "broker":
             ok, detail = broker(url)
@@ -137,8 +145,14 @@ def main(argv: list) -> None:
             ok, detail = app(argv[1])
     except BaseException as exc:  # noqa: BLE001 - a bug here must still answer, masked
         ok, detail = False, f"{type(exc).__name__}: {exc}"
-    print(("ok " if ok else "fail ") + hostlib.hide(detail, secrets))
-    sys.exit(0 if ok else 1)
+    answer = ("ok " if ok else "fail ") + hostlib.hide(detail, secrets)
+    if argv[0] != "release":
+        print(answer)
+        sys.exit(0 if ok else 1)
+    print(RESULT + answer)  # the project's code ran here: nothing it left (atexit, threads) prints after it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)
 
 
 def program() -> str:

@@ -60,7 +60,9 @@ def host(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "directory", lambda path, owner, group, mode: os.makedirs(path, exist_ok=True))
     checks = []
     monkeypatch.setattr(build.hostlib, "run", lambda argv, stdin=None, timeout=60: checks.append((argv, stdin))
-                        or (0, 'System check identified no issues.\nok {"tasks": "9 tasks registered"}', ""))
+                        or (0, 'System check identified no issues.\n'
+                               'deploy-kit-release-check: ok {"tasks": "9 tasks registered"}\n'
+                               'printed by an atexit hook\n', ""))
     return params, stage_dir, srv, ran, checks
 
 
@@ -82,7 +84,7 @@ def test_a_release_reuses_the_matching_environment_and_is_checked_as_the_service
 def test_a_release_that_fails_its_check_never_appears(host, monkeypatch):
     params, stage_dir, srv, _ran, _checks = host
     monkeypatch.setattr(build.hostlib, "run", lambda argv, stdin=None, timeout=60:
-                        (1, "fail manage.py check\n", "SystemCheckError: boom"))
+                        (1, "deploy-kit-release-check: fail manage.py check\n", "SystemCheckError: boom"))
     with pytest.raises(build.Stop) as stopped:
         build.build(params, str(stage_dir))
     assert stopped.value.outcome == BuildOutcome(BuildStatus.CHECK_FAILED, reused_env=True)

@@ -3,6 +3,8 @@ one `systemctl show` parser, the lock (with tmp_path and a fake runner; no host 
 
 import os
 
+import pytest
+
 from deploy_kit.remote import hostlib
 
 
@@ -70,3 +72,16 @@ def test_a_dollar_in_a_command_reaches_the_service_as_written():
     """systemd expands $NAME and ${NAME} in what it runs: every `$` goes as `$$`."""
     argv = hostlib.service_argv([], "/srv", ["python", "-c", 'print(f"${len(x)}$HOME$$")'])
     assert argv[-1] == 'print(f"$${len(x)}$$HOME$$$$")'
+
+
+def test_a_lock_whose_holder_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A full disk while the holder file is written: no lock without a holder (nobody could release it)."""
+    state = str(tmp_path / ".deploy-kit")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hostlib.json, "dump", full)
+    with pytest.raises(OSError):
+        hostlib.take_lock(state, {"who": "alice", "token": "t1"})
+    assert hostlib.read_lock(state) is None

@@ -62,9 +62,21 @@ def test_the_release_check_runs_manage_py_check_and_imports_the_app_in_one_pytho
     proc = subprocess.run([sys.executable, "-c", probes.READ_STDIN, "release", "proj.celery", "[]"],
                           input=probes.release_program(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin"})
-    last = proc.stdout.strip().splitlines()[-1]
+    last = proc.stdout.strip().splitlines()[-1].removeprefix(probes.RESULT)
     if check_fails:
         assert proc.returncode == 1 and last == "fail manage.py check" and "proj.E001" in proc.stderr
     else:
         assert proc.returncode == 0 and last.startswith("ok ")
         assert json.loads(last[3:])["tasks"].endswith("tasks registered")
+
+
+def test_a_celery_app_that_needs_django_set_up_fails_as_its_worker_would(tmp_path):
+    """A worker imports the Celery app before anything sets Django up: so does the release check."""
+    _project(tmp_path)
+    (tmp_path / "proj" / "celery.py").write_text(
+        "from django.apps import apps\napps.check_apps_ready()\nfrom celery import Celery\napp = Celery('proj')\n")
+    proc = subprocess.run([sys.executable, "-c", probes.READ_STDIN, "release", "proj.celery", "[]"],
+                          input=probes.release_program(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "proj.settings"})  # the env file's
+    last = proc.stdout.strip().splitlines()[-1].removeprefix(probes.RESULT)
+    assert proc.returncode == 1 and "does not import" in last and "AppRegistryNotReady" in last
