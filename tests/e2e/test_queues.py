@@ -91,7 +91,7 @@ def test_depths_unacked_consumers_and_workers_match_the_messages_sent(stage, san
     assert sorted(celery["consumers"]) == [f"default.{release}@{H1}", f"default.{release}@{H2}"]
     assert not any(q["name"].startswith("deploy-kit.") for q in report["queues"])  # no private queue
     nodes = {w["node"]: w for w in report["workers"]}
-    assert set(nodes) == {f"{s}.{release}@dktest{i}" for s in ("default",) for i in (1, 2)}  # reports stopped
+    assert set(nodes) == {f"{s}.{release}@{TEST_SANDBOX}{i}" for s in ("default",) for i in (1, 2)}  # reports stopped
     assert all(set(w) >= {"node", "host", "release", "active", "reserved", "succeeded", "failed"}
                for w in nodes.values())
     assert {w["release"] for w in nodes.values()} == {release}
@@ -128,7 +128,7 @@ def test_queued_tasks_the_new_release_lacks_stop_a_strict_deploy_before_the_swit
     import redis
 
     release = current_release(stage, 0)
-    nodes = [f"reports.{release}@dktest{i}" for i in (1, 2)]  # they keep running (the preflight wants them),
+    nodes = [f"reports.{release}@{TEST_SANDBOX}{i}" for i in (1, 2)]  # they keep running (the preflight wants them),
     broker.control.cancel_consumer("reports", destination=nodes, reply=True, timeout=5)  # but take nothing
     try:
         for _ in range(3):
