@@ -118,6 +118,17 @@ def call_task(stage, index: int, task: str, args: list | None = None, timeout: i
     return on_host(stage, index, command + "\n").strip()
 
 
+def wait_for(predicate, timeout: float = 60, what: str = ""):
+    """`predicate()`'s first true value, asked every 0.5 s; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def current_release(stage, index: int) -> str:
     return on_host(stage, index, f"readlink {stage.app.current_link} || true").strip().removeprefix("releases/")
 

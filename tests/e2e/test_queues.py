@@ -12,7 +12,7 @@ from celery import Celery
 
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import H1, H2, TEST_SANDBOX, current_release, fab, on_host
+from .conftest import H1, H2, TEST_SANDBOX, current_release, fab, on_host, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +52,6 @@ def done_counts(stage, tag: str) -> dict[str, int]:
         for line in found.splitlines():
             counts[line.split()[-1]] = counts.get(line.split()[-1], 0) + 1
     return counts
-
-
-def wait_for(predicate, timeout: float = 30, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def unacked() -> int:

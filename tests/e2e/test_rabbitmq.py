@@ -17,7 +17,19 @@ from celery import Celery
 
 from deploy_kit import config
 
-from .conftest import Producer, boot, call_task, commit, current_release, fab, on_host, prepare_env, ran_counts, say
+from .conftest import (
+    Producer,
+    boot,
+    call_task,
+    commit,
+    current_release,
+    fab,
+    on_host,
+    prepare_env,
+    ran_counts,
+    say,
+    wait_for,
+)
 
 NAME = "dkrabbit"
 HOST = f"{NAME}1"
@@ -57,16 +69,6 @@ def ready(broker, queue: str) -> int:
     """Messages waiting in `queue`, asked of RabbitMQ from this machine (passive declare)."""
     with broker.connection_for_write() as connection, connection.channel() as channel:
         return channel.queue_declare(queue=queue, passive=True).message_count
-
-
-def wait_for(predicate, timeout: float = 60, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker(stage, service: str) -> str:
