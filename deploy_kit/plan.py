@@ -87,8 +87,11 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
     target = params["target"]
     if params.get("phase") == "beat":
         return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
-                ("restart beat", f"systemctl restart {params['beat_unit']}"),
-                ("wait for beat", f"until Beat runs from releases/{target}, and still does {params['watch']}s later")]
+                ("restart beat", f"systemctl restart --no-block {params['beat_unit']} (queued: the old Beat's stop "
+                                 f"may take its TimeoutStopSec, {params['stop_timeout']}s)"),
+                ("wait for beat", f"until Beat runs from releases/{target} (within "
+                                  f"{params['stop_timeout'] + params['verify']['timeout']}s), and still does "
+                                  f"{params['watch']}s later")]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]

@@ -12,7 +12,8 @@ A service with `handover = false` restarts in place instead (stop the old, then 
 and join the new: the queue waits, but verification is never starved by user tasks).
 
 Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
-    switch `current`, restart Beat, wait until it runs from the target and still does after the watch.
+    switch `current`, restart Beat (queued: its stop may take its whole TimeoutStopSec), wait until it
+    runs from the target and still does after the watch; all of it bounded by stop timeout + verify timeout.
 
 Failure before the join: the new instance is killed at once (it held no user task); the old
 one never stopped. Failure during the watch: the new instance leaves the real queues and
@@ -260,10 +261,19 @@ class Cutover:
             self.systemctl("enable", "--quiet", *units)
         return self.switch(release, strict=not units)  # once the old ones retired, the switch must happen
 
+    def restart_beat(self) -> str:
+        """Queued, not waited for here: Beat's stop can last its whole TimeoutStopSec (without a
+        broker it may not stop before systemd kills it); `wait_beat` bounds stop and start."""
+        unit = self.p["beat_unit"]
+        run(["systemctl", "reset-failed", unit])  # a `failed` seen from now on is this start's
+        self.systemctl("restart", "--no-block", unit)
+        return f"{unit} restarting"
+
     def wait_beat(self, release: str) -> str:
         unit = self.p["beat_unit"]
         want = os.path.realpath(os.path.join(self.p["releases_dir"], release))
-        deadline = time.time() + float(self.p["verify"]["timeout"])
+        bound = float(self.p["stop_timeout"]) + float(self.p["verify"]["timeout"])  # the old one's stop, then a start
+        deadline, info = time.time() + bound, {}
         while time.time() < deadline:
             info = self.show(unit)
             if info.get("ActiveState") == "failed":
@@ -276,7 +286,8 @@ class Cutover:
                 except OSError:
                     pass
             time.sleep(0.2)
-        raise StepFailed(f"Beat does not run from releases/{release} after {self.p['verify']['timeout']}s")
+        raise StepFailed(f"Beat does not run from releases/{release} after {bound:.0f}s (the old one's stop and a "
+                         f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
 
     def watch_beat(self, unit: str, pid: str, release: str) -> str:
         """Beat started is not Beat running: it loads its scheduler and schedule after the start.
@@ -377,7 +388,7 @@ class Cutover:
         target, workers = self.p["target"], self.p["workers"]
         if self.p.get("phase") == "beat":
             self.step("switch", self.switch, target)
-            self.step("restart beat", self.systemctl, "restart", self.p["beat_unit"])
+            self.step("restart beat", self.restart_beat)
             self.step("wait for beat", self.wait_beat, target)
             return
         if not workers:  # e.g. a host that only migrates: its `current` moves with the stage
@@ -395,7 +406,7 @@ class Cutover:
         if self.p.get("phase") == "beat":
             if previous:
                 self.step("switch back", self.switch, previous, False)
-                self.step("restart beat (back)", self.systemctl, "restart", self.p["beat_unit"])
+                self.step("restart beat (back)", self.restart_beat)
                 self.step("wait for beat (back)", self.wait_beat, previous)
             return
         self.step("give back", self.give_back)

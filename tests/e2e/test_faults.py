@@ -348,8 +348,7 @@ def test_a_disk_that_fills_while_the_release_is_written(stage, sandbox_config):
     assert deploy(sandbox_config).returncode == 0
 
 
-@pytest.mark.parametrize("moment", ["start: ok", pytest.param("join: ok", marks=pytest.mark.skip(
-    reason="open bug (issue 12 note): Beat restarted with the broker down can outlast systemctl's 60 s"))])
+@pytest.mark.parametrize("moment", ["start: ok", "join: ok"])
 def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
     """Redis stops while the new workers verify (or while they are watched on the real queues) and
     stays down until the deploy ends: every host ends on the old release or the verified new one,

@@ -179,7 +179,33 @@ def test_beat_moves_with_current_and_goes_back_when_it_fails(host, monkeypatch):
     assert state.status == CutoverStatus.ROLLED_BACK
     assert [s.name for s in state.steps][:3] == ["switch", "restart beat", "wait for beat"]
     assert os.readlink(tmp / "current") == f"releases/{OLD}"
-    assert systemd.verbs().count("restart shop-beat.service") == 2
+    assert systemd.verbs().count("restart --no-block shop-beat.service") == 2
+
+
+def test_a_beat_that_does_not_stop_is_given_up_within_its_stop_timeout(host, monkeypatch):
+    """Without a broker the old Beat may not stop before systemd kills it: the restart is queued,
+    and waiting for it is bounded by Beat's stop timeout plus the verification timeout."""
+    tmp, params = host
+    systemd = FakeSystemd({"shop-beat.service": "active"})
+    clock = [1000.0]
+    monkeypatch.setattr(cutover.time, "time", lambda: clock[0])
+    monkeypatch.setattr(cutover.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    real = systemd.__call__
+
+    def stuck(argv, timeout=60):
+        done = real(argv, timeout)
+        if argv[:2] == ["systemctl", "restart"]:
+            systemd.units["shop-beat.service"].update(ActiveState="deactivating", SubState="stop-sigterm")
+        return done
+
+    p = params(phase="beat")
+    state = run_program(monkeypatch, stuck, p)
+    bound = p["stop_timeout"] + p["verify"]["timeout"]
+    assert state.status == CutoverStatus.ROLLBACK_FAILED
+    assert f"after {bound:.0f}s" in state.failure and "deactivating/stop-sigterm" in state.failure
+    waits = [s for s in state.steps if s.name.startswith("wait for beat")]
+    assert len(waits) == 2 and all(bound <= s.ended - s.started < bound + 5 for s in waits)
+    assert os.readlink(tmp / "current") == f"releases/{OLD}"  # the way back still moved `current`
 
 
 def test_the_state_file_is_this_runs_and_typed(host, monkeypatch):
