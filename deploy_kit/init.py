@@ -96,8 +96,10 @@ def detect(root: Path, near: Path | None = None) -> Project:
 
 
 _EXAMPLE_INTRO = ("# deploy-kit configuration. Copy this file to hosts.toml (or point DEPLOY_KIT_CONFIG at\n"
-                  "# your copy) and edit it.")
-_INTRO = "# deploy-kit configuration, read from ./hosts.toml (or the file DEPLOY_KIT_CONFIG names)."
+                  "# your copy) and edit it. Every key is shown with its default; keys marked \"required\"\n"
+                  "# have none.\n")
+_INTRO = ("# deploy-kit configuration, read from ./hosts.toml (or the file DEPLOY_KIT_CONFIG names).\n"
+          "# Every key is shown with its default; keys marked \"required\" have none.\n")
 
 
 def hosts_toml(project: Project) -> str:
@@ -121,8 +123,8 @@ def hosts_toml(project: Project) -> str:
         text = text.replace("/srv/myapp", f"/srv/{project.name}").replace("/etc/myapp/myapp.env",
                                                                         f"/etc/{project.name}/{project.name}.env")
         text = re.sub(r'^(user|group) = "myapp"$', rf'\1 = "{project.name}"', text, flags=re.M)
-    header = ("# Written by deploy-kit's `init`: describe your stages' hosts, then run `setup` "
-              "(`fab setup` or `deploy-kit setup`).\n")
+    header = ("# Written by deploy-kit's `init`: describe your stages' hosts, then run `setup`\n"
+              "# (`fab setup` or `deploy-kit setup`).\n")
     if project.missing:
         header += "# Still to fill in by hand:\n" + "".join(f"#   - {m}\n" for m in project.missing)
     return header + text
