@@ -40,6 +40,10 @@ if ! [[ $DEPLOY_KIT =~ ^git\+[a-z]+://.+@[0-9a-f]{40}$ || $DEPLOY_KIT =~ \.whl$ 
        "nor a wheel: set it to one of them (a bare name installs whatever a package index holds)" >&2
   exit 2
 fi
+if [[ $DEPLOY_KIT == *.whl && $DEPLOY_KIT != *://* ]]; then  # a wheel here: found before the cd below
+  [[ -f $DEPLOY_KIT ]] || { echo "DEPLOY_KIT=$DEPLOY_KIT: no such wheel file" >&2; exit 2; }
+  DEPLOY_KIT=$(realpath "$DEPLOY_KIT")
+fi
 
 cd "$(git rev-parse --show-toplevel)/${DEPLOY_DIR:-.}"
 umask 077

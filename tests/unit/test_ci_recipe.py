@@ -95,3 +95,14 @@ def test_the_workflow_pins_deploy_kit_and_runs_the_copied_script():
     assert workflow["run"] == "ci/deploy.sh" and "./examples/ci/deploy.sh" not in workflow["text"]
     assert workflow["env"]["DEPLOY_STAGE"] == "staging-ci"
     assert workflow["env"]["DEPLOY_SSH_KEY"] == "${{ secrets.DEPLOY_SSH_KEY }}"
+
+
+def test_a_wheel_path_is_taken_from_where_the_job_runs_even_with_deploy_dir(tmp_path):
+    (tmp_path / "project/dist").mkdir(parents=True)
+    wheel = tmp_path / "project/dist/deploy_kit-0.1.0-py3-none-any.whl"
+    wheel.write_text("")
+    proc, calls = run(tmp_path, DEPLOY_KIT="dist/" + wheel.name, DEPLOY_DIR="backend", **SECRETS)
+    assert proc.returncode == 0, proc.stderr
+    assert calls[1].endswith(f" {wheel}")
+    missing, calls = run(tmp_path, DEPLOY_KIT="dist/nope.whl", **SECRETS)
+    assert missing.returncode == 2 and "no such wheel file" in missing.stderr and calls == []
