@@ -199,9 +199,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except FileNotFoundError:
         source = f"${CONFIG_ENV_VAR}" if (path is None and os.environ.get(CONFIG_ENV_VAR)) else "default"
         raise ConfigError(
-            f"{file}: no such file ({source} location). Fix: copy hosts.example.toml to hosts.toml "
-            f"and edit it, point {CONFIG_ENV_VAR} at your file, or run `fab sandbox.up` "
-            "to get a sandbox stage"
+            f"{file}: no such file ({source} location). Fix: run `deploy-kit init` in your Django "
+            "project (it writes a documented hosts.toml; hosts.example.toml shows every key), point "
+            f"{CONFIG_ENV_VAR} at your file, or run `fab sandbox.up` to get a sandbox stage"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read it: {exc.strerror}") from None

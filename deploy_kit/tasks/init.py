@@ -18,12 +18,13 @@ def init(c, directory="."):
             console.print(f"wrote {name}", markup=False)
         for name in kept:
             console.print(f"left {name} alone: it exists", markup=False)
-        found = {"app.path": project.path or "(the top)", "app.name": project.name,
+        found = {"app.repo": f"{project.repo} (the repository's top, from hosts.toml's directory)",
+                 "app.path": project.path or "(the top)", "app.name": project.name,
                  "app.celery_app": project.celery_app, "app.requirements": project.requirements}
         for key, value in found.items():
             if value:
                 console.print(f"found {key} = {value}", markup=False)
         for missing in project.missing:
             console.print(f"fill in by hand: {missing}", markup=False)
-        console.print("next: describe your stages' hosts in hosts.toml, then `fab setup --stage NAME`",
-                      markup=False)
+        console.print("next: describe your stages' hosts in hosts.toml, then `setup --stage NAME` "
+                      "(`fab setup` or `deploy-kit setup`)", markup=False)

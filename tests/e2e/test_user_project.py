@@ -1,12 +1,16 @@
-"""deploy-kit used as a user would: the built wheel installed in a fresh virtualenv outside this
-checkout, `fab init` in the user's own Django project, then setup, env, check, deploy,
-rollback and logs from that project's directory, with `fab` and with the `deploy-kit` command.
+"""deploy-kit used as a user would (issue 13's Tests): the built wheel installed in a fresh virtualenv
+outside this checkout, init in the user's own Django project, then setup, env.set, check, deploy,
+rollback and logs --no-follow from that project's directory, each with `fab` and with the
+`deploy-kit` command.
 
-The project is a copy of the example app in a new git repository; it deploys to a one-host
-sandbox of its own ("dkuser").
+The project is a new git repository holding a copy of the example app in `backend/` (manage.py
+there, as in many repositories with a frontend beside it); init runs in backend/, so this also
+proves that `repo` and `path` written from a subdirectory ship the right tree. It deploys to a
+one-host sandbox of its own ("dkuser").
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +22,7 @@ from deploy_kit.sandbox import Sandbox
 from .conftest import ROOT, git, say
 
 NAME = "dkuser"
+DEPLOYED = rf"deployed (\S+) \(\w+\) to stage {NAME}: verified"
 
 
 def run(venv, command, cwd, *args, stdin=None, check=True, timeout=900):
@@ -43,12 +48,15 @@ def user(tmp_path_factory):
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
                        check=True, capture_output=True)
-        project = base / "shop"
+        repository = base / "shop"
+        project = repository / "backend"
         shutil.copytree(ROOT / "examples/exampleapp", project,
                         ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
-        git(project.parent, "init", "-q", "-b", "main", str(project))
-        git(project, "add", "-A")
-        git(project, "commit", "-q", "-m", "the user's project")
+        (repository / "frontend").mkdir()
+        (repository / "frontend/package.json").write_text("{}\n")
+        git(base, "init", "-q", "-b", "main", str(repository))
+        git(repository, "add", "-A")
+        git(repository, "commit", "-q", "-m", "the user's project")
         # The sandbox's hosts and SSH settings, as the user would describe their servers.
         block = scratch.read_text()
         hosts = block[block.index(f"[stages.{NAME}]"):block.index(f"[stages.{NAME}.app]")]
@@ -69,32 +77,57 @@ def test_the_wheel_ships_the_tasks_and_the_host_programs(user):
 
 def test_init_then_the_whole_workflow_from_the_users_project(user):
     venv, project, hosts, box = user
-    first = run(venv, "deploy-kit", project, "init")  # no fabfile yet: `fab` has no tasks to run
-    assert "wrote fabfile.py" in first.stdout and "wrote hosts.toml" in first.stdout
-    assert "found app.celery_app = exampleapp.celery" in first.stdout
-    again = run(venv, "fab", project, "init")  # the fabfile it wrote gives `fab` every task
+    # init: `deploy-kit init` first (without a fabfile `fab` has no tasks), then `fab init` through
+    # the fabfile it wrote, which leaves both files alone.
+    wrote = run(venv, "deploy-kit", project, "init").stdout
+    assert "wrote fabfile.py" in wrote and "wrote hosts.toml" in wrote
+    assert "found app.celery_app = exampleapp.celery" in wrote
+    assert "found app.repo = .." in wrote and "found app.path = backend" in wrote
+    again = run(venv, "fab", project, "init")
     assert "left fabfile.py alone" in again.stdout and "left hosts.toml alone" in again.stdout
-    with (project / "hosts.toml").open("a") as handle:
+    with (project / "hosts.toml").open("a") as handle:  # the generated file, pointed at the sandbox host
         handle.write("\n" + hosts)
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "deploy configuration")
     stage = ("--stage", NAME)
+
+    # setup: fab, then deploy-kit (idempotent: nothing left to change)
     run(venv, "fab", project, "setup", *stage, "--yes")
+    same = run(venv, "deploy-kit", project, "setup", *stage, "--yes")
+    assert "no change" in same.stdout and "change(s)" not in same.stdout
+
+    # env.set: fab (the value read unseen from stdin), then deploy-kit (KEY=VALUE)
     run(venv, "fab", project, "env.set", "CELERY_BROKER_URL", *stage, stdin=box.broker_url() + "\n")
     for assignment in ("DJANGO_SETTINGS_MODULE=exampleapp.settings", "DJANGO_SECRET_KEY=e2e-not-secret",
                        "DATABASE_URL=sqlite:////srv/exampleapp/shared/db.sqlite3"):
         run(venv, "deploy-kit", project, "env.set", assignment, *stage)
+
+    # check: both
     run(venv, "fab", project, "check", *stage)
-    deployed = run(venv, "fab", project, "deploy", *stage)
-    assert "verified" in deployed.stdout
+    run(venv, "deploy-kit", project, "check", *stage)
+
+    # deploy: fab, then a change deployed with deploy-kit
+    one = run(venv, "fab", project, "deploy", *stage).stdout
+    first_release = re.search(DEPLOYED, one)
+    assert first_release, one
     (project / "ledger" / "note.txt").write_text("second release\n")
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "a change")
-    run(venv, "deploy-kit", project, "deploy", *stage)
+    second = run(venv, "deploy-kit", project, "deploy", *stage).stdout
+    second_release = re.search(DEPLOYED, second)
+    assert second_release, second
+
+    # rollback: fab goes back to the first release, deploy-kit undoes it (`--to` the release it left)
     back = run(venv, "fab", project, "rollback", *stage)
-    assert "rolled back" in back.stdout
-    logs = run(venv, "deploy-kit", project, "logs", *stage, "--no-follow", "-n", "5")
-    assert "exampleapp-worker-default@" in logs.stdout
+    assert f"rolled back stage {NAME} to {first_release.group(1)}: verified" in back.stdout
+    forth = run(venv, "deploy-kit", project, "rollback", *stage, "--to", second_release.group(1))
+    assert f"rolled back stage {NAME} to {second_release.group(1)}: verified" in forth.stdout
+
+    # logs --no-follow: both, the worker's journal of the sandbox host
+    for program in ("fab", "deploy-kit"):
+        logs = run(venv, program, project, "logs", *stage, "--service", "default", "--no-follow", "-n", "5")
+        assert "exampleapp-worker-default@" in logs.stdout, f"{program} logs:\n{logs.stdout}"
+
     listed = run(venv, "deploy-kit", project, "--list")
     assert "deploy" in listed.stdout and "init" in listed.stdout
     refused = run(venv, "deploy-kit", project, "deploy", "--stage", "nope", check=False)
