@@ -384,3 +384,16 @@ def test_the_room_for_a_release_is_measured_where_releases_are_written(tmp_path,
     os.makedirs(releases)
     hostprobe.free_kb(str(releases))
     assert asked[-1] == str(releases)
+
+
+def test_the_probe_lists_the_cutovers_still_running_and_refuses_when_systemd_cannot_say(monkeypatch):
+    from deploy_kit.remote import hostprobe
+    answers = {"ok": (0, "shop-cutover-20261124 loaded active running deploy-kit cutover\n", ""),
+               "none": (0, "", ""), "broken": (1, "", "Failed to connect to bus")}
+    for case, expected in (("ok", ["shop-cutover-20261124"]), ("none", [])):
+        monkeypatch.setattr(hostprobe.hostlib, "run", lambda argv, case=case, **k: answers[case])
+        assert hostprobe.cutovers("shop") == expected
+    monkeypatch.setattr(hostprobe.hostlib, "run", lambda argv, **k: answers["broken"])
+    assert hostprobe.cutovers("shop") == ["(systemctl list-units failed: Failed to connect to bus)"]
+    assert hostfacts.parse(json.dumps({"cutovers": ["shop-cutover-1"], "hostname": "h"})).cutovers == \
+        ("shop-cutover-1",)

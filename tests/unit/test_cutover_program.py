@@ -359,11 +359,11 @@ def test_following_a_host_without_units_streams_no_journal(monkeypatch):
         name = "web2"
 
         def run_script(self, *a, **k):
-            raise RemoteCommandError("web2", "starting the cutover", 3, "refused")
+            raise RemoteCommandError("web2", "starting the cutover", 1, "systemd-run failed")
 
     action = plan.Cutover(dict(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "r1"),
                                workers=[]), "web2")
-    state = follow.cutover(type("R", (), {"stage": stage})(), Remote(), action)
+    state = follow.cutover(type("R", (), {"stage": stage, "token": "t"})(), Remote(), action)
     assert state.status == CutoverStatus.NOT_STARTED and tails == []
 
 
