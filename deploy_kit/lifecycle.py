@@ -142,7 +142,9 @@ def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
 
 
 def preflight(run: Run, facts: Mapping[str, HostFacts]) -> None:
-    failed = [(h, c) for h in run.stage.hosts for c in checks.evaluate(run.stage, h, facts[h.name]) if c.failed]
+    across = checks.stage_checks(run.stage, facts)
+    failed = [(h, c) for h in run.stage.hosts for c in (*checks.evaluate(run.stage, h, facts[h.name]),
+                                                        *across.get(h.name, ())) if c.failed]
     if failed:
         raise PreflightFailed("preflight failed, nothing was changed:\n" + "\n".join(
             f"  {h.name}: {c.name}: {c.detail} (fix: {c.fix})" for h, c in failed))
