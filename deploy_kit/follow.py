@@ -26,14 +26,28 @@ STARTUP_GRACE = 15  # seconds a started cutover may take to write its first stat
 ENDED = ("inactive", "failed")  # what `systemctl is-active` says of a unit that ended (or never ran)
 
 
+SYSTEMCTL = 60  # seconds the cutover program lets a systemctl call that waits for a unit take
+
+
 def budget(params: dict[str, Any]) -> float:
-    """How long a cutover can take at worst: forward and back, each with a stop of the old units
-    (a restart in place waits for the longest task), the agent's start, a verification per
-    worker, the remote-control calls and the watch."""
-    verify = float(params["verify"]["timeout"])
-    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(params["workers"]) + 1) + \
-        float(params["watch"])
-    return 2 * one_pass + 60
+    """How long a cutover can take at worst, forward and back: every wait `remote/cutover.py`
+    bounds. Workers: a stop of the old instance per restart in place, a start per worker, the
+    agent's hello and a verification per worker, the remote-control calls per queue (join,
+    retire, give back), the watch, the stops and the restore of the give-back. Beat: its restart
+    (its stop, then its start) and the wait for it with its watch, both ways. Plus a margin for
+    the agent's start and the calls that return at once; never less than the older estimate."""
+    verify, watch = float(params["verify"]["timeout"]), float(params["watch"])
+    workers = params["workers"]
+    if params.get("phase") == "beat":
+        one_way = float(params.get("beat_stop_timeout", 0)) + SYSTEMCTL + verify + watch
+        return 2 * one_way + 180
+    queues = sum(len(w["queues"]) for w in workers)
+    in_place = sum(float(params["stop_timeout"]) + 30 for w in workers if not w["handover"])
+    forward = in_place + SYSTEMCTL * len(workers) + verify + (verify + 10) * len(workers) + 30 * queues + \
+        watch + 15 * queues + 15 * len(workers)
+    back = 15 * queues + 45 * len(workers) + 42 + SYSTEMCTL
+    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(workers) + 1) + watch
+    return max(forward + back + 180, 2 * one_pass + 60)
 
 
 REFUSED = "refused: "  # how a launch the host's guard refused is told (nothing of this run started there)
