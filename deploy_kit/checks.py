@@ -9,6 +9,7 @@ and its fix (pure, tested with recorded facts). `fab deploy` runs the same check
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from deploy_kit import envfile, hostfacts, units
@@ -189,6 +190,27 @@ def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
     return tuple(rows)
 
 
+def stage_checks(stage: Stage, facts: Mapping[str, HostFacts]) -> dict[str, tuple[Check, ...]]:
+    """The checks that need every host's facts at once (pure): two hosts with workers that name
+    themselves alike would share their workers' node names and private verification queues, so
+    one could answer the other's verification. A failing row for each host involved."""
+    named: dict[str, list[str]] = {}
+    for host in stage.hosts:
+        found = facts.get(host.name)
+        if found is not None and found.hostname and stage.workers_on(host):
+            named.setdefault(found.hostname, []).append(host.name)
+    rows: dict[str, tuple[Check, ...]] = {}
+    for hostname, hosts in named.items():
+        for host in hosts if len(hosts) > 1 else ():
+            others = ", ".join(h for h in hosts if h != host)
+            rows[host] = (_fail("hostname", f"{host} and {others} both call themselves {hostname!r}: their "
+                                f"workers would share the Celery node names (NAME.RELEASE@{hostname}) and the "
+                                "private verification queues, so one host could answer the other's verification",
+                                f"give each host of stage {stage.name} its own hostname (`hostnamectl "
+                                "set-hostname NAME` on the host), then run this again"),)
+    return rows
+
+
 def _units_check(stage: Stage, host: Host, facts: HostFacts, setup_fix: str) -> Check:
     wanted = units.units_for(stage, host)
     if not wanted:
@@ -299,6 +321,7 @@ def run(stage: Stage, hosts: list[Host] | None = None) -> list[HostChecks]:
     """Check every host; an unreachable host or one without sudo gets its own failing rows."""
     chosen = list(hosts or stage.hosts)
     results: dict[str, HostChecks] = {}
+    seen: dict[str, HostFacts] = {}
     with Session(stage, chosen, require_all=False) as session:
         for name, error in session.unreachable.items():
             host = stage.host(name)
@@ -313,9 +336,12 @@ def run(stage: Stage, hosts: list[Host] | None = None) -> list[HostChecks]:
             except DeployKitError as exc:
                 return HostChecks(remote.host, (_ok("ssh", "connected, host key verified"),
                                                 _fail("probe", _reason(exc), "see the cause")))
+            seen[remote.name] = facts
             return HostChecks(remote.host, evaluate(stage, remote.host, facts))
 
         results.update(session.each(one, what="checking hosts"))
+    for name, rows in stage_checks(stage, seen).items():
+        results[name] = HostChecks(results[name].host, (*results[name].checks, *rows))
     return [results[h.name] for h in chosen]
 
 

@@ -11,10 +11,9 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from deploy_kit import journal
+from deploy_kit import journal, plan
 from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployKitError, HostError, RemoteCommandError
-from deploy_kit.plan import Cutover
 from deploy_kit.release import state_dir
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 from deploy_kit.ssh import RemoteHost, quote
@@ -27,23 +26,49 @@ STARTUP_GRACE = 15  # seconds a started cutover may take to write its first stat
 ENDED = ("inactive", "failed")  # what `systemctl is-active` says of a unit that ended (or never ran)
 
 
+SYSTEMCTL = 60  # seconds the cutover program lets a systemctl call that waits for a unit take
+
+
 def budget(params: dict[str, Any]) -> float:
-    """How long a cutover can take at worst: forward and back, each with a stop of the old units
-    (a restart in place waits for the longest task), the agent's start, a verification per
-    worker, the remote-control calls and the watch."""
-    verify = float(params["verify"]["timeout"])
-    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(params["workers"]) + 1) + \
-        float(params["watch"])
-    return 2 * one_pass + 60
+    """How long a cutover can take at worst, forward and back: every wait `remote/cutover.py`
+    bounds. Workers: a stop of the old instance per restart in place, a start per worker, the
+    agent's hello and a verification per worker, the remote-control calls per queue (join,
+    retire, give back), the watch, the stops and the restore of the give-back. Beat: its restart
+    (its stop, then its start) and the wait for it with its watch, both ways. Plus a margin for
+    the agent's start and the calls that return at once; never less than the older estimate."""
+    verify, watch = float(params["verify"]["timeout"]), float(params["watch"])
+    workers = params["workers"]
+    if params.get("phase") == "beat":
+        one_way = float(params.get("beat_stop_timeout", 0)) + SYSTEMCTL + verify + watch
+        return 2 * one_way + 180
+    queues = sum(len(w["queues"]) for w in workers)
+    in_place = sum(float(params["stop_timeout"]) + 30 for w in workers if not w["handover"])
+    forward = in_place + SYSTEMCTL * len(workers) + verify + (verify + 10) * len(workers) + 30 * queues + \
+        watch + 15 * queues + 15 * len(workers)
+    back = 15 * queues + 45 * len(workers) + 42 + SYSTEMCTL
+    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(workers) + 1) + watch
+    return max(forward + back + 180, 2 * one_pass + 60)
 
 
-def _launch_script(params: dict[str, object], unit: str, app_name: str, python: str, state: str) -> str:
+REFUSED = "refused: "  # how a launch the host's guard refused is told (nothing of this run started there)
+_GUARD = 3  # the launch script's exit code when another cutover runs (or it cannot tell)
+
+
+def _launch_script(params: dict[str, object], unit: str, app_name: str, python: str, state: str,
+                   guard: str = "") -> str:
+    """Start the cutover under systemd-run, unless one of this app still runs on the host (or
+    systemd cannot say: then it refuses too), or `guard` (the lock check) ends the script."""
     program = host_programs.program("cutover", params)
+    pattern = quote(app_name + "-cutover-*")
     return (f"install -d -m 0700 {quote(state)}\n"
             # Never two cutovers of one app at once: an earlier one may still run (a lost deploy).
-            f"if systemctl list-units --plain --no-legend --state=active,activating "
-            f"{quote(app_name + '-cutover-*')} | grep -q .; then\n"
-            f"  echo 'another cutover of {app_name} is still running on this host' >&2; exit 3\nfi\n"
+            f"if ! running=$(systemctl list-units --plain --no-legend --state=active,activating {pattern}); then\n"
+            f"  echo '{REFUSED}systemd could not list the cutovers of {app_name} on this host, so another may "
+            f"run: nothing was started' >&2; exit {_GUARD}\nfi\n"
+            f"if [ -n \"$running\" ]; then\n"
+            f"  echo \"{REFUSED}another cutover of {app_name} is still running on this host (${{running%% *}}): it "
+            f"ends by itself (\\`fab status\\` shows it); nothing of this run was started\" >&2; exit {_GUARD}\nfi\n"
+            f"{guard}"
             f"cat > {quote(state + '/cutover-run.py')} <<'DEPLOY_KIT_EOF'\n{program}DEPLOY_KIT_EOF\n"
             f"rm -f {quote(str(params['state_file']))}\n"
             f"systemd-run --quiet --collect --unit={quote(unit)} --description={quote('deploy-kit cutover')} "
@@ -64,7 +89,7 @@ def _follow_script(unit: str, path: str) -> str:
             f"done\n")
 
 
-def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
+def cutover(run: Run, remote: RemoteHost, action: plan.Cutover) -> CutoverState:
     """Launch the host's cutover and follow it on the same channel: the host prints each change
     of its state file as it happens (one round trip, no polling)."""
     stage, params = run.stage, action.params
@@ -78,22 +103,39 @@ def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
     deadline = time.monotonic() + budget(params)
     follow = _follow_script(unit, str(state_dir(stage.app) / "cutover.json"))
     progress = Progress(run, remote.name, blank)
-    tail = journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)) \
-        if watched else contextlib.nullcontext()  # no unit here: no journal to show (never the whole one)
-    with tail:
-        try:
-            remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),
-                                             str(state_dir(stage.app))) + follow,
-                              sudo=True, what="starting the cutover", timeout=budget(params), on_line=progress.feed)
-        except RemoteCommandError as exc:  # the script refused, or systemd-run failed: not started
-            if not progress.seen:
-                return CutoverState(**{**blank.__dict__, "failure": exc.reason})
-        except HostError as exc:  # the connection dropped
-            if not progress.seen:  # before the host said a word: it may have started
-                blank.status, blank.rollback_failure = S.UNKNOWN, f"the cutover may have started: {exc.reason}"
-                return blank
-            progress.lost(exc)
-        return _follow(run, remote.name, follow, progress, deadline)
+    try:
+        with journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)) \
+                if watched else contextlib.nullcontext():  # no unit here: no journal to show (never the whole one)
+            try:
+                remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),
+                                                 str(state_dir(stage.app)), plan.lock_guard(stage, run.token))
+                                  + follow, sudo=True, what="starting the cutover", timeout=budget(params),
+                                  on_line=progress.feed)
+            except RemoteCommandError as exc:  # refused, or systemd-run failed; else the follow loop: read again
+                if not progress.seen:
+                    return _refused(blank, exc)
+            except HostError as exc:  # the connection dropped, perhaps after systemd-run started it: it
+                progress.launch_lost = not progress.seen  # runs by itself, so read it again
+                progress.lost(exc)
+            return _follow(run, remote.name, follow, progress, deadline)
+    except DeployKitError as exc:  # the journal's tail, or anything else of ours: never a guess
+        return _unknown(progress.last, f"the cutover could not be followed: {exc}")
+
+
+def _refused(blank: CutoverState, exc: RemoteCommandError) -> CutoverState:
+    """The launch failed before the cutover started. Refused by the guard (another cutover runs,
+    or the lock is no longer this run's): UNKNOWN, so the lock is kept and the release is not
+    marked bad; any other failure (systemd-run, a full disk): not started."""
+    said = (exc.output.strip().splitlines() or [""])[-1]
+    if exc.remote_exit_code in (_GUARD, plan.LOCK_LOST) and said.startswith((REFUSED, "lock lost:")):
+        why = said if said.startswith(REFUSED) else REFUSED + said
+        return CutoverState(**{**blank.__dict__, "status": S.UNKNOWN, "rollback_failure": why})
+    return CutoverState(**{**blank.__dict__, "failure": exc.reason})
+
+
+def refused(state: CutoverState) -> bool:
+    """The host's guard refused this run's cutover: nothing of it ran there."""
+    return state.status == S.UNKNOWN and state.rollback_failure.startswith(REFUSED)
 
 
 class Progress:
@@ -103,6 +145,7 @@ class Progress:
         self.run, self.host, self.last = run, host, blank
         self.seen, self.running, self.reported, self.connection_lost = False, True, 0, False
         self.has_state = False  # the cutover wrote its state file (it started)
+        self.launch_lost = False  # the connection dropped before the launch said a word
         self.started = time.monotonic()
 
     def feed(self, line: str) -> None:
@@ -140,7 +183,9 @@ class Progress:
         if self.has_state:
             return _unknown(self.last, "the cutover process died mid-way")
         if time.monotonic() - self.started > STARTUP_GRACE:
-            return _unknown(self.last, "the cutover ended without writing its state (disk full?)")
+            return _unknown(self.last, "the answer to the launch was lost and no state of this run appeared: the "
+                            "cutover may have started" if self.launch_lost
+                            else "the cutover ended without writing its state (disk full?)")
         return None
 
 

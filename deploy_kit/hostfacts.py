@@ -65,6 +65,8 @@ class HostFacts:
     lock: LockState | None = None
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # unit -> {active, enabled}
     live: tuple[LiveEvent, ...] = ()  # the live log: what went live, oldest first
+    cutovers: tuple[str, ...] = ()  # the app's detached cutovers still running (`APP-cutover-*` units)
+    hostname: str = ""  # as the host names itself (its workers' node names and private queues)
     # Only filled by a probe made for `fab check`:
     readable: dict[str, bool] = field(default_factory=dict)
     env_keys: tuple[str, ...] = ()
@@ -136,6 +138,8 @@ def parse(output: str) -> HostFacts:
         lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,
         instances=data.get("instances", {}),
         live=tuple(LiveEvent(**e) for e in data.get("live", [])),
+        cutovers=tuple(data.get("cutovers", ())),
+        hostname=str(data.get("hostname", "")),
         readable=data.get("readable", {}),
         env_keys=tuple(data.get("env_keys", ())),
         disk_free_kb=int(data.get("disk_free_kb", 0)),

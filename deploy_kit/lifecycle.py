@@ -22,14 +22,13 @@ prints the same steps, built from a read-only probe.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
-from deploy_kit import checks, outcome
+from deploy_kit import checks, follow, outcome
 from deploy_kit import plan as plans
 from deploy_kit.config import Stage
-from deploy_kit.errors import DeployKitError, HostsFailed, PreflightFailed
+from deploy_kit.errors import DeployKitError, HostsFailed, Locked, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Step
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
@@ -46,7 +45,8 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
         try:
             preflight(run, facts)
             wheels = run.pack(facts, plans.reuses_env)
-            the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict)  # type: ignore[arg-type]
+            the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict,  # type: ignore[arg-type]
+                                    run.token)
             with run.shielded("the builds and migrations finish first, then the release is discarded",
                               stop_after=True):  # a migration is never cut half-way
                 built = run.execute(the_plan.phase(Phase.RELEASE), what="building the release")
@@ -63,9 +63,10 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
                 beat = run.cutover(the_plan.phase(Phase.BEAT))
             else:
                 beat = {}
+            marked_bad = False
             if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
-                results = roll_back(run, the_plan, results, beat)
-            return finish(run, the_plan, results, facts, summary)
+                results, marked_bad = roll_back(run, the_plan, results, beat)
+            return finish(run, the_plan, results, facts, summary, marked_bad=marked_bad)
 
 
 def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Outcome:
@@ -98,7 +99,8 @@ def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None
     with run.connected():
         facts = run.facts = run.execute(plans.lock_steps(stage, None, check=True), what="probing hosts")
         wheels = run.pack(facts, plans.reuses_env)
-        the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict)  # type: ignore[arg-type]
+        the_plan = plans.deploy(stage, facts, run.source, run.run_id, wheels, strict,  # type: ignore[arg-type]
+                                    run.token)
     lock = plans.lock_steps(stage, run.holder, check=True)
     return Plan(the_plan.mode, the_plan.release, (*lock, *the_plan.steps), the_plan.on_failure)
 
@@ -122,6 +124,12 @@ def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
     try:
         facts = take_locks(run.stage, run.holder, lambda hosts: run.execute(
             [s for s in steps if s.host in hosts], what="locking and checking"))
+        running = {h: f.cutovers for h, f in facts.items() if f.cutovers}
+        if running:  # a lost run's cutover: it ends by itself; starting another would race it
+            raise Locked(f"a cutover of {run.stage.app.name} still runs (or systemd cannot say), nothing was "
+                         "changed:\n" + "\n".join(f"  {h}: {', '.join(units)}" for h, units in running.items())
+                         + "\nIt finishes or rolls back by itself: wait for it (`fab status --stage "
+                         f"{run.stage.name}` shows it), then run this again")
     except BaseException:
         release_locks(run)
         raise
@@ -134,7 +142,9 @@ def lock_and_check(run: Run, *, check: bool) -> dict[str, HostFacts]:
 
 
 def preflight(run: Run, facts: Mapping[str, HostFacts]) -> None:
-    failed = [(h, c) for h in run.stage.hosts for c in checks.evaluate(run.stage, h, facts[h.name]) if c.failed]
+    across = checks.stage_checks(run.stage, facts)
+    failed = [(h, c) for h in run.stage.hosts for c in (*checks.evaluate(run.stage, h, facts[h.name]),
+                                                        *across.get(h.name, ())) if c.failed]
     if failed:
         raise PreflightFailed("preflight failed, nothing was changed:\n" + "\n".join(
             f"  {h.name}: {c.name}: {c.detail} (fix: {c.fix})" for h, c in failed))
@@ -142,10 +152,26 @@ def preflight(run: Run, facts: Mapping[str, HostFacts]) -> None:
 
 
 def release_locks(run: Run) -> None:
-    """Best effort: the lock is removed only where it still carries this run's token."""
-    with contextlib.suppress(DeployKitError):
-        run.execute(plans.finish_steps(run.stage, [h.name for h in run.stage.hosts], history=False),
-                    what="releasing the lock")
+    """Best effort: the lock is removed only where it still carries this run's token; a host where
+    that fails is named, with how to find and clear what may be left."""
+    failed = attempt(run, plans.finish_steps(run.stage, [h.name for h in run.stage.hosts], history=False),
+                     what="releasing the lock")
+    if failed:
+        run.say("", f"the lock may be left on {', '.join(sorted(failed))} ({'; '.join(failed.values())}): "
+                    f"`fab status --stage {run.stage.name}` shows it, `fab unlock` clears it")
+
+
+def attempt(run: Run, steps: Sequence[Step], *, what: str) -> dict[str, str]:
+    """Run `steps` where a failure must not hide how the run ended: {host: cause} of the hosts
+    where they failed (empty when none did)."""
+    try:
+        run.execute(steps, what=what)
+    except DeployKitError as exc:
+        if isinstance(exc, HostsFailed):
+            return {h: getattr(e, "reason", str(e)) for h, e in exc.failures.items()}
+        hosts = sorted({s.host for s in steps})
+        return {getattr(exc, "host", hosts[0] if len(hosts) == 1 else "a host"): getattr(exc, "reason", str(exc))}
+    return {}
 
 
 def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
@@ -160,23 +186,28 @@ def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
         steps += [Step(h, Phase.UNDO, "discard the release",
                        plans.discard(name, name not in {r.name for r in f.releases})) for h, f in facts.items()]
     steps += plans.finish_steps(run.stage, list(facts))
-    try:
-        run.execute(steps, what="undoing")
-    except DeployKitError as exc:
+    failed = attempt(run, steps, what="undoing")
+    if failed:
         release_locks(run)
-        hosts = sorted(exc.failures) if isinstance(exc, HostsFailed) else [getattr(exc, "host", "a host")]
-        run.say("", f"nothing was switched; on {', '.join(hosts)} the release could not be discarded and the "
-                    f"lock may be left: `fab status --stage {run.stage.name}` shows it, `fab unlock` clears it")
+        run.say("", f"nothing was switched; on {', '.join(sorted(failed))} the release could not be discarded and "
+                    f"the lock may be left: `fab status --stage {run.stage.name}` shows it, `fab unlock` clears it")
+        return
+    if isinstance(exc, Locked):  # the lock was lost: the finish left it to whoever holds it now
+        run.say("", "nothing was switched: this run's release was discarded; the lock is no longer this run's "
+                    "and was left as it is")
         return
     run.say("", "nothing was switched: every host runs the release it ran; this run's release was discarded and "
                 "the lock released (deploy again once the cause is fixed)")
 
 
 def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
-              beat: Mapping[str, CutoverState]) -> dict[str, CutoverState]:
+              beat: Mapping[str, CutoverState]) -> tuple[dict[str, CutoverState], bool]:
     """A host failed (or Beat did): the hosts whose workers took over hand back too, so the stage
-    runs one release. Beat's own step already went back on its host."""
-    hosts = sorted(h for h, s in results.items() if s.status == CutoverStatus.DONE)
+    runs one release. Beat's own step already went back on its host. The release is marked bad
+    only where a host found a fault in it (never for a launch refused or not started); whether
+    it was marked is returned with each host's final state. A host that cannot be reached for
+    this is a note (or, for a first deploy's way back, UNKNOWN), never an error hiding the rest."""
+    hosts = outcome.to_roll_back(results, beat)
     if hosts:
         run.say("", f"handing {', '.join(hosts)} back too, so every host runs the same release")
     final = dict(results)
@@ -186,22 +217,34 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
         if state.status == CutoverStatus.DONE:
             state.status = CutoverStatus.ROLLED_BACK
     fresh = [s for s in the_plan.on_failure if s.phase == Phase.UNDO and s.host in hosts]
-    run.execute(fresh, what="returning to no release")
+    stuck = attempt(run, fresh, what="returning to no release")
     for step in fresh:
-        final[step.host] = CutoverState(**{**results[step.host].__dict__, "status": CutoverStatus.ROLLED_BACK,
-                                           "live": ""})
+        back = {"status": CutoverStatus.UNKNOWN, "rollback_failure": f"could not return to no release: "
+                f"{stuck[step.host]}"} if step.host in stuck else {"status": CutoverStatus.ROLLED_BACK, "live": ""}
+        final[step.host] = CutoverState(**{**results[step.host].__dict__, **back})
     for host, state in beat.items():  # Beat that could not go back outweighs its workers' way back
         if state.status not in (CutoverStatus.DONE, CutoverStatus.ROLLED_BACK):
             final[host] = state
-    run.execute([s for s in the_plan.on_failure if s.phase == Phase.MARK_BAD], what="marking the release bad")
-    return final
+    ran = [*results.values(), *beat.values()]
+    faulty = any(s.status not in (CutoverStatus.DONE, CutoverStatus.NOT_STARTED) and not follow.refused(s)
+                 for s in ran)
+    refused = {h for h, s in [*results.items(), *beat.items()] if follow.refused(s)}
+    marking = [s for s in the_plan.on_failure if s.phase == Phase.MARK_BAD and s.host not in refused] if faulty else []
+    for host, cause in attempt(run, marking, what="marking the release bad").items():
+        run.outcome.notes.append(f"{host}: {the_plan.release} could not be marked bad ({cause}); `fab releases "
+                                 f"--stage {run.stage.name}` shows it, `fab rollback` never targets a release "
+                                 "that did not go live")
+    return final, bool(marking)
 
 
 def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
-           facts: Mapping[str, HostFacts], summary: Callable[[bool], None] | None = None) -> Outcome:
+           facts: Mapping[str, HostFacts], summary: Callable[[bool], None] | None = None, *,
+           marked_bad: bool = True) -> Outcome:
     """Record, clean up (only after a success), unlock while every host's state is known; then
     say the queue summary, read alongside Beat (a deploy whose workers took over) or alongside
-    this finish (anything else)."""
+    this finish (anything else). A host that cannot be recorded or unlocked is a note: a stage
+    that ended on the new release is still a success (exit 0, the note says the lock may be
+    left), and a failed one still ends with its summary (exit 5 or 6), never with exit 7."""
     decided = outcome.verdict(run.mode, results)
     run.outcome.result = "success" if decided.ok else "rolled back" if decided.consistent else "failed"
     run.history.result = "success" if decided.ok else "failed"
@@ -210,12 +253,16 @@ def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
         if summary is not None:  # read before the way back: no longer true
             summary(False)
         summary = run.alongside(the_plan.phase(Phase.SUMMARY) if decided.ok else plans.summary_steps(run.stage))
-    if decided.ok:
-        run.execute(the_plan.phase(Phase.FINISH), what="finishing")
-    else:
-        run.execute(plans.finish_steps(run.stage, list(facts), unlock=decided.known), what="finishing")
+    steps = the_plan.phase(Phase.FINISH) if decided.ok else \
+        plans.finish_steps(run.stage, list(facts), unlock=decided.known)
+    for host, cause in attempt(run, steps, what="finishing").items():
+        note = (f"{host}: not recorded/unlocked: {cause}; `fab status --stage {run.stage.name}` shows it, "
+                "`fab unlock` once checked")
+        run.outcome.notes.append(note)
+        run.say(host, f"warning: {note}")
     summary(True)
     if not decided.ok:
         before = {h: plans.current_release(f) for h, f in facts.items()}
-        raise outcome.failure(run.mode, results, the_plan.release, before)
+        raise outcome.failure(run.mode, results, the_plan.release, before, marked_bad=marked_bad,
+                              notes=run.outcome.notes)
     return run.outcome

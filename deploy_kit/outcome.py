@@ -11,7 +11,7 @@ did not get where the user asked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from deploy_kit.errors import EXIT_OK, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK, DeployFailed
@@ -32,9 +32,9 @@ class Verdict:
     exit_code: int
 
 
-def to_roll_back(results: Mapping[str, CutoverState]) -> list[str]:
-    """The hosts that switched, when another host failed: they go back too."""
-    if all(s.status == S.DONE for s in results.values()):
+def to_roll_back(results: Mapping[str, CutoverState], beat: Mapping[str, CutoverState] | None = None) -> list[str]:
+    """The hosts whose workers switched, when another host (or Beat) failed: they go back too."""
+    if all(s.status == S.DONE for s in [*results.values(), *(beat or {}).values()]):
         return []
     return sorted(h for h, s in results.items() if s.status == S.DONE)
 
@@ -76,8 +76,9 @@ def _host_line(mode: Mode, state: CutoverState, now: str) -> str:
 
 
 def failure(mode: Mode, results: Mapping[str, CutoverState], release: str,
-            before: Mapping[str, str | None]) -> DeployFailed:
-    """One message saying, per host, what it runs now and why its cutover failed."""
+            before: Mapping[str, str | None], *, marked_bad: bool = True, notes: Sequence[str] = ()) -> DeployFailed:
+    """One message saying, per host, what it runs now and why its cutover failed (then `notes`:
+    what the run could not do after it, such as recording or unlocking a host)."""
     decided = verdict(mode, results)
     now = live(results, before)
     lines = [f"deploy of {release} failed:" if mode == Mode.DEPLOY else f"rollback to {release} failed:"]
@@ -89,10 +90,12 @@ def failure(mode: Mode, results: Mapping[str, CutoverState], release: str,
             lines.append(f"      cause: {state.failure}")
         lines += [f"      | {line}" for line in [x for x in state.journal if any(w in x for w in _CAUSES)][-8:]]
     if mode == Mode.DEPLOY:
-        lines.append(f"release {release} is marked bad and kept for inspection")
+        lines.append(f"release {release} is marked bad and kept for inspection" if marked_bad else
+                     f"release {release} is not marked bad: no host found a fault in it (kept)")
     if not decided.consistent:
         lines.append("the hosts do not all run the same release: act now (`fab status`, then `fab rollback "
                      "--to RELEASE` or a new deploy)")
     if not decided.known:
         lines.append("the lock is kept so nobody deploys over this: once the hosts are checked, `fab unlock`")
+    lines += [f"note: {note}" for note in notes]
     return DeployFailed("\n".join(lines), rolled_back=decided.consistent)

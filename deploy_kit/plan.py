@@ -210,10 +210,28 @@ def reuses_env(facts: HostFacts, source: Source) -> bool:
     return info is not None and info.env_key == host_env_key(source, facts.target.get("python", ""))
 
 
-def migrate_script(stage: Stage, release: str) -> str:
+LOCK_LOST = 4  # the exit code of a script that found the deploy lock no longer this run's
+_HOLDS_LOCK = ("import json, sys\ntry:\n    token = json.load(open(sys.argv[1])).get('token')\n"
+               "except (OSError, ValueError, AttributeError):\n    token = None\nsys.exit(token != sys.argv[2])")
+
+
+def lock_guard(stage: Stage, token: str) -> str:
+    """Bash that ends the script (exit LOCK_LOST, "lock lost", nothing changed) unless the deploy
+    lock's holder carries `token`: a run that stalled while someone ran `fab unlock` (and another
+    run took the lock) never migrates or starts a cutover under the other run."""
+    holder = state_dir(stage.app) / "lock" / "holder.json"
+    lost = (f"lock lost: the deploy lock of {stage.app.name} here is no longer this run's (broken by `fab unlock`, "
+            f"perhaps taken by another run); this run changes nothing more here. `fab status --stage {stage.name}` "
+            "shows who holds it")
+    return (f"if ! {q(str(stage.app.python))} -c {q(_HOLDS_LOCK)} {q(str(holder))} {q(token)}; then\n"
+            f"  echo {q(lost)} >&2; exit {LOCK_LOST}\nfi\n")
+
+
+def migrate_script(stage: Stage, release: str, token: str) -> str:
     directory = stage.app.releases_dir / release
-    return units.as_service_command(stage, str(directory), [str(directory / units.VENV / "bin/python"),
-                                                            "manage.py", "migrate", "--noinput"]) + " 2>&1\n"
+    return lock_guard(stage, token) + units.as_service_command(
+        stage, str(directory), [str(directory / units.VENV / "bin/python"), "manage.py", "migrate",
+                                "--noinput"]) + " 2>&1\n"
 
 
 def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode, run_id: str,
@@ -289,8 +307,9 @@ def summary_steps(stage: Stage, alongside: str = "") -> list[Step]:
 
 
 def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id: str,
-           wheels: Mapping[str, tuple[str, ...]], strict: bool = False) -> Plan:
-    """Everything after the lock and the checks, from what the probe found on each host."""
+           wheels: Mapping[str, tuple[str, ...]], strict: bool = False, token: str = "") -> Plan:
+    """Everything after the lock and the checks, from what the probe found on each host; the
+    migration runs only while the lock carries this run's `token`."""
     app = stage.app
     current = {h: current_release(f) for h, f in facts.items()}
     steps: list[Step] = []
@@ -304,7 +323,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                                 f.target.get("python", ""),
                                 tuple(queues.queue_names(stage)) if host.name == asked else (), strict)))
     steps.append(Step(stage.migrate_host.name, Phase.MIGRATE, "migrations, once per stage, before the switch",
-                      Script(migrate_script(stage, source.name))))
+                      Script(migrate_script(stage, source.name, token))))
     targets = {h.name: source.name for h in stage.hosts}
     steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += summary_steps(stage, alongside="Beat")

@@ -26,7 +26,7 @@ from deploy_kit import remote as host_programs
 from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, HostError, Locked, PreflightFailed, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
-from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script, Step
+from deploy_kit.plan import LOCK_LOST, Build, Cutover, Finish, Phase, Probe, Queues, Script, Step
 from deploy_kit.remote.contracts import CutoverState, HistoryLine, LockHolder, Mode
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
@@ -232,6 +232,9 @@ class Run:
         try:
             result = remote.run_script(action.text, sudo=True, what=step.summary, timeout=1800)
         except RemoteCommandError as exc:
+            said = (exc.output.strip().splitlines() or [""])[-1]
+            if exc.remote_exit_code == LOCK_LOST and said.startswith("lock lost:"):  # the guard: nothing ran
+                raise Locked(f"{remote.name}: {said}") from None
             if step.phase != Phase.MIGRATE:
                 raise
             raise HostError(remote.name, "migrations failed; current is untouched on every host:\n"

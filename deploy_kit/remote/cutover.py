@@ -371,6 +371,8 @@ class Cutover:
     def journal(self) -> list:
         units = [w["template"].replace("@.", "@*.") for w in self.p["workers"]]
         units += [self.p["beat_unit"]] if self.p.get("beat_unit") else []
+        if not units:  # journalctl without -u reads the whole host journal: nothing of ours to show
+            return []
         argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", "60", "--since", f"@{int(self.state.started)}"]
         for unit in units:
             argv += ["-u", unit]

@@ -13,6 +13,7 @@ import grp
 import json
 import os
 import pwd
+import socket
 import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +124,7 @@ def live_log(path: str, keep: int = 500) -> list:
 
 def main(params: dict) -> None:
     app = params["app"]
-    facts: dict = {"python": sys.version.split()[0], "target": target()}
+    facts: dict = {"python": sys.version.split()[0], "target": target(), "hostname": socket.gethostname()}
     try:
         user = pwd.getpwnam(app["user"])
         facts["user"] = {"name": user.pw_name, "uid": user.pw_uid, "group": _group(user.pw_gid),
@@ -154,6 +155,7 @@ def main(params: dict) -> None:
     wanted = [n.replace("@.", f"@{release}.") if "@." in n and release else n for n in params["wanted_units"]]
     params["wanted_units"] = [n for n in wanted if "@." not in n]  # a template's state is its live instance's
     facts["instances"] = instances(params["unit_patterns"])
+    facts["cutovers"] = cutovers(app["name"])
     states = {}
     for name in sorted(set(facts["units"]) | set(params["wanted_units"])):
         _, enabled, _ = hostlib.run(["systemctl", "is-enabled", name])
@@ -179,6 +181,16 @@ def instances(patterns: list) -> dict:
         if "@" in name and any(fnmatch.fnmatch(name, p) for p in patterns):
             found.setdefault(name, {"active": "inactive", "enabled": False})["enabled"] = True
     return found
+
+
+def cutovers(app_name: str) -> list:
+    """The app's detached cutovers still running here (`APP-cutover-*`): a deploy or rollback must
+    not start while one runs. When systemd cannot say, a name that says so (the run is refused)."""
+    code, out, err = hostlib.run(["systemctl", "list-units", "--plain", "--no-legend", "--state=active,activating",
+                                  f"{app_name}-cutover-*"])
+    if code != 0:
+        return [f"(systemctl list-units failed: {(err or out).strip()[:200]})"]
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 def free_kb(releases_dir: str) -> int:

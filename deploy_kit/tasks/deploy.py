@@ -59,6 +59,8 @@ def _run(stage, plan_only, make_plan, run, done) -> None:
         with ui.DeployDisplay(console, [h.name for h in chosen.hosts]) as display:
             outcome = run(chosen, display.say)
         console.print(ui.timings_table(outcome))
+        for note in outcome.notes:  # said as they happened; repeated here, where a CI log ends
+            console.print(f"note: {note}", markup=False, highlight=False)
         console.print(done(chosen, outcome))
 
 

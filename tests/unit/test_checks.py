@@ -384,3 +384,45 @@ def test_the_room_for_a_release_is_measured_where_releases_are_written(tmp_path,
     os.makedirs(releases)
     hostprobe.free_kb(str(releases))
     assert asked[-1] == str(releases)
+
+
+def test_two_worker_hosts_with_the_same_hostname_fail_the_preflight():
+    """They would share the node names and the private verification queue: each host's row says
+    which host it collides with, under what name, and how to fix it."""
+    stage = stage_of()
+    facts = {h.name: hostfacts.parse(json.dumps(dict(healthy(stage, h), hostname="app"))) for h in stage.hosts}
+    rows = checks.stage_checks(stage, facts)
+    assert set(rows) == {"web1", "web2"} and all(r[0].failed and r[0].name == "hostname" for r in rows.values())
+    assert "web1 and web2 both call themselves 'app'" in rows["web1"][0].detail
+    assert "hostnamectl set-hostname" in rows["web2"][0].fix
+    apart = {h: hostfacts.parse(json.dumps(dict(healthy(stage, stage.host(h)), hostname=h))) for h in facts}
+    assert checks.stage_checks(stage, apart) == {}
+
+
+def test_a_deploy_to_hosts_sharing_a_hostname_stops_in_its_preflight(monkeypatch):
+    from deploy_kit import lifecycle
+    from deploy_kit.errors import PreflightFailed
+
+    from .test_lifecycle import NOW, FakeRun
+
+    monkeypatch.setattr(lifecycle, "Run", FakeRun)
+    FakeRun.facts_override = {"web1": {"hostname": "app"}, "web2": {"hostname": "app"}}
+    FakeRun.held, FakeRun.cutover_status = set(), {}
+    try:
+        with pytest.raises(PreflightFailed, match="web2: hostname: web2 and web1 both call themselves 'app'"):
+            lifecycle.deploy(stage_of(), ref="main", say=lambda h, m: None, now=NOW)
+    finally:
+        FakeRun.facts_override = {}
+
+
+def test_the_probe_lists_the_cutovers_still_running_and_refuses_when_systemd_cannot_say(monkeypatch):
+    from deploy_kit.remote import hostprobe
+    answers = {"ok": (0, "shop-cutover-20261124 loaded active running deploy-kit cutover\n", ""),
+               "none": (0, "", ""), "broken": (1, "", "Failed to connect to bus")}
+    for case, expected in (("ok", ["shop-cutover-20261124"]), ("none", [])):
+        monkeypatch.setattr(hostprobe.hostlib, "run", lambda argv, case=case, **k: answers[case])
+        assert hostprobe.cutovers("shop") == expected
+    monkeypatch.setattr(hostprobe.hostlib, "run", lambda argv, **k: answers["broken"])
+    assert hostprobe.cutovers("shop") == ["(systemctl list-units failed: Failed to connect to bus)"]
+    assert hostfacts.parse(json.dumps({"cutovers": ["shop-cutover-1"], "hostname": "h"})).cutovers == \
+        ("shop-cutover-1",)

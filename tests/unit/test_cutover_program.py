@@ -358,6 +358,20 @@ def test_a_host_without_workers_only_moves_current(host, monkeypatch):
     assert os.readlink(tmp / "current") == f"releases/{NEW}"
 
 
+def test_a_host_without_units_that_fails_never_reads_the_whole_journal(host, monkeypatch):
+    """journalctl with no -u is the whole host journal: a failed host without units reads none."""
+    tmp, params = host
+    p = dict(params(), workers=[])
+    monkeypatch.setattr(cutover.Cutover, "switch", lambda self, name, strict=True: (_ for _ in ()).throw(
+        StepFailed("cannot switch")) if name == NEW else "ok")
+    systemd = FakeSystemd({})
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.ROLLED_BACK and state.journal == []
+    journals = [c for c in systemd.calls if c[0] == "journalctl"]
+    assert all("-u" in c for c in journals)  # never the whole journal (and here: not read at all)
+    assert cutover.Cutover(p).journal() == []
+
+
 def test_following_a_host_without_units_streams_no_journal(monkeypatch):
     """journalctl with no -u shows the whole journal: a host without units gets no Tail at all."""
     from deploy_kit import follow
@@ -371,11 +385,11 @@ def test_following_a_host_without_units_streams_no_journal(monkeypatch):
         name = "web2"
 
         def run_script(self, *a, **k):
-            raise RemoteCommandError("web2", "starting the cutover", 3, "refused")
+            raise RemoteCommandError("web2", "starting the cutover", 1, "systemd-run failed")
 
     action = plan.Cutover(dict(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "r1"),
                                workers=[]), "web2")
-    state = follow.cutover(type("R", (), {"stage": stage})(), Remote(), action)
+    state = follow.cutover(type("R", (), {"stage": stage, "token": "t"})(), Remote(), action)
     assert state.status == CutoverStatus.NOT_STARTED and tails == []
 
 

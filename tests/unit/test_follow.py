@@ -2,6 +2,7 @@
 "not started"; a state file of another run is never taken for this one's; a refused launch is."""
 
 import contextlib
+import shutil
 import types
 
 from deploy_kit import follow, plan
@@ -41,7 +42,8 @@ def follow_with(remote, monkeypatch):
     monkeypatch.setattr(follow.time, "sleep", lambda s: None)
     said = []
     session = types.SimpleNamespace(remote=lambda name: remote, reconnect=lambda name: None)
-    run = types.SimpleNamespace(stage=stage, session=session, outcome=Outcome(), say=lambda h, m: said.append(m))
+    run = types.SimpleNamespace(stage=stage, session=session, outcome=Outcome(), say=lambda h, m: said.append(m),
+                                token="t0k3n")
     action = plan.Cutover(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "run1"), "web2")
     return follow.cutover(run, remote, action), said
 
@@ -51,14 +53,43 @@ def state(run_id, status):
 
 
 def test_a_launch_whose_answer_is_lost_is_unknown_not_not_started(monkeypatch):
-    found, _ = follow_with(Remote(launch=HostError("web2", "the SSH connection failed: reset")), monkeypatch)
+    """The connection drops before the host said a word, and no state of this run ever appears."""
+    monkeypatch.setattr(follow, "STARTUP_GRACE", -1)
+    found, _ = follow_with(Remote(launch=HostError("web2", "the SSH connection failed: reset"),
+                                  polls=[["inactive "]]), monkeypatch)
     assert found.status == CutoverStatus.UNKNOWN and "may have started" in found.rollback_failure
 
 
-def test_a_launch_refused_because_another_cutover_runs_is_not_started(monkeypatch):
-    refused = RemoteCommandError("web2", "starting the cutover", 3, "another cutover of shop is still running")
+def test_a_launch_whose_connection_drops_is_followed_after_reconnecting(monkeypatch):
+    """systemd-run started the cutover, then the connection dropped: it runs by itself, so the
+    follower reconnects and reads it to its end instead of giving up."""
+    found, said = follow_with(Remote(launch=HostError("web2", "the SSH connection failed: reset"),
+                                     polls=[[f"inactive {state('run1', CutoverStatus.DONE)}"]]), monkeypatch)
+    assert found.status == CutoverStatus.DONE
+    assert any("lost the connection" in m for m in said) and any("connection back" in m for m in said)
+
+
+def test_a_launch_refused_because_another_cutover_runs_is_unknown_not_not_started(monkeypatch):
+    """Nothing of this run started there, but the host is not free: the lock is kept (UNKNOWN) and
+    the refusal is told as it is, so the release is not marked bad."""
+    refused = RemoteCommandError("web2", "starting the cutover", 3, follow.REFUSED + "another cutover of shop "
+                                 "is still running on this host (shop-cutover-1): it ends by itself")
     found, _ = follow_with(Remote(launch=refused), monkeypatch)
-    assert found.status == CutoverStatus.NOT_STARTED and "another cutover" in found.failure
+    assert found.status == CutoverStatus.UNKNOWN and follow.refused(found)
+    assert "another cutover" in found.rollback_failure and not found.steps
+
+
+def test_a_launch_that_lost_the_lock_is_refused(monkeypatch):
+    lost = RemoteCommandError("web2", "starting the cutover", 4, "lock lost: the deploy lock of shop here is no "
+                              "longer this run's")
+    found, _ = follow_with(Remote(launch=lost), monkeypatch)
+    assert follow.refused(found) and "lock lost" in found.rollback_failure
+
+
+def test_a_launch_that_failed_otherwise_is_not_started(monkeypatch):
+    failed = RemoteCommandError("web2", "starting the cutover", 1, "Failed to start transient service unit")
+    found, _ = follow_with(Remote(launch=failed), monkeypatch)
+    assert found.status == CutoverStatus.NOT_STARTED and "transient" in found.failure
 
 
 def test_another_runs_state_file_is_never_read_as_this_ones(monkeypatch):
@@ -106,3 +137,100 @@ def test_the_follow_script_prints_each_change_once_until_the_unit_ends(tmp_path)
     out = subprocess.run(["bash", "-c", follow._follow_script("u", str(path))], capture_output=True, text=True,
                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30).stdout
     assert out.splitlines() == ["active {}", "inactive {}"]
+
+
+def launch_guard(tmp_path, systemctl: str, holder: dict | None):
+    """Run the launch script with bash against a fake `systemctl` (its body: `systemctl`) and a fake
+    `systemd-run` that only records it ran; the lock holder file as given."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .samples import STAGE
+    stage = stage_of(STAGE.replace('celery_app = "shop"', f'celery_app = "shop"\ndeploy_to = "{tmp_path}"\n'
+                                   f'python = "{sys.executable}"'))
+    state_dir = tmp_path / ".deploy-kit"
+    if holder is not None:
+        (state_dir / "lock").mkdir(parents=True)
+        (state_dir / "lock" / "holder.json").write_text(json.dumps(holder))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    started = tmp_path / "started"
+    for name, body in (("systemctl", systemctl), ("systemd-run", f"touch {started}")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    params = dict(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "run1"),
+                  state_file=str(state_dir / "cutover.json"))
+    script = follow._launch_script(params, "shop-cutover-run1", "shop", sys.executable, str(state_dir),
+                                   plan.lock_guard(stage, "t0k3n"))
+    done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+    return done, started.exists()
+
+
+def test_the_launch_guard_starts_the_cutover_when_none_runs_and_the_lock_is_this_runs(tmp_path):
+    done, started = launch_guard(tmp_path, "exit 0", {"token": "t0k3n"})
+    assert done.returncode == 0 and started, done.stderr
+
+
+def test_the_launch_guard_refuses_while_another_cutover_runs(tmp_path):
+    done, started = launch_guard(tmp_path, "echo 'shop-cutover-20261124 loaded active running deploy-kit cutover'",
+                                 {"token": "t0k3n"})
+    assert (done.returncode, started) == (3, False)
+    assert done.stderr.startswith(follow.REFUSED) and "shop-cutover-20261124)" in done.stderr
+
+
+def test_the_launch_guard_refuses_when_systemd_cannot_list_the_cutovers(tmp_path):
+    done, started = launch_guard(tmp_path, "echo 'Failed to connect to bus' >&2; exit 1", {"token": "t0k3n"})
+    assert (done.returncode, started) == (3, False)
+    assert done.stderr.splitlines()[-1].startswith(follow.REFUSED) and "could not list" in done.stderr
+
+
+def test_the_launch_guard_refuses_when_the_lock_is_no_longer_this_runs(tmp_path):
+    for holder in ({"token": "another-run"}, None):  # taken by another run; broken by `fab unlock`
+        done, started = launch_guard(tmp_path, "exit 0", holder)
+        assert (done.returncode, started) == (plan.LOCK_LOST, False)
+        assert done.stderr.startswith("lock lost:") and not (tmp_path / ".deploy-kit" / "cutover-run.py").exists()
+        shutil.rmtree(tmp_path)
+        tmp_path.mkdir()
+
+
+def program_worst_case(p: dict) -> float:
+    """The sum of the waits `remote/cutover.py` bounds, forward then back, read from the program:
+    a systemctl call that waits for a unit (start, stop, restart: SYSTEMCTL), a stop of an old
+    instance before a restart in place (stop_timeout + 30), the agent's hello (verify) and a
+    verification per worker (verify + 10), add/cancel_consumer per queue (30, 15), the watch,
+    discarding a private queue (15), the give-back's kill and stop (30) and restore (10 + 2 + 30),
+    the journal read for the state file (60)."""
+    verify, watch, systemctl = float(p["verify"]["timeout"]), float(p["watch"]), follow.SYSTEMCTL
+    if p["phase"] == "beat":  # restart (its stop, then its start), wait for Beat and watch it
+        restart = float(p.get("beat_stop_timeout", 0)) + systemctl
+        return 2 * (restart + verify + watch)
+    workers = p["workers"]
+    queues = sum(len(w["queues"]) for w in workers)
+    start = sum(systemctl + (0 if w["handover"] else float(p["stop_timeout"]) + 30) for w in workers)
+    forward = start + verify + sum(verify + 10 for _ in workers) + 30 * queues + watch + 15 * queues + \
+        15 * len(workers)
+    back = 60 + 15 * queues + sum(30 + 15 for _ in workers) + 10 + 2 + 30
+    return forward + back
+
+
+def test_the_follower_budget_covers_every_wait_of_the_cutover_both_ways():
+    """Workers and Beat: a healthy but slow cutover is never reported UNKNOWN for lack of time."""
+    stage = stage_of()
+    worker = plan.cutover_params(stage, stage.host("web1"), NEW, OLD, Mode.DEPLOY, "r")["workers"][0]
+    for count in (0, 1, 3):
+        for handover in (True, False):
+            for queues in (1, 6):
+                for verify, watch in ((10, 0), (60, 10), (600, 120)):
+                    for phase in ("workers", "beat"):
+                        p = plan.cutover_params(stage, stage.host("web1"), NEW, OLD, Mode.DEPLOY, "r", phase)
+                        p.update(verify={"task": "t", "timeout": verify}, watch=watch)
+                        if phase == "workers":
+                            p["workers"] = [dict(worker, service=f"w{i}", handover=handover,
+                                                 queues=[f"q{j}" for j in range(queues)]) for i in range(count)]
+                        assert follow.budget(p) >= program_worst_case(p), (phase, count, handover, queues, verify)
+                        if phase == "beat":
+                            p["beat_stop_timeout"] = 900  # the Beat phase's own stop timeout, when given
+                            assert follow.budget(p) >= program_worst_case(p) >= 1800
