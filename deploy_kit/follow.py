@@ -39,7 +39,7 @@ def budget(params: dict[str, Any]) -> float:
     verify, watch = float(params["verify"]["timeout"]), float(params["watch"])
     workers = params["workers"]
     if params.get("phase") == "beat":
-        one_way = float(params.get("beat_stop_timeout", 0)) + SYSTEMCTL + verify + watch
+        one_way = float(params["stop_timeout"]) + SYSTEMCTL + verify + watch  # Beat's own stop timeout
         return 2 * one_way + 180
     queues = sum(len(w["queues"]) for w in workers)
     in_place = sum(float(params["stop_timeout"]) + 30 for w in workers if not w["handover"])

@@ -205,7 +205,7 @@ def program_worst_case(p: dict) -> float:
     the journal read for the state file (60)."""
     verify, watch, systemctl = float(p["verify"]["timeout"]), float(p["watch"]), follow.SYSTEMCTL
     if p["phase"] == "beat":  # restart (its stop, then its start), wait for Beat and watch it
-        restart = float(p.get("beat_stop_timeout", 0)) + systemctl
+        restart = float(p["stop_timeout"]) + systemctl  # queued; waited for within stop + verify
         return 2 * (restart + verify + watch)
     workers = p["workers"]
     queues = sum(len(w["queues"]) for w in workers)
@@ -232,5 +232,5 @@ def test_the_follower_budget_covers_every_wait_of_the_cutover_both_ways():
                                                  queues=[f"q{j}" for j in range(queues)]) for i in range(count)]
                         assert follow.budget(p) >= program_worst_case(p), (phase, count, handover, queues, verify)
                         if phase == "beat":
-                            p["beat_stop_timeout"] = 900  # the Beat phase's own stop timeout, when given
+                            p["stop_timeout"] = 900  # in the Beat phase: Beat's own TimeoutStopSec
                             assert follow.budget(p) >= program_worst_case(p) >= 1800
