@@ -16,6 +16,7 @@ from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployKitError, HostError, RemoteCommandError
 from deploy_kit.plan import Cutover
 from deploy_kit.release import state_dir
+from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 from deploy_kit.ssh import RemoteHost, quote
 
@@ -28,13 +29,26 @@ ENDED = ("inactive", "failed")  # what `systemctl is-active` says of a unit that
 
 
 def budget(params: dict[str, Any]) -> float:
-    """How long a cutover can take at worst: forward and back, each with a stop of the old units
-    (a restart in place waits for the longest task), the agent's start, a verification per
-    worker, the remote-control calls and the watch."""
-    verify = float(params["verify"]["timeout"])
-    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(params["workers"]) + 1) + \
-        float(params["watch"])
-    return 2 * one_pass + 60
+    """How long a cutover can take at worst, from the cutover's own named waits (`contracts`):
+    the forward pass and the way back, each step at its longest, then a margin for the launch."""
+    workers = params["workers"]
+    n, queues = len(workers), sum(len(w["queues"]) for w in workers)
+    verify, stop, watch = float(params["verify"]["timeout"]), float(params["stop_timeout"]), float(params["watch"])
+    w = waits
+    forward = (n * (stop + w.STOP_MARGIN + 2 * w.SYSTEMCTL)  # start (a restart in place stops the old unit first)
+               + w.AGENT_START + verify + n * (verify + w.VERIFY_MARGIN)  # the agent's greeting, a task per worker
+               + queues * w.REMOTE_CONTROL + watch  # join, watch
+               + queues * w.REMOTE_CONTROL_QUICK + n * (3 * w.SYSTEMCTL + w.REMOTE_CONTROL_QUICK)  # retire
+               + w.SYSTEMCTL  # switch
+               + w.SYSTEMCTL + verify + watch)  # Beat: restart, wait, watch
+    back = (w.SYSTEMCTL  # the journal
+            + queues * w.REMOTE_CONTROL_QUICK + n * (w.STOP_MARGIN + 5 * w.SYSTEMCTL + w.REMOTE_CONTROL_QUICK)
+            + w.RESTORE + w.AGENT_CLOSE  # give back
+            + w.SYSTEMCTL + verify + watch)  # Beat back: restart, wait, watch
+    return forward + back + LAUNCH
+
+
+LAUNCH = 60  # seconds for the launch script itself (install, the guard, writing the program, systemd-run)
 
 
 def _launch_script(params: dict[str, object], unit: str, app_name: str, python: str, state: str) -> str:

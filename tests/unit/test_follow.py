@@ -106,3 +106,31 @@ def test_the_follow_script_prints_each_change_once_until_the_unit_ends(tmp_path)
     out = subprocess.run(["bash", "-c", follow._follow_script("u", str(path))], capture_output=True, text=True,
                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30).stdout
     assert out.splitlines() == ["active {}", "inactive {}"]
+
+
+def test_the_budget_covers_every_named_wait_of_the_cutover_both_ways():
+    """The control machine never calls a cutover UNKNOWN while the cutover is still within its own
+    timeouts (`contracts`, used by `remote/cutover.py`): the forward pass and the way back, each
+    wait at its longest, for Beat, one worker and several with several queues."""
+    from deploy_kit.remote import contracts as c
+
+    stage = stage_of()
+    for phase in ("workers", "beat"):
+        params = plan.cutover_params(stage, stage.host("web1"), "new", "old", Mode.DEPLOY, "r1", phase)
+        for workers in (params["workers"], [], params["workers"] * 3):
+            for queues in (["a"], ["a", "b", "c"]):
+                p = dict(params, workers=[dict(w, queues=queues) for w in workers])
+                n, q = len(p["workers"]), len(p["workers"]) * len(queues)
+                verify, watch, stop = p["verify"]["timeout"], p["watch"], p["stop_timeout"]
+                start = n * (stop + c.STOP_MARGIN) + n * c.SYSTEMCTL * 2  # stop in place, start, show
+                greet = verify + c.AGENT_START
+                tasks = n * (verify + c.VERIFY_MARGIN)
+                join = q * c.REMOTE_CONTROL
+                retire = q * c.REMOTE_CONTROL_QUICK + n * (3 * c.SYSTEMCTL + c.REMOTE_CONTROL_QUICK)
+                beat = c.SYSTEMCTL + verify + watch
+                forward = start + greet + tasks + join + watch + retire + c.SYSTEMCTL + beat
+                give_back = (q * c.REMOTE_CONTROL_QUICK + n * (c.STOP_MARGIN + 5 * c.SYSTEMCTL + c.REMOTE_CONTROL_QUICK)
+                             + c.RESTORE + c.AGENT_CLOSE)
+                back = c.SYSTEMCTL + give_back + beat
+                assert follow.budget(p) >= forward + back, (phase, n, queues)
+    assert c.RESTORE == c.RESTORE_WAIT + c.RESTORE_SETTLE + c.REMOTE_CONTROL
