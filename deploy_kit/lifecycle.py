@@ -32,7 +32,7 @@ from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, HostsFailed, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Step
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode, Result
 from deploy_kit.runner import Outcome, Run, Say, take_locks
 
 WAIT_FOR_HOSTS = "the cutover runs on the hosts by itself; waiting for it to end so the stage ends on one release"
@@ -150,7 +150,7 @@ def release_locks(run: Run) -> None:
 
 def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
     """Nothing was switched: discard the release, record why, release the lock."""
-    run.history.result = "preflight failed" if isinstance(exc, PreflightFailed) else "failed"
+    run.history.result = Result.PREFLIGHT_FAILED if isinstance(exc, PreflightFailed) else Result.FAILED
     run.history.error = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     steps: list[Step] = []
     if isinstance(exc, KeyboardInterrupt):
@@ -203,8 +203,8 @@ def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
     say the queue summary, read alongside Beat (a deploy whose workers took over) or alongside
     this finish (anything else)."""
     decided = outcome.verdict(run.mode, results)
-    run.outcome.result = "success" if decided.ok else "rolled back" if decided.consistent else "failed"
-    run.history.result = "success" if decided.ok else "failed"
+    run.outcome.result = Result.SUCCESS if decided.ok else Result.ROLLED_BACK if decided.consistent else Result.FAILED
+    run.history.result = Result.SUCCESS if decided.ok else Result.FAILED
     run.history.seconds = run.seconds()
     if summary is None or not decided.ok:
         if summary is not None:  # read before the way back: no longer true

@@ -450,5 +450,5 @@ class Agent:
 def program() -> str:
     """This module and hostlib as one text that runs `main(CELERY_APP, PURPOSE)` on the service's Python,
     which has no deploy_kit package."""
-    sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "celery_agent")]
+    sources = [(name, hostlib.source_of(name)) for name in ("contracts", "hostlib", "celery_agent")]
     return hostlib.bundle(sources, "module.main(*sys.argv[1:])\n")
