@@ -189,7 +189,7 @@ def test_a_failed_preflight_changes_nothing_and_releases_the_lock(fake):
     run = fake[-1]
     assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.FINISH}
     assert all(s.action == Finish(unlock=True, history=True) for s in run.executed if s.phase == Phase.FINISH)
-    assert run.history.result == "preflight failed"
+    assert run.history.result is Result.PREFLIGHT_FAILED
 
 
 def test_a_lock_held_elsewhere_is_refused_and_ours_released(fake):
@@ -497,3 +497,63 @@ def test_the_older_run_waits_only_so_long_for_a_younger_that_never_lets_go(monke
     with pytest.raises(Locked):
         runner.take_locks(stage, mine, probe)
     assert runner.CONTENDED_WAIT <= clock[0] <= runner.CONTENDED_WAIT + 1
+
+
+def local_stage(tmp_path, monkeypatch):
+    """The sample stage on a real git repository here, packed by the real `Run.pack`."""
+    from deploy_kit import runner
+
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    (repo / "requirements.txt").write_text("celery==5.5.0\n")
+    for argv in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True)
+    monkeypatch.setattr(FakeRun, "pack", Run.pack)
+    monkeypatch.setattr(runner, "CACHE_DIR", tmp_path / "cache")
+    return stage_of(STAGE.replace('repo = "git@example.com:acme/shop.git"', f'repo = "{repo}"'))
+
+
+def shown_as_the_task_layer_shows_it(stage):
+    """What `fab deploy` prints and exits with: `ui.user_errors` around the deploy."""
+    from invoke import Exit
+
+    from deploy_kit import ui
+    with pytest.raises(Exit) as caught, ui.user_errors():
+        lifecycle.deploy(stage, ref="HEAD", say=say, now=NOW)
+    return caught.value.code, str(caught.value.message)
+
+
+def nothing_changed_and_unlocked(run):
+    assert {s.phase for s in run.executed} <= {Phase.LOCK, Phase.UNDO, Phase.FINISH}  # nothing built or switched
+    assert all(s.action.unlock for s in run.executed if s.phase == Phase.FINISH)
+    assert run.history.result is Result.FAILED
+
+
+def test_a_failed_git_archive_exits_9_with_its_cause_and_changes_nothing(fake, tmp_path, monkeypatch):
+    stage = local_stage(tmp_path, monkeypatch)
+    real = release._run_git
+
+    def git(argv):
+        if "archive" in argv:
+            return subprocess.CompletedProcess(argv, 128, b"", b"fatal: not a valid object name")
+        return real(argv)
+    monkeypatch.setattr(release, "_run_git", git)
+    code, message = shown_as_the_task_layer_shows_it(stage)
+    assert code == 9 and message.startswith("error: git archive --format=tar.gz ") and "not a valid object" in message
+    assert "Traceback" not in message
+    nothing_changed_and_unlocked(fake[-1])
+
+
+def test_a_failed_pip_download_exits_9_with_its_cause_and_changes_nothing(fake, tmp_path, monkeypatch):
+    from deploy_kit import wheels
+
+    stage = local_stage(tmp_path, monkeypatch)
+    failed = subprocess.CompletedProcess([], 1, "", "WARNING: Location 'x' is ignored\n"
+                                         "ERROR: No matching distribution found for celery==5.5.0\n")
+    real = subprocess.run
+    monkeypatch.setattr(wheels.subprocess, "run", lambda argv, **kw: failed if "pip" in argv else real(argv, **kw))
+    code, message = shown_as_the_task_layer_shows_it(stage)
+    assert code == 9 and message.startswith("error: could not fetch wheels for Python ")
+    assert "No matching distribution found for celery==5.5.0" in message and "WARNING: Location" not in message
+    assert "Fix: make sure every requirement has a wheel" in message and "Traceback" not in message
+    nothing_changed_and_unlocked(fake[-1])
