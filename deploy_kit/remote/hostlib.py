@@ -118,9 +118,9 @@ def run(argv: list, stdin: str | None = None, timeout: float = 60) -> tuple:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def as_service(properties: list, directory: str, argv: list, timeout: float = 60, runner=run) -> dict:
+def as_service(properties: list, directory: str, argv: list, timeout: float = 60, runner=None) -> dict:
     """Run a program as the service; it prints `ok DETAIL` or `fail DETAIL` last: {ok, detail}."""
-    code, out, err = runner(service_argv(properties, directory, argv), timeout=timeout)
+    code, out, err = (runner or run)(service_argv(properties, directory, argv), timeout=timeout)
     text = (out.strip() or err.strip() or "no output").splitlines()[-1]
     if text.startswith("ok "):
         return {"ok": True, "detail": text[3:]}
@@ -132,8 +132,8 @@ def parse_show(text: str) -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def show(unit: str, properties: str, runner=run) -> dict:
-    _, out, _ = runner(["systemctl", "show", unit, "-p", properties])
+def show(unit: str, properties: str, runner=None) -> dict:
+    _, out, _ = (runner or run)(["systemctl", "show", unit, "-p", properties])
     return parse_show(out)
 
 
