@@ -164,8 +164,8 @@ def program() -> str:
 def release_program() -> str:
     """The release check's text, with the Celery agent's queue reading: it travels on stdin
     (`python -c READ_STDIN release APP QUEUES`)."""
-    importlib.import_module("deploy_kit.remote.celery_agent")  # shipped with the build program, or here
-    sources = [(name, hostlib.source_of(name)) for name in ("contracts", "hostlib", "celery_agent", "probes")]
+    agent = importlib.import_module("deploy_kit.remote.celery_agent")  # shipped with the build program, or here
+    sources = [(name, hostlib.source_of(name)) for name in (*agent.SHIPPED, "probes")]
     return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
 
 

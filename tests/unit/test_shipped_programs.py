@@ -72,3 +72,9 @@ def test_the_programs_a_host_program_starts_load_on_a_bare_python_too(text, tmp_
         "module.main(sys.argv[1:])", "module.main(0)")
     proc = bare(loaded_only(text), tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_readme_layout_names_every_host_module():
+    layout = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("## Layout", 1)[1]
+    remote_part = layout.split("- `deploy_kit/remote/`", 1)[1].split("\n- ", 1)[0]
+    assert [name for name in PROGRAMS if f"`{name}.py`" not in remote_part] == []
