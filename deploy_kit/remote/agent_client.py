@@ -11,7 +11,7 @@ import select
 import subprocess
 import time
 
-from deploy_kit.remote import hostlib
+from deploy_kit.remote import contracts, hostlib
 
 
 class StepFailed(Exception):
@@ -67,7 +67,7 @@ class Agent:
     def close(self) -> None:
         try:
             self.proc.stdin.close()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=contracts.AGENT_CLOSE)
         except Exception:  # noqa: BLE001 - it runs under systemd-run --collect; kill what is left
             self.proc.kill()
 

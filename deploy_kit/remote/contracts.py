@@ -50,7 +50,7 @@ ENV_KEY = "env-key"  # in releases/NAME/.deploy-kit: the key of the environment 
 # them up, so the control machine never gives up on a cutover that is within its own timeouts.
 SYSTEMCTL = 60  # one systemctl call (start, restart, enable, disable, stop --no-block), or journalctl
 STOP_MARGIN = 30  # a stop that waits: an old unit stopped in place (beyond its TimeoutStopSec), or a killed one
-AGENT_START = 30  # the Celery agent's greeting (systemd-run, Python, the Celery app), beyond the verify timeout
+AGENT_START = 30  # the Celery agent's start (systemd-run, Python, the app): budget slack; its greeting waits `verify`
 VERIFY_MARGIN = 10  # a verification task's answer, beyond the verify timeout
 REMOTE_CONTROL = 30  # one remote-control call that must succeed (add_consumer, per queue)
 REMOTE_CONTROL_QUICK = 15  # one best-effort call (cancel_consumer per queue, discarding a private queue)
