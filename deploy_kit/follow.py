@@ -15,6 +15,7 @@ from deploy_kit import journal, plan
 from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployKitError, HostError, RemoteCommandError
 from deploy_kit.release import state_dir
+from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 from deploy_kit.ssh import RemoteHost, quote
 
@@ -26,28 +27,27 @@ STARTUP_GRACE = 15  # seconds a started cutover may take to write its first stat
 ENDED = ("inactive", "failed")  # what `systemctl is-active` says of a unit that ended (or never ran)
 
 
-SYSTEMCTL = 60  # seconds the cutover program lets a systemctl call that waits for a unit take
-
-
 def budget(params: dict[str, Any]) -> float:
-    """How long a cutover can take at worst, forward and back: every wait `remote/cutover.py`
-    bounds. Workers: a stop of the old instance per restart in place, a start per worker, the
-    agent's hello and a verification per worker, the remote-control calls per queue (join,
-    retire, give back), the watch, the stops and the restore of the give-back. Beat: its restart
-    (its stop, then its start) and the wait for it with its watch, both ways. Plus a margin for
-    the agent's start and the calls that return at once; never less than the older estimate."""
-    verify, watch = float(params["verify"]["timeout"]), float(params["watch"])
+    """How long a cutover can take at worst, from the cutover's own named waits (`contracts`):
+    the forward pass and the way back, each step at its longest, then a margin for the launch."""
     workers = params["workers"]
-    if params.get("phase") == "beat":
-        one_way = float(params["stop_timeout"]) + SYSTEMCTL + verify + watch  # Beat's own stop timeout
-        return 2 * one_way + 180
-    queues = sum(len(w["queues"]) for w in workers)
-    in_place = sum(float(params["stop_timeout"]) + 30 for w in workers if not w["handover"])
-    forward = in_place + SYSTEMCTL * len(workers) + verify + (verify + 10) * len(workers) + 30 * queues + \
-        watch + 15 * queues + 15 * len(workers)
-    back = 15 * queues + 45 * len(workers) + 42 + SYSTEMCTL
-    one_pass = float(params["stop_timeout"]) + 120 + (verify + 30) * (len(workers) + 1) + watch
-    return max(forward + back + 180, 2 * one_pass + 60)
+    n, queues = len(workers), sum(len(w["queues"]) for w in workers)
+    verify, stop, watch = float(params["verify"]["timeout"]), float(params["stop_timeout"]), float(params["watch"])
+    w = waits
+    forward = (n * (stop + w.STOP_MARGIN + 2 * w.SYSTEMCTL)  # start (a restart in place stops the old unit first)
+               + w.AGENT_START + verify + n * (verify + w.VERIFY_MARGIN)  # the agent's greeting, a task per worker
+               + queues * w.REMOTE_CONTROL + watch  # join, watch
+               + queues * w.REMOTE_CONTROL_QUICK + n * (3 * w.SYSTEMCTL + w.REMOTE_CONTROL_QUICK)  # retire
+               + w.SYSTEMCTL  # switch
+               + w.SYSTEMCTL + stop + verify + watch)  # Beat: restart (queued), the old one's stop, start, watch
+    back = (w.SYSTEMCTL  # the journal
+            + queues * w.REMOTE_CONTROL_QUICK + n * (w.STOP_MARGIN + 5 * w.SYSTEMCTL + w.REMOTE_CONTROL_QUICK)
+            + w.RESTORE + w.AGENT_CLOSE  # give back
+            + w.SYSTEMCTL + stop + verify + watch)  # Beat back: the same
+    return forward + back + LAUNCH
+
+
+LAUNCH = 60  # seconds for the launch script itself (install, the guard, writing the program, systemd-run)
 
 
 REFUSED = "refused: "  # how a launch the host's guard refused is told (nothing of this run started there)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from deploy_kit import hostfacts, releases
+from deploy_kit import remote as host_programs
 from deploy_kit.config import Stage
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.plan import current_release
 from deploy_kit.release import state_dir
 from deploy_kit.remote.contracts import LockHolder
 from deploy_kit.session import Session
-from deploy_kit.ssh import quote
+from deploy_kit.ssh import RemoteHost
 
 
 def age(when: str, now: datetime | None = None) -> str:
@@ -65,31 +67,26 @@ class LockState:
 
 
 def parse_lock_state(output: str) -> LockState:
-    holder_text, _, units = output.partition("---\n")
-    holder = None
-    if holder_text.strip():
-        try:
-            holder = LockHolder.from_json(holder_text)
-        except (ValueError, TypeError):
-            holder = LockHolder.unreadable()
-    return LockState(holder, tuple(line.split()[0] for line in units.splitlines() if line.strip()))
+    """What `remote/lock.py` printed (its last line)."""
+    data = json.loads(output.strip().splitlines()[-1])
+    holder = LockHolder.from_data(data["holder"]) if data.get("holder") else None
+    return LockState(holder, tuple(data.get("cutovers", ())))
 
 
-def lock_states(stage: Stage) -> dict[str, LockState]:
-    """Who holds the lock on each host, and which cutover still runs there (one round trip)."""
-    path = state_dir(stage.app) / "lock" / "holder.json"
-    script = (f"cat {quote(path)} 2>/dev/null || true\nprintf -- '---\\n'\n"
-              f"systemctl list-units --plain --no-legend --state=active,activating "
-              f"{quote(stage.app.name + '-cutover-*')} || true\n")
+def lock_states(stage: Stage, *, breaking: list[str] | None = None) -> dict[str, LockState]:
+    """Who holds the lock on each host, and which cutover still runs there (one round trip); on
+    the hosts in `breaking`, the lock is removed first, whoever holds it (`fab unlock`, confirmed)."""
+    def one(remote: RemoteHost) -> LockState:
+        params = {"state_dir": str(state_dir(stage.app)), "app": stage.app.name,
+                  "break": remote.name in (breaking or ())}
+        result = remote.run_python(host_programs.program("lock", params), str(stage.app.python), sudo=True,
+                                   what="breaking the lock" if params["break"] else "reading the lock")
+        return parse_lock_state(result.stdout)
+
     with Session(stage) as session:
-        found = session.each(lambda r: r.run_script(script, sudo=True, what="reading the lock").stdout,
-                             what="reading the lock")
-    return {host: parse_lock_state(out) for host, out in found.items()}
+        return session.each(one, what="reading the lock", only=breaking)
 
 
 def break_lock(stage: Stage, hosts: list[str]) -> None:
     """Remove the lock whoever holds it (`fab unlock`, after the user confirmed)."""
-    script = f"rm -rf {quote(state_dir(stage.app) / 'lock')}\n"
-    with Session(stage) as session:
-        session.each(lambda r: r.run_script(script, sudo=True, what="breaking the lock") if r.name in hosts
-                     else None, what="breaking the lock")
+    lock_states(stage, breaking=hosts)

@@ -13,7 +13,7 @@ from typing import Any
 from deploy_kit import remote, units
 from deploy_kit.config import Host, Stage
 from deploy_kit.errors import HostError
-from deploy_kit.remote.contracts import LiveEvent
+from deploy_kit.remote.contracts import STATE_DIR, LiveEvent, LockHolder
 from deploy_kit.ssh import RemoteHost
 
 
@@ -48,7 +48,7 @@ class ReleaseInfo:
 @dataclass(frozen=True)
 class LockState:
     acquired: bool
-    holder: dict[str, str]
+    holder: LockHolder
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def paths(stage: Stage) -> dict[str, str]:
     }
 
 
-def params(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = None) -> dict[str, Any]:
+def params(stage: Stage, host: Host, check: bool, lock: LockHolder | None = None) -> dict[str, Any]:
     app = stage.app
     wanted = units.units_for(stage, host)
     return {
@@ -108,8 +108,8 @@ def params(stage: Stage, host: Host, check: bool, lock: dict[str, str] | None = 
         "python": str(app.python),
         "release_python": str(units.python(app)),
         "check": check,
-        "state_dir": str(app.deploy_to / ".deploy-kit"),
-        "lock": lock,
+        "state_dir": str(app.deploy_to / STATE_DIR),
+        "lock": lock.to_data() if lock else None,
     }
 
 
@@ -135,7 +135,8 @@ def parse(output: str) -> HostFacts:
                                    r.get("env_key", ""), float(r.get("mtime", 0.0)))
                        for r in data.get("releases", [])),
         wheels=frozenset(data.get("wheels", [])),
-        lock=LockState(bool(data["lock"]["acquired"]), data["lock"]["holder"]) if data.get("lock") else None,
+        lock=LockState(bool(data["lock"]["acquired"]), LockHolder.from_data(data["lock"]["holder"]))
+        if data.get("lock") else None,
         instances=data.get("instances", {}),
         live=tuple(LiveEvent(**e) for e in data.get("live", [])),
         cutovers=tuple(data.get("cutovers", ())),
@@ -153,7 +154,7 @@ def parse(output: str) -> HostFacts:
     )
 
 
-def gather(remote: RemoteHost, stage: Stage, *, check: bool, lock: dict[str, str] | None = None) -> HostFacts:
+def gather(remote: RemoteHost, stage: Stage, *, check: bool, lock: LockHolder | None = None) -> HostFacts:
     """Probe the host; with `lock`, first take the app's deploy lock there (same round trip)."""
     return probe(remote, params(stage, remote.host, check, lock))
 

@@ -31,7 +31,7 @@ from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, HostsFailed, Locked, PreflightFailed
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import Phase, Plan, Step
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode, Result
 from deploy_kit.runner import Outcome, Run, Say, take_locks
 
 WAIT_FOR_HOSTS = "the cutover runs on the hosts by itself; waiting for it to end so the stage ends on one release"
@@ -176,7 +176,7 @@ def attempt(run: Run, steps: Sequence[Step], *, what: str) -> dict[str, str]:
 
 def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
     """Nothing was switched: discard the release, record why, release the lock."""
-    run.history.result = "preflight failed" if isinstance(exc, PreflightFailed) else "failed"
+    run.history.result = Result.PREFLIGHT_FAILED if isinstance(exc, PreflightFailed) else Result.FAILED
     run.history.error = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     steps: list[Step] = []
     if isinstance(exc, KeyboardInterrupt):
@@ -246,8 +246,8 @@ def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
     that ended on the new release is still a success (exit 0, the note says the lock may be
     left), and a failed one still ends with its summary (exit 5 or 6), never with exit 7."""
     decided = outcome.verdict(run.mode, results)
-    run.outcome.result = "success" if decided.ok else "rolled back" if decided.consistent else "failed"
-    run.history.result = "success" if decided.ok else "failed"
+    run.outcome.result = Result.SUCCESS if decided.ok else Result.ROLLED_BACK if decided.consistent else Result.FAILED
+    run.history.result = Result.SUCCESS if decided.ok else Result.FAILED
     run.history.seconds = run.seconds()
     if summary is None or not decided.ok:
         if summary is not None:  # read before the way back: no longer true

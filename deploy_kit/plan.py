@@ -17,7 +17,7 @@ from deploy_kit.config import Host, Stage
 from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.release import Source, host_env_key, state_dir
-from deploy_kit.remote.contracts import LiveEvent, Mode
+from deploy_kit.remote.contracts import BAD, CUTOVER_STATE, HISTORY, STATE_DIR, LiveEvent, LockHolder, Mode
 
 q = shlex.quote
 Line = tuple[str, str]  # (a step's name, or "" for a line of detail; text)
@@ -127,24 +127,27 @@ class Cutover:
 
     def lines(self) -> list[Line]:
         return [("", f"systemd-run --unit={self.params['app']['name']}-cutover-{self.params['id']} python3 "
-                 "deploy_kit/remote/cutover.py (detached from SSH; progress in .deploy-kit/cutover.json)"),
+                 f"deploy_kit/remote/cutover.py (detached from SSH; progress in {STATE_DIR}/{CUTOVER_STATE})"),
                 *handover_lines(self.params, self.hostname)]
 
 
 @dataclass(frozen=True)
 class Finish:
-    """`remote/finish.py`: remove old releases, append the history line (written when it runs),
-    release the lock; what cannot be removed or written is a warning, never a kept lock."""
+    """`remote/finish.py`: remove old releases, mark one bad, append the history line (written when
+    it runs), release the lock; what cannot be removed or written is a warning, never a kept lock."""
 
     delete: tuple[str, ...] = ()
     unlock: bool = True
     history: bool = True
     release: str = ""  # what the history line records for this host: the release it went to
     previous: str = ""  # and the one it left
+    mark_bad: str = ""  # a release a deploy was rolled back from (`hostlib.mark_bad`, as the cutover does)
 
     def lines(self) -> list[Line]:
         moved = f" ({self.previous or 'none'} -> {self.release})" if self.release else ""
-        return [*([("", f"append the history line{moved} to .deploy-kit/history.jsonl")] if self.history else []),
+        return [*([("", f"mark releases/{self.mark_bad} bad ({self.mark_bad}/{STATE_DIR}/{BAD}: when, run, why)")]
+                  if self.mark_bad else []),
+                *([("", f"append the history line{moved} to {STATE_DIR}/{HISTORY}")] if self.history else []),
                 *(("", f"remove releases/{name}") for name in self.delete),
                 *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
 
@@ -199,7 +202,7 @@ def current_release(facts: HostFacts) -> str | None:
     return current.target.rstrip("/").rsplit("/", 1)[-1]
 
 
-def lock_steps(stage: Stage, holder: dict[str, str] | None, *, check: bool) -> list[Step]:
+def lock_steps(stage: Stage, holder: LockHolder | None, *, check: bool) -> list[Step]:
     what = "take the lock, then every `fab check` probe" if check else "take the lock, read the releases"
     return [Step(h.name, Phase.LOCK, what if holder else "read-only probe",
                  Probe(hostfacts.params(stage, h, check, holder))) for h in stage.hosts]
@@ -250,7 +253,7 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
         "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout}, "watch": stage.verify.watch,
         "service_environment": list(units.service_environment(stage)),
         "stop_timeout": max([units.stop_timeout(stage, w) for w in workers] or [stage.systemd.stop_margin]),
-        "state_file": str(state_dir(app) / "cutover.json"),
+        "state_file": str(state_dir(app) / CUTOVER_STATE),
         "run_dir": str(units.RUN_DIR / app.name),
         "mark_bad_on_failure": mode == Mode.DEPLOY and phase == "workers",
     }
@@ -336,7 +339,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
     on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",
                         Script(unswitch_script(stage, h, source.name))) for h, c in current.items() if not c]
     on_failure += [Step(h.name, Phase.MARK_BAD, f"mark {source.name} bad",
-                        Script(mark_bad_script(stage, source.name))) for h in stage.hosts]
+                        Finish(unlock=False, history=False, mark_bad=source.name)) for h in stage.hosts]
     return Plan(Mode.DEPLOY, source.name, tuple(steps), tuple(on_failure))
 
 
@@ -381,11 +384,6 @@ def migration_warning(facts: HostFacts, leaving: str | None, target: str) -> str
 def discard(release: str, built_here: bool) -> Finish:
     """Remove a release that never went live: the complete one only where this run built it."""
     return Finish((f".{release}.building", *([release] if built_here else [])), unlock=False, history=False)
-
-
-def mark_bad_script(stage: Stage, release: str) -> str:
-    marker = stage.app.releases_dir / release / ".deploy-kit"
-    return f"[ -d {q(str(marker.parent))} ] && install -d {q(str(marker))} && touch {q(str(marker / 'BAD'))} || true\n"
 
 
 def unswitch_script(stage: Stage, host: str, release: str) -> str:

@@ -32,7 +32,7 @@ from deploy_kit import remote as remote_programs
 from deploy_kit import units, wheels
 from deploy_kit.config import App, Stage
 from deploy_kit.errors import HostError, ReleaseError, RemoteCommandError, UsageError
-from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
+from deploy_kit.remote.contracts import STATE_DIR, BuildOutcome, BuildStatus
 from deploy_kit.ssh import RemoteHost
 
 NAME_FORMAT = "%Y-%m-%d-%H%M%S"
@@ -216,7 +216,7 @@ VENV = units.VENV
 
 
 def state_dir(app: App) -> PurePosixPath:
-    return app.deploy_to / ".deploy-kit"
+    return app.deploy_to / STATE_DIR
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, HostError, Locked, PreflightFailed, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import LOCK_LOST, Build, Cutover, Finish, Phase, Probe, Queues, Script, Step
-from deploy_kit.remote.contracts import CutoverState, HistoryLine, LockHolder, Mode
+from deploy_kit.remote.contracts import HISTORY, CutoverState, HistoryLine, LockHolder, Mode, Result
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
 
@@ -41,21 +41,21 @@ class Outcome:
 
     release: str = ""
     sha: str = ""
-    result: str = ""
+    result: Result | None = None
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-def new_holder(action: str, ref: str, now: datetime) -> dict[str, str]:
+def new_holder(action: str, ref: str, now: datetime) -> LockHolder:
     """Who takes the deploy lock, with a token of its own (only its holder removes the lock)."""
-    return {"who": getpass.getuser(), "host": socket.gethostname(), "action": action, "ref": ref,
-            "since": now.isoformat(timespec="seconds"), "token": secrets.token_hex(8)}
+    return LockHolder(who=getpass.getuser(), host=socket.gethostname(), action=action, ref=ref,
+                      since=now.isoformat(timespec="seconds"), token=secrets.token_hex(8))
 
 
 CONTENDED_WAIT = 15.0  # seconds the older of two runs that started together waits for the younger to yield
 
 
-def take_locks(stage: Stage, holder: dict[str, str], probe: Callable[[list[str]], dict[str, HostFacts]]
+def take_locks(stage: Stage, holder: LockHolder, probe: Callable[[list[str]], dict[str, HostFacts]]
                ) -> dict[str, HostFacts]:
     """Lock and probe every host with `probe(host names)`; Locked when another run holds a lock.
 
@@ -71,22 +71,15 @@ def take_locks(stage: Stage, holder: dict[str, str], probe: Callable[[list[str]]
         if not refused:
             return facts
         if (len(refused) == len(facts) or time.monotonic() > deadline
-                or not all(_younger(other, holder) for other in refused.values())):
+                or not all(other.younger_than(holder) for other in refused.values())):
             raise locked_error(stage, refused)
         time.sleep(0.3)
         facts.update(probe(sorted(refused)))
 
 
-def _younger(other: dict[str, Any], mine: dict[str, str]) -> bool:
-    """`other` started after `mine` (a lock whose holder file is being written counts as just started)."""
-    if other.get("fresh"):
-        return True
-    return (str(other.get("since", "")), str(other.get("token", ""))) > (mine["since"], mine["token"])
-
-
-def locked_error(stage: Stage, refused: dict[str, dict[str, Any]]) -> Locked:
+def locked_error(stage: Stage, refused: dict[str, LockHolder]) -> Locked:
     """Who holds the lock on which host, and what to do."""
-    lines = [f"  {host}: {LockHolder.from_json(json.dumps(h)).describe()}" for host, h in refused.items()]
+    lines = [f"  {host}: {h.describe()}" for host, h in refused.items()]
     return Locked(f"another deploy, rollback or setup holds the lock of {stage.app.name}:\n" + "\n".join(lines)
                   + f"\nWait for it, or if it is dead: `fab unlock --stage {stage.name}`")
 
@@ -99,8 +92,8 @@ class Run:
         self.now = now or datetime.now(UTC)
         self.run_id = self.now.strftime("%Y%m%d%H%M%S")
         self.holder = new_holder(mode.value, ref, self.now)
-        self.token = self.holder["token"]
-        self.history = HistoryLine(action=mode.value, result="", when=self.now.isoformat(timespec="seconds"),
+        self.token = self.holder.token
+        self.history = HistoryLine(action=mode, result=None, when=self.now.isoformat(timespec="seconds"),
                                    who=getpass.getuser(), ref=ref, origin=socket.gethostname())
         self.outcome = Outcome()
         self.executed: list[Step] = []
@@ -249,11 +242,14 @@ class Run:
         params: dict[str, Any] = {"delete": [str(app.releases_dir / name) for name in action.delete],
                                   "state_dir": str(release.state_dir(app)),
                                   "token": self.token if action.unlock else ""}
+        if action.mark_bad:
+            params["mark_bad"] = {"release_dir": str(app.releases_dir / action.mark_bad), "id": self.run_id,
+                                  "reason": "a host or Beat failed during the cutover: the stage was handed back"}
         if action.history:
             moved = {"release": action.release, "from_release": action.previous or None} if action.release else {}
             line = HistoryLine(**{**self.history.__dict__, **moved, "host": host, "seconds": self.seconds(),
                                   "durations": self.outcome.timings.get(host, {})})
-            params["history"] = {"path": str(release.state_dir(app) / "history.jsonl"), "line": line.to_json()}
+            params["history"] = {"path": str(release.state_dir(app) / HISTORY), "line": line.to_json()}
         return params
 
     def _finish(self, remote: RemoteHost, action: Finish) -> list[str]:

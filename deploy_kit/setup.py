@@ -206,7 +206,7 @@ def run(stage: Stage, *, say: Callable[[str], None], show: Callable[[str, HostPl
         confirm: Callable[[str], bool], assume_yes: bool, interactive: bool) -> SetupReport:
     """Plan and apply `fab setup` on every host of `stage`."""
     holder = runner.new_holder("setup", "-", datetime.now(UTC))
-    unlock = remote.program("finish", {"state_dir": str(state_dir(stage.app)), "token": holder["token"]})
+    unlock = remote.program("finish", {"state_dir": str(state_dir(stage.app)), "token": holder.token})
     with Session(stage) as session:
         try:
             facts = runner.take_locks(stage, holder, lambda hosts: session.each(

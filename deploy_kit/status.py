@@ -10,6 +10,7 @@ from typing import Any
 
 from deploy_kit import queues, release, remote, units
 from deploy_kit.config import Host, Stage
+from deploy_kit.remote.contracts import HistoryLine, LockHolder
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
 
@@ -29,8 +30,8 @@ class HostStatus:
     revision: dict[str, Any]
     services: tuple[ServiceState, ...]
     ping: dict[str, str]  # worker unit -> "pong" or "no reply"
-    lock: dict[str, Any] | None
-    last: dict[str, Any] | None = field(default=None)
+    lock: LockHolder | None
+    last: HistoryLine | str | None = field(default=None)  # the last history line, or why it is unreadable
     cutovers: tuple[str, ...] = ()  # detached cutovers still running on the host
     runs: dict[str, str] = field(default_factory=dict)  # Beat's unit -> the release its process runs
     queues: queues.Report | str | None = None  # on the reporting host: the report, or why there is none
@@ -64,9 +65,22 @@ def parse(host: Host, output: str) -> HostStatus:
     found = data.get("queues")
     report = queues.parse(found["answers"][-1]) if isinstance(found, dict) and "answers" in found else \
         found.get("error", "no answer") if isinstance(found, dict) else None
+    lock = LockHolder.from_data(data["lock"]) if data.get("lock") else None
     return HostStatus(host, data.get("current"), data.get("revision", {}), services, data.get("ping", {}),
-                      data.get("lock"), data.get("last"), tuple(data.get("cutovers", ())), data.get("runs", {}),
+                      lock, last_history(data.get("last")), tuple(data.get("cutovers", ())), data.get("runs", {}),
                       report)
+
+
+def last_history(found: Any) -> HistoryLine | str | None:
+    """The last history line as the host read it (`remote/status.py`), or why it cannot be read."""
+    if not found:
+        return None
+    if "unreadable" in found:
+        return str(found["unreadable"])
+    try:
+        return HistoryLine.from_data(found)
+    except (ValueError, TypeError) as exc:
+        return f"a line this deploy-kit cannot read ({exc})"
 
 
 def unfinished(stage: Stage, hosts: list[HostStatus]) -> list[str]:

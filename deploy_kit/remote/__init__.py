@@ -18,7 +18,7 @@ from typing import Any
 from deploy_kit.remote import hostlib
 
 # The modules a program may import; the loader adds them to sys.modules in this order.
-MODULES = ("contracts", "hostlib", "probes", "celery_agent", "queues")
+MODULES = ("contracts", "hostlib", "probes", "agent_client", "celery_agent", "queues")
 
 
 @cache

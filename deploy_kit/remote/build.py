@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 from deploy_kit.remote import celery_agent, hostlib, probes  # noqa: F401 - the release check ships celery_agent
-from deploy_kit.remote.contracts import BuildOutcome, BuildStatus
+from deploy_kit.remote.contracts import ENV_KEY, STATE_DIR, BuildOutcome, BuildStatus
 
 
 class Stop(Exception):
@@ -72,7 +72,7 @@ def directory(path: str, owner: str, group: str, mode: int) -> None:
 def environment(p: dict, stage_dir: str, building: str) -> bool:
     """The release's virtualenv: True when reused from `current` (hard links), else built anew."""
     venv, current = os.path.join(building, p["venv"]), p["current"]
-    key_file = os.path.join(current, ".deploy-kit", "env-key")
+    key_file = os.path.join(current, STATE_DIR, ENV_KEY)
     if p["allow_reuse"] and os.path.exists(key_file) and os.access(os.path.join(current, p["venv"], "bin",
                                                                                  "python"), os.X_OK):
         with open(key_file) as handle:
@@ -150,8 +150,8 @@ def build(p: dict, stage_dir: str) -> BuildOutcome:
     try:
         sh("tar", "-xzf", os.path.join(stage_dir, "code.tar.gz"), "-C", building)
         shutil.copyfile(os.path.join(stage_dir, "REVISION"), os.path.join(building, "REVISION"))
-        os.makedirs(os.path.join(building, ".deploy-kit"))
-        with open(os.path.join(building, ".deploy-kit", "env-key"), "w") as handle:
+        os.makedirs(os.path.join(building, STATE_DIR))
+        with open(os.path.join(building, STATE_DIR, ENV_KEY), "w") as handle:
             handle.write(p["env_key"] + "\n")
         p["reused"] = environment(p, stage_dir, building)
         link_shared(p, building)

@@ -21,8 +21,8 @@ Redis and RabbitMQ (kombu's `amqp` transport) are read each its own way: Redis's
 counts from its management API (AMQP does not tell them), its waiting task names by taking the
 first messages without acknowledging them and closing the channel, which puts them back.
 
-The cutover program on the host speaks to it through `Agent` (the same file, so one text
-ships both sides).
+The cutover program and `remote/queues.py` speak to it through `agent_client.Agent` (re-exported
+here, with `StepFailed`), which ships this file to the service's Python (`program()`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
-import subprocess
 import sys
 import time
 
@@ -386,69 +384,14 @@ def main(celery_app: str, purpose: str = "handover") -> None:
             say(False, failure(exc), request_id)
 
 
-# --- the cutover's side -------------------------------------------------------------------
-
-
-class StepFailed(Exception):
-    """A step of the cutover failed; its text says why, in the user's terms."""
-
-
-class Agent:
-    """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
-
-    def __init__(self, params: dict, release: str, purpose: str = "handover"):
-        directory = os.path.join(params["releases_dir"], release)
-        python = os.path.join(directory, params["venv"], "bin", "python")
-        self.proc = subprocess.Popen(
-            hostlib.service_argv(params["service_environment"], directory,
-                                 [python, "-c", program(), params["app"]["celery_app"], purpose]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-        self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
-
-    def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
-        """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
-        fails, takes longer than `timeout`, or `alive()` names a reason to give up. The late answer
-        of a request given up on (the broker gone, say) is skipped, never taken for this one's."""
-        if request is not None:
-            self.asked += 1
-            try:
-                self.proc.stdin.write(json.dumps({**request, "id": self.asked}) + "\n")
-                self.proc.stdin.flush()
-            except OSError:  # it ended already (it could not reach the broker, say)
-                raise self.ended() from None
-        deadline = time.time() + timeout
-        while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise self.ended()
-                answer = json.loads(line)
-                if request is not None and answer.get("id") != self.asked:
-                    continue
-                if not answer["ok"]:
-                    raise StepFailed(answer["detail"])
-                return answer["detail"]
-            reason = alive()
-            if reason:
-                raise StepFailed(reason)
-            if time.time() > deadline:
-                raise StepFailed(f"no answer within {timeout:.0f}s")
-
-    def ended(self) -> StepFailed:
-        err = self.proc.stderr.read().strip().splitlines()
-        return StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - it runs under systemd-run --collect; kill what is left
-            self.proc.kill()
-
-
 def program() -> str:
     """This module and hostlib as one text that runs `main(CELERY_APP, PURPOSE)` on the service's Python,
     which has no deploy_kit package."""
-    sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "celery_agent")]
+    sources = [(name, hostlib.source_of(name)) for name in SHIPPED]
     return hostlib.bundle(sources, "module.main(*sys.argv[1:])\n")
+
+
+SHIPPED = ("contracts", "hostlib", "agent_client", "celery_agent")  # what this module needs, in load order
+
+# The client side lives in agent_client (loaded before this module); the cutover imports it from here.
+from deploy_kit.remote.agent_client import Agent, StepFailed  # noqa: E402, F401

@@ -21,13 +21,46 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(text: str) -> dict[str, Any]:
-    data = json.loads(text)
+    return _object(json.loads(text))
+
+
+def _object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
 
 
-class CutoverStatus(str, Enum):
+class _Text(str, Enum):
+    """A status that reads as its value everywhere: in JSON, in f-strings (Python 3.8 to 3.13)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+# Where the control machine and the host programs keep their state: deploy_to/STATE_DIR/...
+STATE_DIR = ".deploy-kit"  # in deploy_to; each release has one too (releases/NAME/.deploy-kit)
+CUTOVER_STATE = "cutover.json"  # the cutover's state file (`CutoverState`)
+HISTORY = "history.jsonl"  # one `HistoryLine` per deploy or rollback and host
+LOCK = "lock"  # the deploy lock: a directory, taken with mkdir
+LOCK_HOLDER = "holder.json"  # in LOCK: its `LockHolder`
+BAD = "BAD"  # in releases/NAME/.deploy-kit: a deploy was rolled back from it (`hostlib.mark_bad`)
+ENV_KEY = "env-key"  # in releases/NAME/.deploy-kit: the key of the environment it was built with
+
+# The cutover's waits (`remote/cutover.py`), in seconds, each named once: `follow.budget` adds
+# them up, so the control machine never gives up on a cutover that is within its own timeouts.
+SYSTEMCTL = 60  # one systemctl call (start, restart, enable, disable, stop --no-block), or journalctl
+STOP_MARGIN = 30  # a stop that waits: an old unit stopped in place (beyond its TimeoutStopSec), or a killed one
+AGENT_START = 30  # the Celery agent's start (systemd-run, Python, the app): budget slack; its greeting waits `verify`
+VERIFY_MARGIN = 10  # a verification task's answer, beyond the verify timeout
+REMOTE_CONTROL = 30  # one remote-control call that must succeed (add_consumer, per queue)
+REMOTE_CONTROL_QUICK = 15  # one best-effort call (cancel_consumer per queue, discarding a private queue)
+RESTORE_WAIT = 10  # giving back: how long the drained workers may take to end
+RESTORE_SETTLE = 2  # then, so a message a live worker just took shows in its reserved tasks
+RESTORE = RESTORE_WAIT + RESTORE_SETTLE + REMOTE_CONTROL  # ... then returning what they stranded (restore_stranded)
+AGENT_CLOSE = 10  # the agent's exit once its stdin closes
+
+
+class CutoverStatus(_Text):
     """How a host's cutover stands, as its state file (or the control machine) says."""
 
     RUNNING = "running"  # the cutover program is at work
@@ -50,7 +83,7 @@ class CutoverStatus(str, Enum):
         return self not in (CutoverStatus.RUNNING, CutoverStatus.UNKNOWN, CutoverStatus.NOT_STARTED)
 
 
-class Mode(str, Enum):
+class Mode(_Text):
     DEPLOY = "deploy"
     ROLLBACK = "rollback"
 
@@ -107,7 +140,9 @@ class LockHolder:
     """Who holds an app's deploy lock (`deploy_to/.deploy-kit/lock/holder.json`).
 
     `token` is unique to one run: a run releases the lock only while it still holds that
-    token, so a run that stalled and resumed never removes a newer holder's lock."""
+    token, so a run that stalled and resumed never removes a newer holder's lock. A lock whose
+    holder file cannot be read is `unreadable()`; `fresh` then says it was taken seconds ago (its
+    file is being written this instant) rather than left by a run that died while taking it."""
 
     who: str
     host: str  # the machine the deploy runs from
@@ -115,29 +150,60 @@ class LockHolder:
     ref: str
     since: str
     token: str = ""
+    fresh: bool = False  # only of an unreadable holder; never written to the holder file
+
+    UNREADABLE = "unknown (no readable holder file)"
+
+    @property
+    def readable(self) -> bool:
+        return self.who != self.UNREADABLE
 
     def describe(self) -> str:
+        if not self.readable:
+            return f"held, holder {self.UNREADABLE}"
         return f"held by {self.who} from {self.host} since {self.since} ({self.action} of {self.ref})"
 
+    def younger_than(self, other: LockHolder) -> bool:
+        """Started after `other` (one whose holder file is being written counts as just started):
+        two runs rank each other the same way, by when they started, then by token. One that does
+        not say when it started counts as the oldest."""
+        if self.fresh:
+            return True
+
+        def rank(holder: LockHolder) -> tuple[str, str]:
+            return ("" if holder.since == "?" else holder.since, holder.token)
+        return rank(self) > rank(other)
+
+    def to_data(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not self.fresh:
+            del data["fresh"]
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.to_data())
 
     @classmethod
-    def from_json(cls, text: str) -> LockHolder:
-        data = _load(text)
+    def from_data(cls, data: Any) -> LockHolder:
+        data = dict(_object(data))
         if "host" not in data and "from" in data:  # holder files written before the token existed
             data["host"] = data["from"]
         data = _known(cls, data)
         for name in ("who", "host", "action", "ref", "since"):
-            data.setdefault(name, "?")
+            data[name] = str(data.get(name, "?"))
+        data["token"], data["fresh"] = str(data.get("token", "")), bool(data.get("fresh", False))
         return cls(**data)
 
     @classmethod
-    def unreadable(cls) -> LockHolder:
-        return cls(who="unknown (no readable holder file)", host="?", action="?", ref="?", since="?")
+    def from_json(cls, text: str) -> LockHolder:
+        return cls.from_data(json.loads(text))
+
+    @classmethod
+    def unreadable(cls, fresh: bool = False) -> LockHolder:
+        return cls(who=cls.UNREADABLE, host="?", action="?", ref="?", since="?", fresh=fresh)
 
 
-class BuildStatus(str, Enum):
+class BuildStatus(_Text):
     BUILT = "built"
     EXISTS = "exists"  # a release of that name is already on the host
     NEEDS_WHEELS = "needs_wheels"  # the environment could not be reused and no wheels came with it
@@ -170,12 +236,21 @@ class BuildOutcome:
         return cls(**data)
 
 
+class Result(_Text):
+    """How a deploy or rollback ended (`HistoryLine.result`; what the user is told)."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+    PREFLIGHT_FAILED = "preflight failed"  # nothing was changed
+    ROLLED_BACK = "rolled back"  # every host is back where it was (the user's outcome only)
+
+
 @dataclass
 class HistoryLine:
     """One line of `deploy_to/.deploy-kit/history.jsonl`: one deploy or rollback on one host."""
 
-    action: str
-    result: str
+    action: Mode
+    result: Result | None  # None while the run is under way (never written so)
     when: str
     who: str
     host: str = ""
@@ -188,18 +263,29 @@ class HistoryLine:
     durations: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
+    def to_data(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["action"], data["result"] = self.action.value, self.result.value if self.result else ""
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.to_data())
 
     @classmethod
-    def from_json(cls, text: str) -> HistoryLine:
-        data = _load(text)
+    def from_data(cls, data: Any) -> HistoryLine:
+        data = dict(_object(data))
         if "origin" not in data and "from" in data:  # lines written before this definition
             data["origin"] = data["from"]
         data = _known(cls, data)
-        for name in ("action", "result", "when", "who"):
-            data.setdefault(name, "")
+        for name in ("when", "who"):
+            data[name] = str(data.get(name, ""))
+        data["action"] = Mode(data.get("action", ""))
+        data["result"] = Result(data["result"]) if data.get("result") else None
         return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> HistoryLine:
+        return cls.from_data(json.loads(text))
 
 
 LIVE_LOG = "live.jsonl"  # in deploy_to/.deploy-kit: every change of `current`, appended by the cutover

@@ -73,7 +73,7 @@ def main(params: dict) -> None:
     shown.update({key: decode(params["values"][key]) for key in params.get("set", {})})
     report = {}
     for key, value in shown.items():
-        entry = {"set": bool(value),
+        entry = {"set": hostlib.is_set(value),
                  "fingerprint": hashlib.sha256((params["salt"] + value).encode()).hexdigest()[:10]}
         if params.get("reveal"):
             entry["value"] = value

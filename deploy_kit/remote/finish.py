@@ -1,6 +1,7 @@
 """Runs ON a host, as root: the end of a deploy or a rollback (or of one that failed early).
 
     delete     old releases cleanup removes (or a release this run made and never switched to)
+    mark_bad   a release a deploy was rolled back from (`hostlib.mark_bad`, as the cutover marks it)
     history    one line appended to .deploy-kit/history.jsonl
     unlock     the deploy lock, only while it carries this run's token
 
@@ -25,6 +26,12 @@ def finish(params: dict) -> list:
                 shutil.rmtree(path)
         except OSError as exc:
             warnings.append(f"cleanup could not remove {path}: {exc.strerror}")
+    bad = params.get("mark_bad")
+    if bad:
+        try:
+            hostlib.mark_bad(bad["release_dir"], bad["id"], bad["reason"])
+        except OSError as exc:
+            warnings.append(f"{bad['release_dir']} could not be marked bad: {exc.strerror}")
     history = params.get("history")
     if history:
         try:

@@ -1,8 +1,10 @@
 """What several host programs need, in one place: the env file's one reading rule, running a
-command as the service (the unit's user, env file and sandbox), and `systemctl show`.
+command as the service (the unit's user, env file and sandbox), `systemctl show` and
+`systemctl list-units`, and marking a release bad.
 
 Also the deploy lock: taken with mkdir (atomic), its holder (`contracts.LockHolder`) in a file
-beside it; a run releases it only while the holder carries that run's token.
+beside it; a run releases it only while the holder carries that run's token (`fab unlock`
+breaks it whoever holds it).
 
 And what never lets a URL's credentials out (`url_secrets`, `hide`, `mask_url`), and the loader
 that ships host modules inside one program text (`bundle`), here so a host program can ship
@@ -24,6 +26,8 @@ import sys
 import time
 import zlib
 from urllib.parse import quote, unquote, urlsplit
+
+from deploy_kit.remote import contracts
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -85,6 +89,12 @@ def env_values(text: str) -> dict:
     return {key: value for _, key, value in env_entries(text.splitlines())}
 
 
+def is_set(value: str) -> bool:
+    """A key counts as set when its value holds more than blanks (`A=`, `A=""` and `A="  "` do not):
+    `fab env.show` and `fab check` say the same of every key."""
+    return bool(value.strip())
+
+
 def service_argv(properties: list, directory: str, argv: list, *, pipe: bool = True) -> list:
     """`systemd-run` running `argv` as the units run the app: their user, env file and sandboxing
     (`properties`: the units' [Service] settings), in `directory` instead of `current`."""
@@ -108,9 +118,9 @@ def run(argv: list, stdin: str | None = None, timeout: float = 60) -> tuple:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def as_service(properties: list, directory: str, argv: list, timeout: float = 60, runner=run) -> dict:
+def as_service(properties: list, directory: str, argv: list, timeout: float = 60, runner=None) -> dict:
     """Run a program as the service; it prints `ok DETAIL` or `fail DETAIL` last: {ok, detail}."""
-    code, out, err = runner(service_argv(properties, directory, argv), timeout=timeout)
+    code, out, err = (runner or run)(service_argv(properties, directory, argv), timeout=timeout)
     text = (out.strip() or err.strip() or "no output").splitlines()[-1]
     if text.startswith("ok "):
         return {"ok": True, "detail": text[3:]}
@@ -122,54 +132,103 @@ def parse_show(text: str) -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def show(unit: str, properties: str, runner=run) -> dict:
-    _, out, _ = runner(["systemctl", "show", unit, "-p", properties])
+def show(unit: str, properties: str, runner=None) -> dict:
+    _, out, _ = (runner or run)(["systemctl", "show", unit, "-p", properties])
     return parse_show(out)
 
 
-def read_lock(state_dir: str) -> dict | None:
-    """The lock's holder (None: not held; "unknown" when its file is missing or torn)."""
-    lock = os.path.join(state_dir, "lock")
+def parse_units(text: str) -> dict:
+    """`systemctl list-units --plain --no-legend` output as {unit: its ACTIVE state}, in order."""
+    found = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            found[parts[0]] = parts[2]
+    return found
+
+
+def list_units(patterns: list, states: str = "", every: bool = True, runner=None) -> dict:
+    """The units matching `patterns` ({unit: active state}); `every`: loaded but inactive ones too,
+    `states`: only those in these states (`active,activating`)."""
+    argv = ["systemctl", "list-units", "--plain", "--no-legend", *(["--all"] if every else []), *patterns]
+    _, out, _ = (runner or run)(argv + ([f"--state={states}"] if states else []))
+    return parse_units(out)
+
+
+def mark_bad(release_dir: str, run_id: str, reason: str) -> bool:
+    """Mark a release bad (`fab releases` shows it, cleanup and rollback skip it): its
+    `.deploy-kit/BAD` holds when, which run and why. The first mark stays (it has the real reason);
+    a release that is not on this host is left alone. True when this call wrote it."""
+    if not os.path.isdir(release_dir):
+        return False
+    marker = os.path.join(release_dir, contracts.STATE_DIR, contracts.BAD)
+    if os.path.exists(marker):
+        return False
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as handle:
+        json.dump({"when": time.time(), "id": run_id, "reason": reason}, handle)
+    return True
+
+
+def _lock_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, contracts.LOCK)
+
+
+def read_lock(state_dir: str):
+    """The lock's holder (`contracts.LockHolder`), None when it is not held; `LockHolder.unreadable`
+    when its file is missing or torn."""
+    lock = _lock_dir(state_dir)
     if not os.path.isdir(lock):
         return None
     try:
-        with open(os.path.join(lock, "holder.json")) as handle:
-            found = json.load(handle)
-        return found if isinstance(found, dict) else {"who": "unknown (unreadable holder file)"}
-    except (OSError, ValueError):  # being written this instant (`fresh`), or left by a run that died then
+        with open(os.path.join(lock, contracts.LOCK_HOLDER)) as handle:
+            return contracts.LockHolder.from_json(handle.read())
+    except (OSError, ValueError, TypeError):  # being written this instant (`fresh`), or left by a run that died then
         try:
             fresh = time.time() - os.stat(lock).st_mtime < 10
         except OSError:
             fresh = False
-        return {"who": "unknown (no holder file)", "fresh": fresh}
+        return contracts.LockHolder.unreadable(fresh)
 
 
 def release_lock(state_dir: str, token: str) -> bool:
     """Remove the lock only while its holder carries `token` (a fencing token): a run that stalled
     and resumed never removes the lock of the run that came after it."""
     holder = read_lock(state_dir)
-    if not holder or holder.get("token") != token:
+    if holder is None or not token or holder.token != token:
         return False
-    shutil.rmtree(os.path.join(state_dir, "lock"), ignore_errors=True)
+    shutil.rmtree(_lock_dir(state_dir), ignore_errors=True)
     return True
 
 
+def break_lock(state_dir: str) -> bool:
+    """Remove the lock whoever holds it (`fab unlock`, once the user confirmed); True if it was held."""
+    lock = _lock_dir(state_dir)
+    held = os.path.isdir(lock)
+    shutil.rmtree(lock, ignore_errors=True)
+    return held
+
+
 def take_lock(state_dir: str, holder: dict) -> dict:
-    """mkdir is atomic: exactly one deploy or rollback gets the lock; the others see its holder."""
+    """mkdir is atomic: exactly one deploy or rollback gets the lock; the others see its holder.
+    `holder` and the answer's holder are `LockHolder.to_data()` (they travel as JSON)."""
+    mine = contracts.LockHolder.from_data(holder)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    lock = os.path.join(state_dir, "lock")
+    lock = _lock_dir(state_dir)
     try:
         os.mkdir(lock, 0o700)
     except FileExistsError:
-        return {"acquired": False, "holder": read_lock(state_dir) or {"who": "unknown (no holder file)"}}
+        found = read_lock(state_dir) or contracts.LockHolder.unreadable()
+        return {"acquired": False, "holder": found.to_data()}
+    path = os.path.join(lock, contracts.LOCK_HOLDER)
     try:
-        with open(os.path.join(lock, "holder.json.tmp"), "w") as handle:
-            json.dump(holder, handle)
-        os.replace(os.path.join(lock, "holder.json.tmp"), os.path.join(lock, "holder.json"))
+        with open(path + ".tmp", "w") as handle:
+            handle.write(mine.to_json())
+        os.replace(path + ".tmp", path)
     except BaseException:  # a full disk: no lock without a holder (nobody could release it)
         shutil.rmtree(lock, ignore_errors=True)
         raise
-    return {"acquired": True, "holder": holder}
+    return {"acquired": True, "holder": mine.to_data()}
 
 
 def bundle(sources: list, tail: str) -> str:

@@ -54,7 +54,7 @@ def env_keys(path: str) -> list:
     """Names of the keys that have a non-empty value (values are never read out)."""
     try:
         with open(path) as handle:
-            return [key for key, value in hostlib.env_values(handle.read()).items() if value.strip()]
+            return [key for key, value in hostlib.env_values(handle.read()).items() if hostlib.is_set(value)]
     except OSError:
         return []
 
@@ -90,7 +90,7 @@ def releases(directory: str) -> list:
         if not os.path.isdir(path) or os.path.islink(path):
             continue
         entry = {"name": name, "building": name.startswith(".") and name.endswith(".building"),
-                 "bad": os.path.exists(os.path.join(path, ".deploy-kit", "BAD")), "revision": {},
+                 "bad": os.path.exists(os.path.join(path, contracts.STATE_DIR, contracts.BAD)), "revision": {},
                  "mtime": os.stat(path).st_mtime}
         try:
             with open(os.path.join(path, "REVISION")) as handle:
@@ -98,7 +98,7 @@ def releases(directory: str) -> list:
         except (OSError, ValueError):
             pass
         try:
-            with open(os.path.join(path, ".deploy-kit", "env-key")) as handle:
+            with open(os.path.join(path, contracts.STATE_DIR, contracts.ENV_KEY)) as handle:
                 entry["env_key"] = handle.read().strip()
         except OSError:
             entry["env_key"] = ""
@@ -170,12 +170,8 @@ def main(params: dict) -> None:
 
 def instances(patterns: list) -> dict:
     """Every loaded or enabled instance of the app's template units: {unit: {active, enabled}}."""
-    found: dict = {}
-    _, out, _ = hostlib.run(["systemctl", "list-units", "--plain", "--no-legend", "--all", *patterns])
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and "@" in parts[0]:
-            found[parts[0]] = {"active": parts[2], "enabled": False}
+    found = {unit: {"active": active, "enabled": False}
+             for unit, active in hostlib.list_units(patterns).items() if "@" in unit}
     wants = "/etc/systemd/system/multi-user.target.wants"
     for name in sorted(os.listdir(wants)) if os.path.isdir(wants) else []:
         if "@" in name and any(fnmatch.fnmatch(name, p) for p in patterns):

@@ -157,15 +157,15 @@ def main(argv: list) -> None:
 
 def program() -> str:
     """This module and hostlib as one text for `python -c TEXT broker` or `... app NAME`."""
-    sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "probes")]
+    sources = [(name, hostlib.source_of(name)) for name in ("contracts", "hostlib", "probes")]
     return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
 
 
 def release_program() -> str:
     """The release check's text, with the Celery agent's queue reading: it travels on stdin
     (`python -c READ_STDIN release APP QUEUES`)."""
-    importlib.import_module("deploy_kit.remote.celery_agent")  # shipped with the build program, or here
-    sources = [(name, hostlib.source_of(name)) for name in ("hostlib", "celery_agent", "probes")]
+    agent = importlib.import_module("deploy_kit.remote.celery_agent")  # shipped with the build program, or here
+    sources = [(name, hostlib.source_of(name)) for name in (*agent.SHIPPED, "probes")]
     return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from deploy_kit.remote.celery_agent import Agent, StepFailed
+from deploy_kit.remote.agent_client import Agent, StepFailed
 
 
 def ask(params: dict, requests: list) -> list:

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 
-from deploy_kit.remote import hostlib, queues
+from deploy_kit.remote import contracts, hostlib, queues
 
 LIVE = ("active", "activating", "deactivating", "reloading")
 
@@ -24,25 +24,32 @@ def node_of(unit: str, host: str) -> str:
     return name.replace("@", ".") + "@" + host
 
 
-def listed(patterns: list, states: str = "") -> list:
-    argv = ["systemctl", "list-units", "--plain", "--no-legend", "--all", *patterns]
-    _, out, _ = hostlib.run(argv + ([f"--state={states}"] if states else []))
-    return [line.split() for line in out.splitlines() if line.strip()]
-
-
-def read_json(path: str, last_line: bool = False):
+def revision(path: str) -> dict:
+    """A release's REVISION ({} when it is missing or unreadable)."""
     try:
         with open(path) as handle:
-            text = handle.read()
+            found = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def last_history(path: str):
+    """The last history line (`contracts.HistoryLine`, as JSON data); None when there is none,
+    {"unreadable": why} when it cannot be read or parsed."""
+    try:
+        with open(path) as handle:
+            lines = [line for line in handle.read().splitlines() if line.strip()]
     except FileNotFoundError:
         return None
-    except OSError:
-        return {"who": "unknown"}
-    lines = text.splitlines()
+    except OSError as exc:
+        return {"unreadable": exc.strerror or str(exc)}
+    if not lines:
+        return None
     try:
-        return json.loads(lines[-1] if last_line else text) if lines else None
-    except ValueError:
-        return {"who": "unknown"}
+        return contracts.HistoryLine.from_json(lines[-1]).to_data()
+    except (ValueError, TypeError, KeyError) as exc:
+        return {"unreadable": f"a torn or foreign line ({exc})"}
 
 
 def main(params: dict) -> None:
@@ -50,9 +57,9 @@ def main(params: dict) -> None:
     current = params["current"]
     if os.path.islink(current):
         out["current"] = os.path.basename(os.readlink(current))
-        out["revision"] = read_json(os.path.join(current, "REVISION")) or {}
+        out["revision"] = revision(os.path.join(current, "REVISION"))
     units = list(params["units"])
-    units += [p[0] for p in listed(params["patterns"]) if len(p) >= 3 and p[2] in LIVE and p[0] not in units]
+    units += [u for u, active in hostlib.list_units(params["patterns"]).items() if active in LIVE and u not in units]
     for unit in units:
         out["units"][unit] = hostlib.show(unit, "ActiveState,SubState,ActiveEnterTimestamp,NRestarts,MainPID,"
                                                 "LoadState")
@@ -62,9 +69,10 @@ def main(params: dict) -> None:
             out.setdefault("runs", {})[unit] = os.path.basename(os.readlink(f"/proc/{pid}/cwd")) if pid != "0" else ""
         except OSError:
             out.setdefault("runs", {})[unit] = ""
-    out["lock"] = hostlib.read_lock(params["state_dir"])
-    out["last"] = read_json(os.path.join(params["state_dir"], "history.jsonl"), last_line=True)
-    out["cutovers"] = [p[0] for p in listed([params["app"] + "-cutover-*"], "active,activating")]
+    holder = hostlib.read_lock(params["state_dir"])
+    out["lock"] = holder.to_data() if holder else None
+    out["last"] = last_history(os.path.join(params["state_dir"], contracts.HISTORY))
+    out["cutovers"] = list(hostlib.list_units([params["app"] + "-cutover-*"], "active,activating"))
     workers = [u for u in out["units"] if "-worker-" in u and out["units"][u].get("ActiveState") == "active"]
     if out["current"] and workers and os.path.exists(params["python"]):
         host = socket.gethostname()

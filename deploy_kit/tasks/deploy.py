@@ -1,6 +1,5 @@
 """Releases: deploy a ref, roll back, list releases, break a stale lock."""
 
-import json
 import sys
 
 from invoke import task
@@ -9,7 +8,6 @@ from deploy_kit import history, lifecycle, queues, ui
 from deploy_kit.config_checks import _ref
 from deploy_kit.errors import Locked, UsageError
 from deploy_kit.release import is_release_name
-from deploy_kit.remote.contracts import LockHolder
 
 from ._stage import STAGE_HELP, checked, load_stage
 
@@ -121,15 +119,16 @@ def status(c, stage=None):
                      host.ping.get(s.unit, "")) for s in host.services]
             console.print(ui.table("", ("unit", "state", "active since", "restarts", "ping"), rows))
             if host.lock:
-                holder = LockHolder.from_json(json.dumps(host.lock))
-                console.print(f"  LOCKED: {holder.describe()}", markup=False)
+                console.print(f"  LOCKED: {host.lock.describe()}", markup=False)
             for unit in host.cutovers:
                 console.print(f"  a cutover still runs here ({unit}): it finishes or rolls back by itself",
                               markup=False)
-            if host.last:
+            if isinstance(host.last, str):
+                console.print(f"  last deploy: unknown (history line unreadable: {host.last})", markup=False)
+            elif host.last:
                 last = host.last
-                console.print(f"  last {last.get('action')}: {last.get('result')} of {last.get('release')} "
-                              f"by {last.get('who')} at {last.get('when')}", markup=False)
+                console.print(f"  last {last.action}: {last.result or '?'} of {last.release} by {last.who} at "
+                              f"{last.when}", markup=False)
         for problem in status_lib.unfinished(chosen, hosts):
             console.print(f"UNFINISHED: {problem}", markup=False, style="bold red")
         for host in hosts:

@@ -426,3 +426,23 @@ def test_a_broker_gone_at_the_retire_still_switches_and_says_the_old_worker_was_
     retire = next(s for s in state.steps if s.name == "retire")
     assert retire.ok and f"{UNIT.format(OLD)} could not be told to stop consuming first (no answer" in retire.detail
     assert f"stop --no-block {UNIT.format(OLD)}" in systemd.verbs()
+
+
+def test_the_stage_way_back_marks_bad_as_the_cutover_does_and_keeps_its_reason(host, monkeypatch):
+    """One BAD mark (`hostlib.mark_bad`): the cutover's (with its failure) and the one the stage's
+    way back writes through `remote/finish.py` on a host whose cutover succeeded hold the same keys."""
+    from deploy_kit.remote import finish, hostlib
+
+    tmp, params = host
+    FakeAgent.fail = {"verify": "no worker completed the task in time"}
+    run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())
+    by_cutover = json.loads((tmp / "releases" / NEW / ".deploy-kit" / "BAD").read_text())
+    assert "no worker completed" in by_cutover["reason"] and by_cutover["id"] == "run1"
+    finish.finish({"mark_bad": {"release_dir": str(tmp / "releases" / NEW), "id": "r2", "reason": "handed back"}})
+    assert json.loads((tmp / "releases" / NEW / ".deploy-kit" / "BAD").read_text()) == by_cutover  # first stays
+    assert finish.finish({"mark_bad": {"release_dir": str(tmp / "releases" / OLD), "id": "r2",
+                                       "reason": "handed back"}}) == []
+    by_finish = json.loads((tmp / "releases" / OLD / ".deploy-kit" / "BAD").read_text())
+    assert set(by_finish) == set(by_cutover) and by_finish["reason"] == "handed back"
+    assert hostprobe.releases(str(tmp / "releases"))[0]["bad"]
+    assert hostlib.mark_bad(str(tmp / "releases" / "gone"), "r2", "x") is False

@@ -249,9 +249,10 @@ def test_env_show_and_check_read_every_form_alike(env_file, own_group):
 
     env_file.write_text("# comment\n; another\nexport DJANGO_SETTINGS_MODULE=shop.settings\n"
                         "CELERY_BROKER_URL='redis://:p#w@h:6379/0'\nEMPTY=\nQUOTED_EMPTY=\"\"\n"
-                        "  SPACED = \"a b\"\nnot a line\n")
+                        "  SPACED = \"a b\"\nBLANKS=\"  \"\nnot a line\n")
     shown, _ = edit(env_file, own_group)
     set_keys = {k for k, v in shown.keys.items() if v.set}
     assert set_keys == set(hostprobe.env_keys(str(env_file))) == {
-        "DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "SPACED"}
-    assert set(shown.keys) == {"DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "EMPTY", "QUOTED_EMPTY", "SPACED"}
+        "DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "SPACED"}  # BLANKS="  " is missing for both
+    assert set(shown.keys) == {"DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "EMPTY", "QUOTED_EMPTY", "SPACED",
+                               "BLANKS"}

@@ -52,14 +52,25 @@ def test_age_of_a_timestamp_without_time_zone_does_not_crash():
     assert age("2026-11-24T11:00:00", NOW) == "60m"  # read as UTC, as deploy-kit writes
 
 
-def test_lock_state_reads_the_holder_and_the_cutovers_still_running():
+def test_lock_state_reads_the_holder_and_the_cutovers_still_running(tmp_path, monkeypatch, capsys):
+    """What `fab unlock` shows comes from the host program (`remote/lock.py`) through hostlib."""
     from deploy_kit.history import parse_lock_state
+    from deploy_kit.remote import hostlib, lock
 
-    holder = '{"who": "alice", "from": "alice-laptop", "action": "deploy", "ref": "main", "since": "x", "token": "t"}'
-    state = parse_lock_state(holder + "\n---\nshop-cutover-20261124120000.service loaded active running x\n")
+    listed = "shop-cutover-20261124120000.service loaded active running x\n"
+    monkeypatch.setattr(hostlib, "run", lambda argv, **kw: (0, listed, ""))
+
+    def seen(holder_text):
+        if holder_text is not None:
+            (tmp_path / "lock").mkdir(exist_ok=True)
+            (tmp_path / "lock" / "holder.json").write_text(holder_text)
+        lock.main({"state_dir": str(tmp_path), "app": "shop"})
+        return parse_lock_state(capsys.readouterr().out)
+
+    state = seen(None)
+    assert state.holder is None and state.cutovers == ("shop-cutover-20261124120000.service",)
+    state = seen('{"who": "alice", "from": "alice-laptop", "action": "deploy", "ref": "main", "since": "x", '
+                 '"token": "t"}')  # a holder file written before the token existed
     assert state.holder is not None and state.holder.describe() == "held by alice from alice-laptop since x " \
         "(deploy of main)"
-    assert state.cutovers == ("shop-cutover-20261124120000.service",)
-    assert parse_lock_state("---\n") == parse_lock_state("---\n")  # nothing held, nothing running
-    assert parse_lock_state("---\n").holder is None and parse_lock_state("---\n").cutovers == ()
-    assert parse_lock_state("{not json\n---\n").holder.who.startswith("unknown")
+    assert not seen("{not json").holder.readable

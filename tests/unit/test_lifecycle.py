@@ -16,7 +16,7 @@ from deploy_kit import hostfacts, lifecycle, queues, release
 from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployFailed, HostsFailed, Locked, PreflightFailed, UsageError
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, Mode
+from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, LockHolder, Mode, Result
 from deploy_kit.runner import Run
 
 from .samples import STAGE, stage_of
@@ -43,6 +43,10 @@ class FakeSession:
         return next(h for h in self.hosts if h.name == name)
 
 
+def holder_of(who: str, since: str, token: str) -> LockHolder:
+    return LockHolder(who=who, host="laptop", action="deploy", ref="main", since=since, token=token)
+
+
 class FakeRun(Run):
     """A Run whose steps are answered from canned host states instead of SSH."""
 
@@ -55,8 +59,8 @@ class FakeRun(Run):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.token = "t0k3n"
-        self.holder["token"] = self.token
-        self.holder["since"] = NOW.isoformat(timespec="seconds")
+        self.holder.token = self.token
+        self.holder.since = NOW.isoformat(timespec="seconds")
 
     def connected(self):
         self.session = FakeSession(self.stage.hosts)
@@ -149,7 +153,11 @@ def test_a_failed_host_brings_the_other_back_and_exits_5(fake):
     run = fake[-1]
     back = [s for s in run.executed if isinstance(s.action, Cutover) and s.action.params["mode"] == "rollback"]
     assert [(s.host, s.action.params["target"], s.action.params["previous"]) for s in back] == [("web1", OLD, NEW)]
-    assert {s.host for s in run.executed if s.phase == Phase.MARK_BAD} == {"web1", "web2"}
+    marks = [s for s in run.executed if s.phase == Phase.MARK_BAD]
+    assert {s.host for s in marks} == {"web1", "web2"}
+    bad = run.finish_params("web1", marks[0].action)["mark_bad"]  # what `hostlib.mark_bad` writes, as the cutover
+    assert bad["release_dir"].endswith(f"/releases/{NEW}") and bad["id"] == run.run_id and bad["reason"]
+    assert run.history.result is Result.FAILED and run.outcome.result is Result.ROLLED_BACK
     finish = [s.action for s in run.executed if s.phase == Phase.FINISH]
     assert finish and all(f.unlock and not f.delete for f in finish)  # no cleanup after a failure
     assert "web1: back on" in str(caught.value) and "web2: back on" in str(caught.value)
@@ -181,7 +189,7 @@ def test_a_failed_preflight_changes_nothing_and_releases_the_lock(fake):
     run = fake[-1]
     assert {s.phase for s in run.executed} == {Phase.LOCK, Phase.FINISH}
     assert all(s.action == Finish(unlock=True, history=True) for s in run.executed if s.phase == Phase.FINISH)
-    assert run.history.result == "preflight failed"
+    assert run.history.result is Result.PREFLIGHT_FAILED
 
 
 def test_a_lock_held_elsewhere_is_refused_and_ours_released(fake):
@@ -242,8 +250,12 @@ def test_each_host_records_its_own_move_in_the_history(fake):
     finish = {s.host: s.action for s in fake[-1].executed if s.phase == Phase.FINISH}
     assert (finish["web1"].previous, finish["web1"].release) == (NEW, older)
     assert (finish["web2"].previous, finish["web2"].release) == (OLD, older)
-    line = HistoryLine.from_json(fake[-1].finish_params("web2", finish["web2"])["history"]["line"])
-    assert (line.action, line.from_release, line.release, line.host) == ("rollback", OLD, older, "web2")
+    text = fake[-1].finish_params("web2", finish["web2"])["history"]["line"]
+    line = HistoryLine.from_json(text)
+    assert (line.action, line.from_release, line.release, line.host) == (Mode.ROLLBACK, OLD, older, "web2")
+    assert line.result is Result.SUCCESS and fake[-1].outcome.result is Result.SUCCESS
+    assert (json.loads(text)["action"], json.loads(text)["result"]) == ("rollback", "success")  # the JSON as before
+    assert HistoryLine.from_json(text) == line and f"{line.action}: {line.result}" == "rollback: success"
 
 
 def test_the_rollback_executes_exactly_its_plan(fake):
@@ -426,8 +438,8 @@ def test_two_runs_that_each_took_half_the_stage_settle_on_the_older(monkeypatch)
     from deploy_kit import runner
     monkeypatch.setattr(runner.time, "sleep", lambda s: None)
     stage = stage_of()
-    older = {"who": "a", "since": "2026-11-24T12:30:00+00:00", "token": "aaaa"}
-    younger = {"who": "b", "since": "2026-11-24T12:30:00+00:00", "token": "bbbb"}  # same second: token decides
+    older = holder_of("a", "2026-11-24T12:30:00+00:00", "aaaa")
+    younger = holder_of("b", "2026-11-24T12:30:00+00:00", "bbbb")  # same second: token decides
     locks = {"web1": older, "web2": younger}
 
     def probe_as(holder):
@@ -437,7 +449,8 @@ def test_two_runs_that_each_took_half_the_stage_settle_on_the_older(monkeypatch)
                 if host not in locks:
                     locks[host] = holder
                 held = locks[host]
-                data = dict(healthy(stage, stage.host(host)), lock={"acquired": held is holder, "holder": held})
+                data = dict(healthy(stage, stage.host(host)), lock={"acquired": held is holder,
+                                                                    "holder": held.to_data()})
                 facts[host] = hostfacts.parse(json.dumps(data))
             return facts
         return probe
@@ -454,13 +467,14 @@ def test_a_run_refused_by_an_older_holder_or_everywhere_is_refused_at_once(monke
     naps = []
     monkeypatch.setattr(runner.time, "sleep", naps.append)
     stage = stage_of()
-    mine = {"who": "me", "since": "2026-11-24T12:30:00+00:00", "token": "mmmm"}
-    stale = {"who": "dead", "since": "2026-11-20T08:00:00+00:00", "token": "dddd"}
-    newer = {"who": "new", "since": "2026-11-24T12:31:00+00:00", "token": "nnnn"}
-    for locks in ({"web1": mine, "web2": stale}, {"web1": newer, "web2": newer}, {"web1": mine, "web2": {"who": "x"}}):
+    mine = holder_of("me", "2026-11-24T12:30:00+00:00", "mmmm")
+    stale = holder_of("dead", "2026-11-20T08:00:00+00:00", "dddd")
+    newer = holder_of("new", "2026-11-24T12:31:00+00:00", "nnnn")
+    for locks in ({"web1": mine, "web2": stale}, {"web1": newer, "web2": newer},
+                  {"web1": mine, "web2": LockHolder.from_data({"who": "x"})}):
         def probe(hosts, locks=locks):
             return {h: hostfacts.parse(json.dumps(dict(healthy(stage, stage.host(h)), lock={
-                "acquired": locks[h] is mine, "holder": locks[h]}))) for h in hosts}
+                "acquired": locks[h] is mine, "holder": locks[h].to_data()}))) for h in hosts}
         with pytest.raises(Locked) as caught:
             runner.take_locks(stage, mine, probe)
         assert "fab unlock --stage" in str(caught.value)
@@ -473,13 +487,13 @@ def test_the_older_run_waits_only_so_long_for_a_younger_that_never_lets_go(monke
     monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(runner.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     stage = stage_of()
-    mine = {"who": "me", "since": "2026-11-24T12:30:00+00:00", "token": "mmmm"}
-    pending = {"who": "unknown (no holder file)", "fresh": True}
+    mine = holder_of("me", "2026-11-24T12:30:00+00:00", "mmmm")
+    pending = LockHolder.unreadable(fresh=True)
     locks = {"web1": mine, "web2": pending}
 
     def probe(hosts):
         return {h: hostfacts.parse(json.dumps(dict(healthy(stage, stage.host(h)), lock={
-            "acquired": locks[h] is mine, "holder": locks[h]}))) for h in hosts}
+            "acquired": locks[h] is mine, "holder": locks[h].to_data()}))) for h in hosts}
     with pytest.raises(Locked):
         runner.take_locks(stage, mine, probe)
     assert runner.CONTENDED_WAIT <= clock[0] <= runner.CONTENDED_WAIT + 1
@@ -656,3 +670,63 @@ def test_a_run_that_lost_its_lock_before_the_migration_changes_nothing_more(fake
     assert not any(s.phase in (Phase.CUTOVER, Phase.BEAT) for s in run.executed)
     assert "the lock is no longer this run's and was left as it is" in said[-1]
     assert "lock lost" in run.history.error
+
+
+def local_stage(tmp_path, monkeypatch):
+    """The sample stage on a real git repository here, packed by the real `Run.pack`."""
+    from deploy_kit import runner
+
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    (repo / "requirements.txt").write_text("celery==5.5.0\n")
+    for argv in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True)
+    monkeypatch.setattr(FakeRun, "pack", Run.pack)
+    monkeypatch.setattr(runner, "CACHE_DIR", tmp_path / "cache")
+    return stage_of(STAGE.replace('repo = "git@example.com:acme/shop.git"', f'repo = "{repo}"'))
+
+
+def shown_as_the_task_layer_shows_it(stage):
+    """What `fab deploy` prints and exits with: `ui.user_errors` around the deploy."""
+    from invoke import Exit
+
+    from deploy_kit import ui
+    with pytest.raises(Exit) as caught, ui.user_errors():
+        lifecycle.deploy(stage, ref="HEAD", say=say, now=NOW)
+    return caught.value.code, str(caught.value.message)
+
+
+def nothing_changed_and_unlocked(run):
+    assert {s.phase for s in run.executed} <= {Phase.LOCK, Phase.UNDO, Phase.FINISH}  # nothing built or switched
+    assert all(s.action.unlock for s in run.executed if s.phase == Phase.FINISH)
+    assert run.history.result is Result.FAILED
+
+
+def test_a_failed_git_archive_exits_9_with_its_cause_and_changes_nothing(fake, tmp_path, monkeypatch):
+    stage = local_stage(tmp_path, monkeypatch)
+    real = release._run_git
+
+    def git(argv):
+        if "archive" in argv:
+            return subprocess.CompletedProcess(argv, 128, b"", b"fatal: not a valid object name")
+        return real(argv)
+    monkeypatch.setattr(release, "_run_git", git)
+    code, message = shown_as_the_task_layer_shows_it(stage)
+    assert code == 9 and message.startswith("error: git archive --format=tar.gz ") and "not a valid object" in message
+    assert "Traceback" not in message
+    nothing_changed_and_unlocked(fake[-1])
+
+
+def test_a_failed_pip_download_exits_9_with_its_cause_and_changes_nothing(fake, tmp_path, monkeypatch):
+    from deploy_kit import wheels
+
+    stage = local_stage(tmp_path, monkeypatch)
+    failed = subprocess.CompletedProcess([], 1, "", "WARNING: Location 'x' is ignored\n"
+                                         "ERROR: No matching distribution found for celery==5.5.0\n")
+    real = subprocess.run
+    monkeypatch.setattr(wheels.subprocess, "run", lambda argv, **kw: failed if "pip" in argv else real(argv, **kw))
+    code, message = shown_as_the_task_layer_shows_it(stage)
+    assert code == 9 and message.startswith("error: could not fetch wheels for Python ")
+    assert "No matching distribution found for celery==5.5.0" in message and "WARNING: Location" not in message
+    assert "Fix: make sure every requirement has a wheel" in message and "Traceback" not in message
+    nothing_changed_and_unlocked(fake[-1])

@@ -43,3 +43,32 @@ def test_the_reporting_host_brings_the_queues_report_and_another_host_none():
     assert status.parse(stage.host("web2"), json.dumps(base)).queues is None
     assert "agent" in status.program(stage, stage.host("web1")) and '"agent": null' in status.program(
         stage, stage.host("web2"))
+
+
+def test_the_host_reads_the_last_history_line_and_the_lock_typed_and_fab_status_shows_them(tmp_path):
+    """`remote/status.py` parses the last line with HistoryLine (an old line with `from` too) and the
+    holder with LockHolder; `status.parse` reads both back typed; a torn line is said, not guessed."""
+    import json
+
+    from deploy_kit.remote import hostlib
+    from deploy_kit.remote import status as on_host
+    from deploy_kit.remote.contracts import HistoryLine, LockHolder, Mode, Result
+
+    old = {"action": "deploy", "result": "success", "when": "2026-11-24T12:30:00+00:00", "who": "alice",
+           "from": "laptop", "release": NEW}
+    (tmp_path / "history.jsonl").write_text("{}\n" + json.dumps(old) + "\n")
+    hostlib.take_lock(str(tmp_path), {"who": "bob", "host": "ci", "action": "rollback", "ref": "x", "since": "t"})
+    last = on_host.last_history(str(tmp_path / "history.jsonl"))
+    assert last["origin"] == "laptop" and last["action"] == "deploy" and last["result"] == "success"
+    holder = hostlib.read_lock(str(tmp_path))
+    base = {"current": NEW, "units": {}, "ping": {}, "last": last, "lock": holder.to_data()}
+    parsed = status.parse(stage_of().host("web1"), json.dumps(base))
+    assert isinstance(parsed.last, HistoryLine) and (parsed.last.action, parsed.last.result) == \
+        (Mode.DEPLOY, Result.SUCCESS)
+    assert f"last {parsed.last.action}: {parsed.last.result}" == "last deploy: success"  # what `fab status` prints
+    assert parsed.lock == holder == LockHolder("bob", "ci", "rollback", "x", "t")
+    (tmp_path / "history.jsonl").write_text(json.dumps(old) + "\n{torn")
+    torn = status.parse(stage_of().host("web1"), json.dumps({**base, "lock": None, "last": on_host.last_history(
+        str(tmp_path / "history.jsonl"))}))
+    assert isinstance(torn.last, str) and "torn" in torn.last and torn.lock is None
+    assert on_host.last_history(str(tmp_path / "none.jsonl")) is None

@@ -1,0 +1,77 @@
+"""The cutover's side of the Celery agent (`celery_agent.py`): starts it as the service with a
+release's Python and speaks to it one JSON line at a time. Runs ON a host (Python 3.8+, stdlib
+only), in the cutover program and in `remote/queues.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import time
+
+from deploy_kit.remote import contracts, hostlib
+
+
+class StepFailed(Exception):
+    """A step of the cutover failed; its text says why, in the user's terms."""
+
+
+class Agent:
+    """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
+
+    def __init__(self, params: dict, release: str, purpose: str = "handover"):
+        directory = os.path.join(params["releases_dir"], release)
+        python = os.path.join(directory, params["venv"], "bin", "python")
+        self.proc = subprocess.Popen(
+            hostlib.service_argv(params["service_environment"], directory,
+                                 [python, "-c", _agent_program(), params["app"]["celery_app"], purpose]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
+
+    def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
+        """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it
+        fails, takes longer than `timeout`, or `alive()` names a reason to give up. The late answer
+        of a request given up on (the broker gone, say) is skipped, never taken for this one's."""
+        if request is not None:
+            self.asked += 1
+            try:
+                self.proc.stdin.write(json.dumps({**request, "id": self.asked}) + "\n")
+                self.proc.stdin.flush()
+            except OSError:  # it ended already (it could not reach the broker, say)
+                raise self.ended() from None
+        deadline = time.time() + timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise self.ended()
+                answer = json.loads(line)
+                if request is not None and answer.get("id") != self.asked:
+                    continue
+                if not answer["ok"]:
+                    raise StepFailed(answer["detail"])
+                return answer["detail"]
+            reason = alive()
+            if reason:
+                raise StepFailed(reason)
+            if time.time() > deadline:
+                raise StepFailed(f"no answer within {timeout:.0f}s")
+
+    def ended(self) -> StepFailed:
+        err = self.proc.stderr.read().strip().splitlines()
+        return StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=contracts.AGENT_CLOSE)
+        except Exception:  # noqa: BLE001 - it runs under systemd-run --collect; kill what is left
+            self.proc.kill()
+
+
+def _agent_program() -> str:
+    from deploy_kit.remote import celery_agent  # loaded by then (it ships and re-exports this module)
+    return celery_agent.program()
