@@ -730,3 +730,51 @@ def test_a_failed_pip_download_exits_9_with_its_cause_and_changes_nothing(fake, 
     assert "No matching distribution found for celery==5.5.0" in message and "WARNING: Location" not in message
     assert "Fix: make sure every requirement has a wheel" in message and "Traceback" not in message
     nothing_changed_and_unlocked(fake[-1])
+
+
+SETTLED = [s for s in CutoverStatus if s != CutoverStatus.RUNNING]  # what a followed cutover ends as
+
+
+def recorded(params: dict, status: CutoverStatus) -> CutoverState:
+    """A host's state file as its cutover program leaves it, read back by the follower."""
+    live = params["target"] if status == CutoverStatus.DONE else params["previous"]
+    failure = "" if status == CutoverStatus.DONE else "verify: no worker completed the task in time"
+    return CutoverState.from_json(
+        f'{{"id": "{params["id"]}", "mode": "{params["mode"]}", "target": "{params["target"]}", '
+        f'"previous": "{params["previous"]}", "status": "{status.value}", "step": "verify", "steps": [], '
+        f'"journal": [], "started": 1764590000.0, "pid": 4242, "live": "{live}", "failure": "{failure}", '
+        f'"rollback_failure": "{"" if status != CutoverStatus.ROLLBACK_FAILED else "give back: broker down"}"}}')
+
+
+@pytest.mark.parametrize("web1", SETTLED, ids=lambda s: f"web1={s.value}")
+@pytest.mark.parametrize("web2", SETTLED, ids=lambda s: f"web2={s.value}")
+def test_the_decision_table_for_every_pair_of_host_results(fake, monkeypatch, web1, web2):
+    """Every combination of two hosts' recorded cutover results: who hands back, whether the
+    lock is kept, the exit code. The hosts whose workers took over go back when another did not;
+    the stage exits 5 when every host is back where it was, 6 otherwise; the lock is kept while a
+    host's state is not known."""
+    results = {"web1": web1, "web2": web2}
+
+    original = FakeRun.perform
+    monkeypatch.setattr(FakeRun, "perform", lambda self, remote, step: recorded(
+        step.action.params, results[remote.name]) if isinstance(step.action, Cutover)
+        and step.action.params["mode"] == "deploy" else original(self, remote, step))
+
+    ok = web1 == web2 == CutoverStatus.DONE
+    back = [] if ok else sorted(h for h, s in results.items() if s == CutoverStatus.DONE)
+    after = {h: CutoverStatus.ROLLED_BACK if h in back else s for h, s in results.items()}
+    code = 0 if ok else 5 if all(s in (CutoverStatus.ROLLED_BACK, CutoverStatus.NOT_STARTED)
+                                 for s in after.values()) else 6
+    unlocked = all(s not in (CutoverStatus.ROLLBACK_FAILED, CutoverStatus.UNKNOWN) for s in after.values())
+    if ok:
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    else:
+        with pytest.raises(DeployFailed) as caught:
+            lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+        assert caught.value.exit_code == code
+    run = fake[-1]
+    handed_back = [s.host for s in run.executed if isinstance(s.action, Cutover)
+                   and s.action.params["mode"] == "rollback"]
+    assert handed_back == back
+    assert [s.action.unlock for s in run.executed if s.phase == Phase.FINISH] == [unlocked] * 2
+    assert any(s.phase == Phase.BEAT for s in run.executed) == ok  # Beat moves only after every host took over
