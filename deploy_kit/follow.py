@@ -103,6 +103,7 @@ class Progress:
         self.run, self.host, self.last = run, host, blank
         self.seen, self.running, self.reported, self.connection_lost = False, True, 0, False
         self.has_state = False  # the cutover wrote its state file (it started)
+        self.noted = ""  # the running step's progress note, said once
         self.started = time.monotonic()
 
     def feed(self, line: str) -> None:
@@ -114,6 +115,9 @@ class Progress:
         self.last, self.has_state = state, True
         for step in state.steps[self.reported:]:
             if step.ok is None:
+                if step.detail and step.detail != self.noted:  # what a long step waits for
+                    self.run.say(self.host, f"{step.name}: {step.detail}")
+                    self.noted = step.detail
                 break
             self.run.say(self.host, f"{step.name}: {'ok' if step.ok else 'FAILED'} {step.detail}".rstrip())
             self.run.outcome.timings.setdefault(self.host, {})[step.name] = step.seconds

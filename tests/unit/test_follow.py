@@ -106,3 +106,19 @@ def test_the_follow_script_prints_each_change_once_until_the_unit_ends(tmp_path)
     out = subprocess.run(["bash", "-c", follow._follow_script("u", str(path))], capture_output=True, text=True,
                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30).stdout
     assert out.splitlines() == ["active {}", "inactive {}"]
+
+
+def test_a_running_steps_progress_note_is_said_once_and_its_end_as_usual():
+    """The start of an instance that still drains can wait minutes: its note is said as it runs."""
+    from deploy_kit.remote.contracts import Step
+
+    said = []
+    run = types.SimpleNamespace(outcome=Outcome(), say=lambda h, m: said.append(m))
+    progress = follow.Progress(run, "web2", CutoverState(id="run1", mode=Mode.ROLLBACK, target=OLD, previous=NEW))
+    waiting = CutoverState(id="run1", mode=Mode.ROLLBACK, target=OLD, previous=NEW,
+                           steps=[Step("start", 1.0, detail="w@x.service is still draining")])
+    for _ in range(3):  # the host repeats its state every 5 s
+        progress.feed(f"active {waiting.to_json()}")
+    waiting.steps[0].ok, waiting.steps[0].ended, waiting.steps[0].detail = True, 2.0, "started w@x.service"
+    progress.feed(f"active {waiting.to_json()}")
+    assert said == ["start: w@x.service is still draining", "start: ok started w@x.service"]
