@@ -72,7 +72,9 @@ def cutover(run: Run, remote: RemoteHost, action: Cutover) -> CutoverState:
     if params["phase"] == "beat":
         watched = [str(params["beat_unit"])]
     else:
-        watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"])]
+        # Every instance's own lines, and systemd's about the one this cutover starts (`journal.matches`).
+        watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"],
+                                                          w["template"].replace("@.", f"@{params['target']}."))]
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
     deadline = time.monotonic() + budget(params)
