@@ -467,3 +467,23 @@ def test_a_drain_that_outlasts_the_stop_timeout_starts_nothing_later(host, monke
     assert systemd.units[UNIT.format(OLD)]["ActiveState"] == "inactive"  # nothing starts it later
     assert systemd.units[UNIT.format(NEW)]["ActiveState"] == "active" and systemd.narrowed_at_start == []
     assert not (tmp / "run" / f"default@{OLD}.env").exists()
+
+
+def test_a_start_that_times_out_is_given_back_so_its_queued_job_never_starts_it_later(host, monkeypatch):
+    """`systemctl start` gave up (its 60 s) while systemd still holds the start job: the unit was
+    recorded before the start, so the give-back stops it (a stop replaces the queued start)."""
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    real = systemd.__call__
+
+    def slow_start(argv, timeout=60):
+        if argv[:2] == ["systemctl", "start"] and UNIT.format(NEW) in argv:
+            systemd.calls.append(argv)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return real(argv, timeout)
+
+    state = run_program(monkeypatch, slow_start, params())
+    assert state.status == CutoverStatus.ROLLED_BACK and "timed out" in state.failure
+    verbs = systemd.verbs()
+    assert f"stop {UNIT.format(NEW)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
+    assert not any(UNIT.format(OLD) in v for v in verbs)  # the old one serves on, untouched
