@@ -269,3 +269,17 @@ def test_a_rollback_right_after_a_deploy_waits_for_the_old_instance_to_drain(sta
         assert alone(), on_host(stage, index, "systemctl list-units --all 'exampleapp-worker-default@*'")
         enabled = on_host(stage, index, "ls /etc/systemd/system/multi-user.target.wants/")
         assert [u for u in enabled.split() if u.startswith("exampleapp-worker-default@")] == [instance]
+
+
+def test_an_older_instance_enabled_at_boot_fails_the_check_and_setup_disables_it(stage, sandbox_config):
+    """`fab check` names `fab setup` as the fix when another release's instance would start at
+    boot too (a cutover cut off); setup disables it, and the check passes."""
+    older = stage.workers[0].instance(stage.app, "2026-01-01-000000")
+    on_host(stage, 1, f"systemctl enable --quiet {older}")
+    check = fab("check", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert check.returncode == 3 and f"{older} also start at boot" in check.stdout and "fab setup" in check.stdout
+    setup = fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert f"disable {older} at boot" in setup.stdout
+    assert on_host(stage, 1, f"systemctl is-enabled {older} || true").strip() == "disabled"
+    check = fab("check", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert check.returncode == 0, check.stdout + check.stderr
