@@ -97,7 +97,9 @@ def cutover(run: Run, remote: RemoteHost, action: plan.Cutover) -> CutoverState:
     if params["phase"] == "beat":
         watched = [str(params["beat_unit"])]
     else:
-        watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"])]
+        # Every instance's own lines, and systemd's about the one this cutover starts (`journal.matches`).
+        watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"],
+                                                          w["template"].replace("@.", f"@{params['target']}."))]
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
     deadline = time.monotonic() + budget(params)
@@ -146,6 +148,7 @@ class Progress:
         self.seen, self.running, self.reported, self.connection_lost = False, True, 0, False
         self.has_state = False  # the cutover wrote its state file (it started)
         self.launch_lost = False  # the connection dropped before the launch said a word
+        self.noted = ""  # the running step's progress note, said once
         self.started = time.monotonic()
 
     def feed(self, line: str) -> None:
@@ -157,6 +160,9 @@ class Progress:
         self.last, self.has_state = state, True
         for step in state.steps[self.reported:]:
             if step.ok is None:
+                if step.detail and step.detail != self.noted:  # what a long step waits for
+                    self.run.say(self.host, f"{step.name}: {step.detail}")
+                    self.noted = step.detail
                 break
             self.run.say(self.host, f"{step.name}: {'ok' if step.ok else 'FAILED'} {step.detail}".rstrip())
             self.run.outcome.timings.setdefault(self.host, {})[step.name] = step.seconds

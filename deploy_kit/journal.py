@@ -93,13 +93,28 @@ class HostEvent:
     fatal: bool = False  # the host's stream ended for good (a bad option, no sudo)
 
 
+def matches(units: Iterable[str]) -> list[str]:
+    """journalctl matches (OR-ed) for `units`. Not `-u 'APP-worker-NAME@*.service'`: journalctl
+    resolves a pattern once, against the units its journal knows when it starts, so a stream
+    started before a deploy would never show the instance the deploy starts. Every instance of
+    a worker service logs under the service's SyslogIdentifier (`units.py`), whatever its
+    release: that identifier stands for the pattern. A unit named in full gets what `-u` gives
+    (its processes, systemd's messages about it, its core dumps)."""
+    terms: list[list[str]] = []
+    for unit in units:
+        if unit.endswith("@*.service"):
+            terms.append([f"SYSLOG_IDENTIFIER={unit.removesuffix('@*.service')}"])
+        else:
+            terms += [[f"_SYSTEMD_UNIT={unit}"], [f"UNIT={unit}", "_PID=1"], [f"COREDUMP_UNIT={unit}"]]
+    return [word for i, term in enumerate(terms) for word in ([] if i == 0 else ["+"]) + term]
+
+
 def journal_command(units: Iterable[str], *, since: str | None = None, lines: int | None = None,
                     grep: str | None = None, follow: bool = True, after_cursor: str | None = None) -> str:
     """The remote command: journalctl as root, ended as soon as the SSH channel closes."""
     argv = ["journalctl", "--no-pager", "-o", "json", "--output-fields="
-            "MESSAGE,PRIORITY,_SYSTEMD_UNIT,UNIT,SYSLOG_IDENTIFIER,__REALTIME_TIMESTAMP,__CURSOR"]
-    for unit in units:
-        argv += ["-u", unit]
+            "MESSAGE,PRIORITY,_SYSTEMD_UNIT,UNIT,SYSLOG_IDENTIFIER,__REALTIME_TIMESTAMP,__CURSOR",
+            *matches(units)]
     if after_cursor:
         argv += ["--after-cursor", after_cursor]
     else:

@@ -168,6 +168,14 @@ def plan_host(stage: Stage, host: Host, facts: HostFacts) -> HostPlan:
     if to_enable:
         changes.append(Change(f"enable {', '.join(to_enable)} at boot",
                               f"systemctl enable --quiet {' '.join(q(n) for n in to_enable)}"))
+    # Only the current release's instance starts at boot (what `fab check` asks): another release's
+    # instance left enabled (a cutover cut off) is disabled; one that still runs or drains goes on.
+    templates = {w.unit(app).split("@")[0] + "@" for w in serving}
+    to_disable = sorted(n for n, state in facts.instances.items() if state.get("enabled") and n not in running
+                        and n.split("@")[0] + "@" in templates) if release else []
+    if to_disable:
+        changes.append(Change(f"disable {', '.join(to_disable)} at boot (not the current release's)",
+                              f"systemctl disable --quiet {' '.join(q(n) for n in to_disable)}"))
     if release:
         changed = [n for n, file in running.items() if facts.units.get(file) != wanted[file].content]
         # A template's instance of another release never runs by mistake: only current's starts.

@@ -150,12 +150,36 @@ class Cutover:
                     if old != unit:
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + 30)
                         self.stopped.append((worker, old))
+            self.wait_drained(unit)
+            self.started_units.append(unit)  # before the start: a start that fails half-way is given back too
             self.systemctl("start", unit)  # Type=simple: returns once the process runs
-            self.started_units.append(unit)
             units.append(unit)
         self.agent = Agent(self.p, release)
         self.restarts.update({u: self.show(u).get("NRestarts", "0") for u in units})
         return "started " + ", ".join(units)
+
+    def wait_drained(self, unit: str) -> None:
+        """The target's instance may still drain from an earlier handover (a rollback right after
+        a deploy): a start now would be queued by systemd until its tasks finish, outlast
+        systemctl's timeout and start it later, unasked. Wait for the drain instead (at most
+        TimeoutStopSec, then systemd kills it); no start job is queued meanwhile, so a failure or
+        a killed cutover leaves nothing to start later. The old release serves all along."""
+        if self.show(unit).get("ActiveState") != "deactivating":
+            return
+        limit = float(self.p["stop_timeout"]) + 30
+        self.note(f"{unit} is still draining (finishing its running tasks, at most {limit:.0f}s); "
+                  "it starts once it stopped, the current release serves meanwhile")
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if self.show(unit).get("ActiveState") != "deactivating":
+                return
+        raise StepFailed(f"{unit} still drains after {limit:.0f}s; it was not started")
+
+    def note(self, text: str) -> None:
+        """Progress of the running step, shown while it runs (its detail, replaced when it ends)."""
+        self.state.steps[-1].detail = text
+        self.save()
 
     def private_queue(self, worker: dict, release: str) -> str:
         return worker["private_queue"].replace("{host}", self.host).replace("%i", release)

@@ -15,6 +15,7 @@ import pytest
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
+from . import conftest
 from .conftest import H1, H2, TEST_SANDBOX, Producer, commit, current_release, fab, on_host, prepare_env, ran_counts
 
 CELERY = "examples/exampleapp/exampleapp/celery.py"
@@ -39,6 +40,20 @@ def stage(sandbox_config):
     if not current_release(config.load(sandbox_config).stage(TEST_SANDBOX), 0):
         fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
     return config.load(sandbox_config).stage(TEST_SANDBOX)
+
+
+@pytest.fixture
+def long_limit(sandbox_config):
+    """The stage with a 300 s task time limit on the default service (TimeoutStopSec 330), set up
+    on the hosts; the usual units again afterwards."""
+    text = sandbox_config.read_text()
+    limited = 'name = "default"\nqueues = ["celery"]\nconcurrency = 2\ntime_limit = 300'
+    long = sandbox_config.with_name("limit300.toml")
+    long.write_text(text.replace(limited.replace("300", "60"), limited))
+    assert long.read_text() != text
+    fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=long, check=True)
+    yield long
+    fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
 
 
 def unacked(stage) -> int:
@@ -84,12 +99,14 @@ def test_every_task_sent_through_a_deploy_and_a_rollback_runs_exactly_once(stage
     assert [(h["action"], h["result"]) for h in history[-2:]] == [("deploy", "success"), ("rollback", "success")]
 
 
-def test_a_release_whose_pool_hangs_fails_fast_and_takes_no_user_task(stage, sandbox_config, app_repo):
+def test_a_release_whose_pool_hangs_fails_fast_and_takes_no_user_task(stage, long_limit, app_repo):
+    """With a 300 s task time limit (TimeoutStopSec 330): the hung worker is stopped at once,
+    whatever TimeoutStopSec says."""
     good = current_release(stage, 0)
     source = (app_repo / CELERY).read_text()
     commit(app_repo, {"exampleapp/celery.py": source + HANG}, "pool children hang at start-up")
-    tight = sandbox_config.with_name("verify15.toml")
-    text = sandbox_config.read_text()
+    tight = long_limit.with_name("verify15.toml")
+    text = long_limit.read_text()
     assert 'task = "celery.accumulate"\ntimeout = 60' in text
     tight.write_text(text.replace('task = "celery.accumulate"\ntimeout = 60',
                                   'task = "celery.accumulate"\ntimeout = 15'))
@@ -103,6 +120,14 @@ def test_a_release_whose_pool_hangs_fails_fast_and_takes_no_user_task(stage, san
     results = producer.results()
     assert {r["release"] for r in results} == {f"/srv/exampleapp/releases/{good}"}  # none ran on the new one
     assert unacked(stage) == 0  # nothing stranded in the broker
+    serving = stage.workers[0].instance(stage.app, good)
+    for index in (0, 1):
+        assert on_host(stage, index, f"systemctl show -p TimeoutStopUSec {serving}").strip() == \
+            "TimeoutStopUSec=5min 30s"
+        steps = json.loads(on_host(stage, index, "cat /srv/exampleapp/.deploy-kit/cutover.json"))["steps"]
+        give_back = next(s for s in steps if s["name"] == "give back")
+        assert give_back["ok"] and give_back["ended"] - give_back["started"] < 60, give_back  # not 330 s
+    assert elapsed < 330, elapsed  # the whole failed deploy, build included, took less than one TimeoutStopSec
     print(f"failed deploy took {elapsed:.1f} s")  # measured in the benchmark, not asserted here
 
 
@@ -202,3 +227,59 @@ def test_restart_in_place_verifies_on_the_private_queue_then_serves_every_task_o
     assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent)))
     live = on_host(stage, 0, "systemctl list-units --plain --no-legend --state=active 'exampleapp-worker-default@*'")
     assert [line.split()[0] for line in live.splitlines()] == [f"exampleapp-worker-default@{release}.service"]
+
+
+def test_a_rollback_right_after_a_deploy_waits_for_the_old_instance_to_drain(stage, long_limit, app_repo):
+    """The old instance still finishes a long task when `fab rollback` comes: its start waits for
+    the drain (while `fab status` shows it draining); then the usual handover. Every task runs
+    exactly once, the long one where it started, and one release serves in the end."""
+    def deploy(what: str) -> str:
+        commit(app_repo, {"ledger/drain.txt": f"{what} {time.time()}\n"}, what)
+        fab("deploy", "--stage", TEST_SANDBOX, config_file=long_limit, check=True, timeout=900)
+        return current_release(stage, 0)
+
+    back = deploy("the release to go back to")  # its instances run with the 300 s limit
+    with Producer() as producer:
+        long = producer.long(120)
+        conftest.wait_for(lambda: ran_counts(stage, producer.tag).get(f"{producer.tag}-long"), 60,
+                          "the long task to start")
+        ahead = deploy("the release rolled back from")
+        status = fab("status", "--stage", TEST_SANDBOX, config_file=long_limit)
+        rolled = fab("rollback", "--stage", TEST_SANDBOX, config_file=long_limit, timeout=900)
+        time.sleep(1)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    instance = f"exampleapp-worker-default@{back}.service"
+    assert any(instance in line and "draining" in line for line in status.stdout.splitlines()), status.stdout
+    assert f"start: {instance} is still draining" in rolled.stdout, rolled.stdout
+    assert [current_release(stage, i) for i in (0, 1)] == [back, back] and ahead != back
+    assert long.get(timeout=200)["release"] == f"/srv/exampleapp/releases/{back}"
+    results = producer.results()
+    assert {r["release"].rsplit("/", 1)[-1] for r in results} <= {back, ahead}
+    counts = ran_counts(stage, producer.tag)
+    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent))), \
+        {k: v for k, v in counts.items() if v != 1}
+    assert counts.get(f"{producer.tag}-long") == 1
+    for index in (0, 1):  # one release serves; nothing else starts later, nothing else at boot
+        def alone(index=index):
+            live = on_host(stage, index, "systemctl list-units --plain --no-legend "
+                                         "--state=active,activating,deactivating 'exampleapp-worker-default@*'")
+            return [line.split()[0] for line in live.splitlines()] == [instance]
+        conftest.wait_for(alone, 60, "the instance rolled back from to drain")
+        time.sleep(5)
+        assert alone(), on_host(stage, index, "systemctl list-units --all 'exampleapp-worker-default@*'")
+        enabled = on_host(stage, index, "ls /etc/systemd/system/multi-user.target.wants/")
+        assert [u for u in enabled.split() if u.startswith("exampleapp-worker-default@")] == [instance]
+
+
+def test_an_older_instance_enabled_at_boot_fails_the_check_and_setup_disables_it(stage, sandbox_config):
+    """`fab check` names `fab setup` as the fix when another release's instance would start at
+    boot too (a cutover cut off); setup disables it, and the check passes."""
+    older = stage.workers[0].instance(stage.app, "2026-01-01-000000")
+    on_host(stage, 1, f"systemctl enable --quiet {older}")
+    check = fab("check", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert check.returncode == 3 and f"{older} also start at boot" in check.stdout and "fab setup" in check.stdout
+    setup = fab("setup", "--stage", TEST_SANDBOX, "--yes", config_file=sandbox_config, check=True)
+    assert f"disable {older} at boot" in setup.stdout
+    assert on_host(stage, 1, f"systemctl is-enabled {older} || true").strip() == "disabled"
+    check = fab("check", "--stage", TEST_SANDBOX, config_file=sandbox_config)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -14,7 +14,7 @@ import pytest
 
 from deploy_kit import units
 
-from .conftest import FAB, H1, H2, ROOT, TEST_SANDBOX, call_task, current_release, fab, in_container, on_host
+from .conftest import FAB, H1, H2, ROOT, TEST_SANDBOX, call_task, commit, current_release, fab, in_container, on_host
 
 
 class Follower:
@@ -84,6 +84,32 @@ def test_lines_from_every_host_arrive_prefixed_with_host_and_unit(deployed, sand
     finally:
         code, stderr = follower.stop()
     assert code == 0 and "Traceback" not in stderr
+
+
+def test_a_stream_started_before_a_deploy_shows_the_instance_the_deploy_starts(deployed, sandbox_config, app_repo):
+    """journalctl resolves `-u 'X@*.service'` once, when it starts: a stream started before a
+    deploy must still show the new release's instance, in `fab logs` and in the deploy's own
+    live journal. The plain pattern runs beside it on the first host, to show why."""
+    old_style = "exampleapp-e2e-old-style-journal"
+    on_host(deployed, 0, f"systemd-run --unit={old_style} -p StandardOutput=file:/run/old-style.log "
+                         "journalctl -u 'exampleapp-worker-default@*.service' -o cat --follow -n 0")
+    follower = Follower(sandbox_config, "--service", "default")
+    try:
+        time.sleep(2)
+        commit(app_repo, {"ledger/logs.txt": f"{time.time()}\n"}, "a release for the stream to follow")
+        deployed_proc = fab("deploy", "--stage", TEST_SANDBOX, config_file=sandbox_config, check=True, timeout=900)
+        release = current_release(deployed, 0)
+        text = marker()
+        echo_on(deployed, 0, text)
+        line = follower.wait_for(lambda item: text in item["message"])
+        assert line["host"] == H1 and line["unit"] == f"exampleapp-worker-default@{release}"
+    finally:
+        code, stderr = follower.stop()
+        old_log = on_host(deployed, 0, f"systemctl stop {old_style}; cat /run/old-style.log; rm -f /run/old-style.log")
+    assert code == 0 and "Traceback" not in stderr
+    assert f"| exampleapp-worker-default@{release}: " in deployed_proc.stdout  # the deploy's live journal
+    # Why: the same pattern, started before the deploy, never shows the new instance's lines.
+    assert text not in old_log, old_log[-2000:]
 
 
 def test_filters_work_as_documented(deployed, sandbox_config):

@@ -446,3 +446,104 @@ def test_the_stage_way_back_marks_bad_as_the_cutover_does_and_keeps_its_reason(h
     assert set(by_finish) == set(by_cutover) and by_finish["reason"] == "handed back"
     assert hostprobe.releases(str(tmp / "releases"))[0]["bad"]
     assert hostlib.mark_bad(str(tmp / "releases" / "gone"), "r2", "x") is False
+
+
+class DrainingSystemd(FakeSystemd):
+    """A unit still draining from an earlier handover (`deactivating`) for `polls` of its state.
+    As systemd does, a start meanwhile is queued until the drain ends: `systemctl start` blocks
+    past its timeout, and the queued job starts the unit later unless a stop replaces it."""
+
+    def __init__(self, running: dict[str, str], draining: str, polls: int):
+        super().__init__(running)
+        self.units[draining] = {"ActiveState": "deactivating", "SubState": "stop-sigterm", "NRestarts": "0",
+                                "MainPID": "42"}
+        self.draining, self.polls, self.queued = draining, polls, False
+        self.narrowed_at_start: list[bool] = []
+        self.run_dir = ""
+
+    def __call__(self, argv, timeout=60):
+        args = [a for a in argv[2:] if not a.startswith("-")] if argv[0] == "systemctl" else []
+        if self.draining in args and self.units[self.draining]["ActiveState"] == "deactivating":
+            if argv[1] == "show":
+                self.polls -= 1
+                if self.polls < 0:
+                    self.drained()
+            elif argv[1] == "start":
+                self.calls.append(argv)
+                self.queued = True
+                raise subprocess.TimeoutExpired(argv, timeout)
+            elif argv[1] == "stop":
+                self.queued = False  # a stop job replaces the queued start; the drain goes on
+            elif argv[1] == "kill":
+                raise AssertionError("killed a draining worker: its running user tasks die with it")
+        if argv[:2] == ["systemctl", "start"] and self.draining in args:
+            self.narrowed_at_start.append(os.path.exists(os.path.join(self.run_dir, f"default@{OLD}.env")))
+        return super().__call__(argv, timeout)
+
+    def drained(self) -> None:
+        self.units[self.draining].update(ActiveState="inactive", SubState="dead")
+        if self.queued:  # the queued start runs now, whether anyone still wants it or not
+            self.narrowed_at_start.append(os.path.exists(os.path.join(self.run_dir, f"default@{OLD}.env")))
+            super().__call__(["systemctl", "start", self.draining])
+
+
+def test_a_rollback_to_an_instance_still_draining_waits_for_its_drain_then_hands_over(host, monkeypatch):
+    """`fab rollback` right after a deploy: the old instance still finishes a long task. Its start
+    waits for the drain (no start job queued behind it), then the handover goes on as usual."""
+    tmp, params = host
+    os.unlink(tmp / "current")
+    os.symlink(f"releases/{NEW}", tmp / "current")
+    systemd = DrainingSystemd({UNIT.format(NEW): "active"}, UNIT.format(OLD), polls=5)
+    p = params(Mode.ROLLBACK, target=OLD, previous=NEW)
+    systemd.run_dir = p["run_dir"]
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
+    assert systemd.narrowed_at_start == [True]  # it starts on its private queue only
+    verbs = systemd.verbs()
+    assert verbs.count(f"start {UNIT.format(OLD)}") == 1
+    assert verbs.index(f"start {UNIT.format(OLD)}") < verbs.index(f"stop --no-block {UNIT.format(NEW)}")
+
+
+def test_a_drain_that_outlasts_the_stop_timeout_starts_nothing_later(host, monkeypatch):
+    """The drain does not end in time: the step fails with the reason, the draining worker is
+    neither killed nor left with a start queued behind it, and the current release serves."""
+    tmp, params = host
+    os.unlink(tmp / "current")
+    os.symlink(f"releases/{NEW}", tmp / "current")
+    systemd = DrainingSystemd({UNIT.format(NEW): "active"}, UNIT.format(OLD), polls=10 ** 6)
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(cutover.time, "time", lambda: next(clock) * 1.0)
+    p = params(Mode.ROLLBACK, target=OLD, previous=NEW)
+    systemd.run_dir = p["run_dir"]
+    notes = []
+    real_save = cutover.Cutover.save
+    monkeypatch.setattr(cutover.Cutover, "save", lambda self: notes.append(
+        self.state.steps[-1].detail if self.state.steps else "") or real_save(self))
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.FELL_BACK and state.live == NEW
+    assert f"{UNIT.format(OLD)} still drains after 360s" in state.failure
+    assert any("is still draining" in n for n in notes)  # said while it waits
+    systemd.drained()  # the drain ends after the cutover gave up
+    assert systemd.units[UNIT.format(OLD)]["ActiveState"] == "inactive"  # nothing starts it later
+    assert systemd.units[UNIT.format(NEW)]["ActiveState"] == "active" and systemd.narrowed_at_start == []
+    assert not (tmp / "run" / f"default@{OLD}.env").exists()
+
+
+def test_a_start_that_times_out_is_given_back_so_its_queued_job_never_starts_it_later(host, monkeypatch):
+    """`systemctl start` gave up (its 60 s) while systemd still holds the start job: the unit was
+    recorded before the start, so the give-back stops it (a stop replaces the queued start)."""
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    real = systemd.__call__
+
+    def slow_start(argv, timeout=60):
+        if argv[:2] == ["systemctl", "start"] and UNIT.format(NEW) in argv:
+            systemd.calls.append(argv)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return real(argv, timeout)
+
+    state = run_program(monkeypatch, slow_start, params())
+    assert state.status == CutoverStatus.ROLLED_BACK and "timed out" in state.failure
+    verbs = systemd.verbs()
+    assert f"stop {UNIT.format(NEW)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
+    assert not any(UNIT.format(OLD) in v for v in verbs)  # the old one serves on, untouched

@@ -222,3 +222,19 @@ def test_the_budget_covers_every_named_wait_of_the_cutover_both_ways():
                 back = c.SYSTEMCTL + give_back + beat
                 assert follow.budget(p) >= forward + back, (phase, n, queues)
     assert c.RESTORE == c.RESTORE_WAIT + c.RESTORE_SETTLE + c.REMOTE_CONTROL
+
+
+def test_a_running_steps_progress_note_is_said_once_and_its_end_as_usual():
+    """The start of an instance that still drains can wait minutes: its note is said as it runs."""
+    from deploy_kit.remote.contracts import Step
+
+    said = []
+    run = types.SimpleNamespace(outcome=Outcome(), say=lambda h, m: said.append(m))
+    progress = follow.Progress(run, "web2", CutoverState(id="run1", mode=Mode.ROLLBACK, target=OLD, previous=NEW))
+    waiting = CutoverState(id="run1", mode=Mode.ROLLBACK, target=OLD, previous=NEW,
+                           steps=[Step("start", 1.0, detail="w@x.service is still draining")])
+    for _ in range(3):  # the host repeats its state every 5 s
+        progress.feed(f"active {waiting.to_json()}")
+    waiting.steps[0].ok, waiting.steps[0].ended, waiting.steps[0].detail = True, 2.0, "started w@x.service"
+    progress.feed(f"active {waiting.to_json()}")
+    assert said == ["start: w@x.service is still draining", "start: ok started w@x.service"]

@@ -55,11 +55,12 @@ def test_banner_lines_are_noise_but_tracebacks_are_not():
 def test_the_follow_command_ends_with_its_channel_and_filters_on_the_host():
     command = journal.journal_command(["a.service", "b.service"], since="10 min ago", grep="Error", follow=True)
     assert command.startswith("sudo -n -- /bin/sh -c ")
-    assert "-u a.service -u b.service" in command and "--grep Error" in command
+    assert "_SYSTEMD_UNIT=a.service + UNIT=a.service _PID=1 + COREDUMP_UNIT=a.service + _SYSTEMD_UNIT=b.service" \
+        in command and "--grep Error" in command
     # The outer sh -c quoting of the inner quote: exactly one way, so the host sees one argument.
     assert "--since '\"'\"'10 min ago'\"'\"'" in command
     pattern = journal.journal_command(["a@*.service"], grep="x y", follow=False)
-    assert pattern.endswith(" -u 'a@*.service' --grep 'x y'")  # no sh -c wrapper when not following
+    assert pattern.endswith(" SYSLOG_IDENTIFIER=a --grep 'x y'")  # no sh -c wrapper when not following
     assert "cat <&3" in command and "kill $j" in command and "--follow" in command
     resumed = journal.journal_command(["a.service"], since="10 min ago", lines=5, after_cursor="s=1")
     assert "--after-cursor s=1" in resumed and "--since" not in resumed and "-n 5" not in resumed
@@ -201,3 +202,19 @@ def test_no_follow_reports_an_unreachable_host_once_and_ends(monkeypatch, capsys
     assert str(info.value.message).count("web2: unreachable: no route to host") == 1
     out = capsys.readouterr().out
     assert "line 1" in out and "line 2" in out
+
+
+def test_every_instance_of_a_worker_service_is_matched_even_one_started_later():
+    """journalctl resolves `-u 'X@*.service'` once, when it starts: a stream started before a
+    deploy would miss the new instance. Its SyslogIdentifier, the same for every instance, does not."""
+    from deploy_kit import units
+
+    stage = samples.stage_of()
+    host = stage.host("web1")
+    argv = journal.matches(journal.units_for(stage, host, ["default"]))
+    assert not any(word == "-u" or "*" in word for word in argv)
+    unit = units.worker_unit(stage, stage.workers[0]).content
+    identifier = next(line for line in unit.splitlines() if line.startswith("SyslogIdentifier="))
+    assert identifier.replace("SyslogIdentifier=", "SYSLOG_IDENTIFIER=") in argv
+    legacy = stage.workers[0].legacy_unit(stage.app)
+    assert argv[argv.index(f"_SYSTEMD_UNIT={legacy}") - 1] == "+"  # OR-ed: each term alone is enough

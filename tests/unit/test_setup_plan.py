@@ -238,3 +238,18 @@ def test_a_plain_unit_a_handover_retired_is_removed_without_asking():
     assert summaries(result) == ["remove unit shop-worker-default.service (retired by a handover)",
                                  "reload systemd"]
     assert result.consent_needed == ()
+
+
+def test_an_older_instance_enabled_at_boot_is_disabled_as_fab_check_tells():
+    """`fab check` fails when another release's instance would start at boot too, and its fix is
+    `fab setup`: setup disables it (and leaves it running, if it runs or drains)."""
+    stage = stage_of()
+    data = ready(stage, stage.host("web1"))
+    older = "shop-worker-default@2026-11-20-080000.service"
+    data["instances"][older] = {"enabled": True, "active": "active"}
+    result = plan(data)
+    assert summaries(result) == [f"disable {older} at boot (not the current release's)"]
+    assert result.changes[0].script == f"systemctl disable --quiet {older}"
+    assert result.consent_needed == ()
+    data["instances"][older]["enabled"] = False
+    assert plan(data).changes == ()  # once disabled, nothing more

@@ -72,3 +72,35 @@ def test_the_host_reads_the_last_history_line_and_the_lock_typed_and_fab_status_
         str(tmp_path / "history.jsonl"))}))
     assert isinstance(torn.last, str) and "torn" in torn.last and torn.lock is None
     assert on_host.last_history(str(tmp_path / "none.jsonl")) is None
+
+
+def test_an_instance_still_finishing_its_tasks_after_a_handover_shows_as_draining(monkeypatch):
+    """`fab status` during a handover's drain: the new instance serves, the old one (systemd's
+    `deactivating`: a warm shutdown finishing its running tasks) shows as draining, both listed."""
+    import io
+    import json
+
+    from invoke import Context
+    from rich.console import Console
+
+    from deploy_kit import ui
+    from deploy_kit.tasks import deploy as deploy_tasks
+
+    stage = stage_of()
+    new, old = f"shop-worker-default@{NEW}.service", f"shop-worker-default@{OLD}.service"
+    recorded = {  # what remote/status.py printed on a host right after a deploy (trimmed)
+        "current": NEW, "revision": {}, "lock": None, "last": None, "cutovers": [],
+        "units": {new: {"ActiveState": "active", "SubState": "running", "ActiveEnterTimestamp":
+                        "Tue 2026-11-24 12:30:05 UTC", "NRestarts": "0", "MainPID": "812", "LoadState": "loaded"},
+                  old: {"ActiveState": "deactivating", "SubState": "stop-sigterm", "ActiveEnterTimestamp":
+                        "Tue 2026-11-24 12:00:04 UTC", "NRestarts": "0", "MainPID": "377", "LoadState": "loaded"}},
+        "ping": {new: "pong"}}
+    parsed = status.parse(stage.host("web2"), json.dumps(recorded))
+    out = io.StringIO()
+    monkeypatch.setattr(deploy_tasks, "load_stage", lambda name: stage)
+    monkeypatch.setattr(status, "gather", lambda chosen: [parsed])
+    monkeypatch.setattr(ui, "make_console", lambda: Console(file=out, width=160, color_system=None))
+    deploy_tasks.status(Context())
+    rows = {unit: next(line for line in out.getvalue().splitlines() if unit in line) for unit in (new, old)}
+    assert "draining" in rows[old] and "deactivating" not in rows[old]
+    assert "active/running" in rows[new] and "pong" in rows[new] and "draining" not in rows[new]
