@@ -18,7 +18,7 @@ from typing import Any
 from deploy_kit.remote import hostlib
 
 # The modules a program may import; the loader adds them to sys.modules in this order.
-MODULES = ("contracts", "hostlib", "probes", "agent_client", "celery_agent", "queues")
+MODULES = ("contracts", "hostlib", "probes", "agent_client", "celery_agent", "queues", "beat")
 
 
 @cache
@@ -36,7 +36,8 @@ def needs(name: str) -> tuple[str, ...]:
     todo = [name]
     while todo:
         for module, names in IMPORTS.findall(source(todo.pop())):
-            for dependency in [module] if module else [n.strip() for n in names.split(",")]:
+            aliased = [n.split()[0] for n in names.split(",") if n.strip()]  # `import x as y` ships x
+            for dependency in [module] if module else aliased:
                 if dependency not in found:
                     found.add(dependency)
                     todo.append(dependency)

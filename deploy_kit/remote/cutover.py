@@ -24,29 +24,24 @@ ran, and a deploy marks the target bad. Progress goes to a JSON state file (`con
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+from deploy_kit.remote import contracts as waits
 from deploy_kit.remote import hostlib
+from deploy_kit.remote.beat import BeatSteps
 from deploy_kit.remote.celery_agent import Agent, StepFailed
 from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode, Step
 
 
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
-
-
-def run(argv: list, timeout: float = 60) -> subprocess.CompletedProcess:
+def run(argv: list, timeout: float = waits.SYSTEMCTL) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
-class Cutover:
+class Cutover(BeatSteps):
     def __init__(self, params: dict):
         self.p = params
         self.host = socket.gethostname()
@@ -96,11 +91,15 @@ class Cutover:
 
     # --- systemd ------------------------------------------------------------------------------
 
-    def systemctl(self, *args: str, timeout: float = 60) -> str:
+    def systemctl(self, *args: str, timeout: float = waits.SYSTEMCTL) -> str:
         proc = run(["systemctl", *args], timeout=timeout)
         if proc.returncode != 0:
             raise StepFailed("systemctl {}: {}".format(" ".join(args), (proc.stderr or proc.stdout).strip()))
         return proc.stdout
+
+    def quietly(self, *args: str) -> None:
+        """A systemctl call whose failure changes nothing (e.g. reset-failed of a unit that did not fail)."""
+        run(["systemctl", *args])
 
     def show(self, unit: str) -> dict:
         return hostlib.parse_show(self.systemctl("show", unit, "-p", "MainPID,ActiveState,SubState,NRestarts"))
@@ -117,12 +116,7 @@ class Cutover:
         """The worker's units that run now: its instances and the plain unit of older deploy-kits."""
         pattern = worker["template"].replace("@.", "@*.")
         out = self.systemctl("list-units", "--plain", "--no-legend", "--all", pattern, worker["legacy"])
-        found = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] in ("active", "activating", "reloading"):
-                found.append(parts[0])
-        return found
+        return [u for u, state in hostlib.parse_units(out).items() if state in ("active", "activating", "reloading")]
 
     def instance(self, worker: dict, release: str) -> str:
         return worker["template"].replace("@.", f"@{release}.")
@@ -148,7 +142,7 @@ class Cutover:
             if not worker["handover"]:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
-                        self.systemctl("stop", old, timeout=self.p["stop_timeout"] + 30)
+                        self.systemctl("stop", old, timeout=self.p["stop_timeout"] + waits.STOP_MARGIN)
                         self.stopped.append((worker, old))
             self.wait_drained(unit)
             self.started_units.append(unit)  # before the start: a start that fails half-way is given back too
@@ -166,7 +160,7 @@ class Cutover:
         a killed cutover leaves nothing to start later. The old release serves all along."""
         if self.show(unit).get("ActiveState") != "deactivating":
             return
-        limit = float(self.p["stop_timeout"]) + 30
+        limit = float(self.p["stop_timeout"]) + waits.STOP_MARGIN
         self.note(f"{unit} is still draining (finishing its running tasks, at most {limit:.0f}s); "
                   "it starts once it stopped, the current release serves meanwhile")
         deadline = time.time() + limit
@@ -194,7 +188,7 @@ class Cutover:
             nonce = f"deploy-kit verify {self.p['id']}-{self.host}-{worker['service']}"
             done.append(worker["service"] + " " + self.agent.ask(
                 {"op": "verify", "task": self.p["verify"]["task"], "queue": self.private_queue(worker, release),
-                 "timeout": timeout, "nonce": nonce}, timeout + 10, alive=lambda: self.crashed(units)))
+                 "timeout": timeout, "nonce": nonce}, timeout + waits.VERIFY_MARGIN, alive=lambda: self.crashed(units)))
         return "; ".join(done)
 
     def join(self, release: str, workers: list) -> str:
@@ -202,7 +196,7 @@ class Cutover:
         for worker in workers:
             node = self.node(worker, self.instance(worker, release))
             for queue in worker["queues"]:
-                self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, 30)
+                self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, waits.REMOTE_CONTROL)
             self.joined.append((worker, node))
             # From now on a restart of the instance (crash, reboot) consumes the real queues.
             os.unlink(self.handover_file(worker, release))
@@ -231,7 +225,7 @@ class Cutover:
                     for queue in worker["queues"]:  # best effort: the warm shutdown stops consuming anyway
                         try:
                             self.agent.ask({"op": "cancel_consumer", "queue": queue,
-                                            "node": self.node(worker, old)}, 15)
+                                            "node": self.node(worker, old)}, waits.REMOTE_CONTROL_QUICK)
                         except StepFailed as exc:
                             untold.append(f"{old} could not be told to stop consuming first ({exc}); its warm "
                                           "shutdown stops it")
@@ -265,13 +259,7 @@ class Cutover:
         event = LiveEvent(name, self.live(), self.p["mode"], self.p["id"], time.time())
         path = os.path.join(os.path.dirname(self.p["state_file"]), LIVE_LOG)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                torn = os.fstat(fd).st_size > 0 and not _ends_with_newline(path)
-                os.write(fd, (("\n" if torn else "") + event.to_json() + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            hostlib.append_line(path, event.to_json())
         except OSError as exc:
             if strict:
                 raise StepFailed(f"cannot record the switch to {name} ({exc.strerror}); current is unchanged") \
@@ -285,46 +273,6 @@ class Cutover:
             self.systemctl("enable", "--quiet", *units)
         return self.switch(release, strict=not units)  # once the old ones retired, the switch must happen
 
-    def restart_beat(self) -> str:
-        """Queued, not waited for here: Beat's stop can last its whole TimeoutStopSec (without a
-        broker it may not stop before systemd kills it); `wait_beat` bounds stop and start."""
-        unit = self.p["beat_unit"]
-        run(["systemctl", "reset-failed", unit])  # a `failed` seen from now on is this start's
-        self.systemctl("restart", "--no-block", unit)
-        return f"{unit} restarting"
-
-    def wait_beat(self, release: str) -> str:
-        unit = self.p["beat_unit"]
-        want = os.path.realpath(os.path.join(self.p["releases_dir"], release))
-        bound = float(self.p["stop_timeout"]) + float(self.p["verify"]["timeout"])  # the old one's stop, then a start
-        deadline, info = time.time() + bound, {}
-        while time.time() < deadline:
-            info = self.show(unit)
-            if info.get("ActiveState") == "failed":
-                raise StepFailed(f"{unit} failed to start; see its journal")
-            pid = info.get("MainPID", "0")
-            if info.get("ActiveState") == "active" and pid != "0":
-                try:
-                    if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == want:
-                        return self.watch_beat(unit, pid, release)
-                except OSError:
-                    pass
-            time.sleep(0.2)
-        raise StepFailed(f"Beat does not run from releases/{release} after {bound:.0f}s (the old one's stop and a "
-                         f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
-
-    def watch_beat(self, unit: str, pid: str, release: str) -> str:
-        """Beat started is not Beat running: it loads its scheduler and schedule after the start.
-        The same process must still run after the watch."""
-        deadline = time.time() + float(self.p["watch"])
-        while time.time() < deadline:
-            time.sleep(0.3)
-            info = self.show(unit)
-            if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
-                raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
-                                 f"{info.get('SubState')}); see its journal")
-        return f"Beat runs from releases/{release} (ran {self.p['watch']}s)"
-
     # --- giving back --------------------------------------------------------------------------
 
     def give_back(self) -> str:
@@ -332,7 +280,7 @@ class Cutover:
         for worker, node in self.joined:
             for queue in worker["queues"]:
                 try:
-                    self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": node}, 15)
+                    self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": node}, waits.REMOTE_CONTROL_QUICK)
                 except (StepFailed, AttributeError):
                     break
         stopped, draining = [], []
@@ -341,7 +289,7 @@ class Cutover:
             joined = any(w is worker for w, _ in self.joined)
             if not joined:  # it held no user task: at once, whatever TimeoutStopSec says
                 run(["systemctl", "kill", "--signal=SIGKILL", unit])
-                run(["systemctl", "stop", unit], timeout=30)
+                run(["systemctl", "stop", unit], timeout=waits.STOP_MARGIN)
             else:  # it may hold user tasks: a warm shutdown returns what it reserved to the queue
                 self.systemctl("stop", "--no-block", unit)
                 draining.append((worker, unit))
@@ -366,13 +314,15 @@ class Cutover:
         """A worker that joined the real queues and died (or was stopped) may have left messages
         in the broker that only come back after its visibility timeout: once it is gone, put back
         what no live worker holds. One still finishing a task is left to its warm shutdown."""
-        deadline = time.time() + 10
+        deadline = time.time() + waits.RESTORE_WAIT
         while time.time() < deadline:
             if all(self.show(u).get("ActiveState") in ("inactive", "failed") for _, u in draining):
-                time.sleep(2)  # so a message a live worker just took shows in its reserved tasks
+                time.sleep(waits.RESTORE_SETTLE)  # so a message a live worker just took shows in its reserved tasks
                 queues = sorted({q for w, _ in draining for q in w["queues"]})
                 try:
-                    return self.agent.ask({"op": "restore_stranded", "queues": queues}, 30) if self.agent else ""
+                    if self.agent is None:
+                        return ""
+                    return self.agent.ask({"op": "restore_stranded", "queues": queues}, waits.REMOTE_CONTROL)
                 except StepFailed as exc:
                     return f"could not return its messages: {exc}"
             time.sleep(0.3)
@@ -383,13 +333,11 @@ class Cutover:
         if self.agent is None:
             return
         with contextlib.suppress(StepFailed):
-            self.agent.ask({"op": "discard_queue", "queue": self.private_queue(worker, release)}, 15)
+            self.agent.ask({"op": "discard_queue", "queue": self.private_queue(worker, release)},
+                           waits.REMOTE_CONTROL_QUICK)
 
     def mark_bad(self, name: str) -> str:
-        marker = os.path.join(self.p["releases_dir"], name, ".deploy-kit", "BAD")
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        with open(marker, "w") as handle:
-            json.dump({"when": time.time(), "id": self.p["id"], "reason": self.state.failure}, handle)
+        hostlib.mark_bad(os.path.join(self.p["releases_dir"], name), self.p["id"], self.state.failure)
         return f"release {name} marked bad"
 
     def journal(self) -> list:

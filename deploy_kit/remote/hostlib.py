@@ -155,6 +155,22 @@ def list_units(patterns: list, states: str = "", every: bool = True, runner=None
     return parse_units(out)
 
 
+def append_line(path: str, line: str) -> None:
+    """Append one line in one write, fsynced; after a line torn by a crash (no final newline),
+    a newline first, so the torn line never merges with this one. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        torn = False
+        if os.fstat(fd).st_size > 0:
+            with open(path, "rb") as handle:
+                handle.seek(-1, os.SEEK_END)
+                torn = handle.read(1) != b"\n"
+        os.write(fd, (("\n" if torn else "") + line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def mark_bad(release_dir: str, run_id: str, reason: str) -> bool:
     """Mark a release bad (`fab releases` shows it, cleanup and rollback skip it): its
     `.deploy-kit/BAD` holds when, which run and why. The first mark stays (it has the real reason);
