@@ -103,7 +103,7 @@ def cutover(run: Run, remote: RemoteHost, action: plan.Cutover) -> CutoverState:
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
     deadline = time.monotonic() + budget(params)
-    follow = _follow_script(unit, str(state_dir(stage.app) / "cutover.json"))
+    follow = _follow_script(unit, str(state_dir(stage.app) / waits.CUTOVER_STATE))
     progress = Progress(run, remote.name, blank)
     try:
         with journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)) \

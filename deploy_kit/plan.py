@@ -17,6 +17,7 @@ from deploy_kit.config import Host, Stage
 from deploy_kit.errors import UsageError
 from deploy_kit.hostfacts import HostFacts, ReleaseInfo
 from deploy_kit.release import Source, host_env_key, state_dir
+from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.contracts import BAD, CUTOVER_STATE, HISTORY, STATE_DIR, LiveEvent, LockHolder, Mode
 
 q = shlex.quote
@@ -105,7 +106,9 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
                             else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
-                                 f"consuming only {queue(w)}" for w in workers)),
+                                 f"consuming only {queue(w)}" for w in workers)
+         + f" (one of that release still draining is waited for first, at most {params['stop_timeout']}s + "
+           f"{waits.STOP_MARGIN}s)"),
         ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
                    + ", ".join(queue(w) for w in workers)),
         ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)" for w in workers)),
