@@ -137,9 +137,10 @@ class Run:
 
     # --- executing steps ----------------------------------------------------------------------
 
-    def execute(self, steps: Sequence[Step], *, what: str = "") -> dict[str, Any]:
-        """Run `steps`: hosts in parallel, each host's in order; each host's last result.
-        HostsFailed (or the one host's error) when any host failed."""
+    def execute(self, steps: Sequence[Step], *, what: str = "", all_at_once: bool = False) -> dict[str, Any]:
+        """Run `steps`: hosts in parallel (at most `parallel` at a time, or `all_at_once`), each
+        host's in order; each host's last result. HostsFailed (or the one host's error) when any
+        host failed."""
         self.executed.extend(steps)
         mine: dict[str, list[Step]] = {}
         for step in steps:
@@ -155,7 +156,8 @@ class Run:
 
         assert self.session is not None
         self.session.revive(mine)  # a connection that dropped during a long phase is made anew
-        return self.session.each(one, what=what or (str(steps[0].phase) if steps else "nothing"), only=mine)
+        return self.session.each(one, what=what or (str(steps[0].phase) if steps else "nothing"), only=mine,
+                                 all_at_once=all_at_once)
 
     def perform(self, remote: RemoteHost, step: Step) -> Any:
         action = step.action
@@ -262,8 +264,10 @@ class Run:
         return warnings
 
     def cutover(self, steps: Sequence[Step]) -> dict[str, CutoverState]:
-        """Run cutover steps on their hosts at once; a host whose follower failed is UNKNOWN."""
-        return self.execute(steps, what="cutover")
+        """Run cutover steps on all their hosts at once, whatever `parallel` says (one wave: a
+        batch waiting for another would leave the stage split meanwhile); a host whose follower
+        failed is UNKNOWN."""
+        return self.execute(steps, what="cutover", all_at_once=True)
 
     # --- the queues: one round trip on one host (`queues.py`) -----------------------------------
 

@@ -88,10 +88,11 @@ class Session:
                 self.reconnect(name, only_if_dead=True)
 
     def each(self, work: Callable[[RemoteHost], Result], *, what: str,
-             only: Iterable[str] | None = None) -> dict[str, Result]:
-        """`work(remote)` on every reachable host (or those of `only`) in parallel; the one host's
-        error, or HostsFailed naming each, if any failed."""
+             only: Iterable[str] | None = None, all_at_once: bool = False) -> dict[str, Result]:
+        """`work(remote)` on every reachable host (or those of `only`) in parallel, at most
+        `parallel` at a time unless `all_at_once`; the one host's error, or HostsFailed naming
+        each, if any failed."""
         chosen = set(only) if only is not None else {h.name for h in self.hosts}
         reachable = [self.remotes[h.name] for h in self.hosts if h.name in self.remotes and h.name in chosen]
         return parallel.each(reachable, work, name=lambda r: r.name, what=what,
-                             limit=self.stage.parallel)
+                             limit=max(len(reachable), 1) if all_at_once else self.stage.parallel)

@@ -34,8 +34,9 @@ class FakeSession:
     def revive(self, names):
         pass
 
-    def each(self, work, *, what, only=None):
+    def each(self, work, *, what, only=None, all_at_once=False):
         from deploy_kit import parallel  # the real fan-out: one host's error, or HostsFailed naming each
+        self.waves = [*getattr(self, "waves", []), (what, all_at_once)]
         chosen = [h for h in self.hosts if only is None or h.name in only]
         return parallel.each(chosen, work, name=lambda h: h.name, what=what)
 
@@ -778,3 +779,22 @@ def test_the_decision_table_for_every_pair_of_host_results(fake, monkeypatch, we
     assert handed_back == back
     assert [s.action.unlock for s in run.executed if s.phase == Phase.FINISH] == [unlocked] * 2
     assert any(s.phase == Phase.BEAT for s in run.executed) == ok  # Beat moves only after every host took over
+
+
+def test_the_cutover_runs_on_every_host_at_once_whatever_parallel_says(fake, monkeypatch):
+    """`parallel` bounds connecting, building and finishing; the cutover is one wave (a batch that
+    waited for another would leave the stage split meanwhile)."""
+    from deploy_kit import parallel, session
+
+    lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    waves = fake[-1].session.waves
+    assert [once for what, once in waves if what == "cutover"] == [True, True]  # the workers, then Beat
+    assert not any(once for what, once in waves if what != "cutover")
+    limits = []
+    monkeypatch.setattr(parallel, "each", lambda items, work, **kw: limits.append(kw["limit"]) or {})
+    real = session.Session.__new__(session.Session)  # the real Session.each, over two hosts
+    real.stage = stage_of()
+    real.hosts, real.remotes = real.stage.hosts, {h.name: h for h in real.stage.hosts}
+    real.each(lambda r: None, what="building")
+    real.each(lambda r: None, what="cutover", all_at_once=True)
+    assert limits == [real.stage.parallel, 2]
