@@ -241,16 +241,19 @@ def read_outcome(stdout: str) -> BuildOutcome:
 
 def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheels.Wheelhouse,
              host_wheels: set[str], *, send_wheels: bool = True, python_version: str = "",
-             queues: tuple[str, ...] = (), timeout: float = 900) -> Built:
+             queues: tuple[str, ...] = (), timeout: float = 900, planned: tuple[str, ...] | None = None) -> Built:
     """Send the bundle and build the release on one host in one round trip. Another one only when
     the host cannot reuse the environment it was expected to, when its pip finds a distribution
     this machine's resolver could not know the host needs, or when the release fails its check
-    in a reused environment (then it is built afresh once)."""
+    in a reused environment (then it is built afresh once). `planned`: the wheels the plan said
+    this host gets (`--plan` printed them): the first attempt sends those, no other."""
     extra: list[str] = []
     sent = 0
     allow_reuse = True
-    for _attempt in range(6):
+    for attempt in range(6):
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
+        if attempt == 0 and planned is not None:
+            files = [w for w in files if w.name in planned]
         params = build_params(stage, source, wheels_sent=send_wheels, python_version=python_version,
                               allow_reuse=allow_reuse, queues=queues)
         payload = bundle(source, files, remote_programs.program("build", params))

@@ -214,7 +214,7 @@ class Run:
         facts = self.facts[remote.name]
         built = release.build_on(remote, self.stage, self.source, self.houses[remote.name], set(facts.wheels),
                                  send_wheels=self.stage.app.install == "wheels" and not action.reuse_env,
-                                 python_version=action.python, queues=action.queues)
+                                 python_version=action.python, queues=action.queues, planned=action.wheels)
         return self.built(built)
 
     def built(self, built: release.Built) -> release.Built:

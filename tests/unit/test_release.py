@@ -213,3 +213,30 @@ def test_a_host_whose_disk_filled_during_the_build_is_named_with_the_cause_and_t
     message = str(caught.value)
     assert message.startswith("web1: no space left on the device of /srv/shop/releases") and remote.calls == 1
     assert "nothing was switched" in message and "Fix: free space there" in message
+
+
+def test_the_first_build_sends_the_wheels_the_plan_named_and_no_other(tmp_path):
+    """What `--plan` printed for a host (`Build.wheels`) is what its build sends."""
+    made = []
+    for name in ("celery-5.5.0-py3-none-any.whl", "kombu-5.5.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"wheel")
+        made.append(tmp_path / name)
+
+    class House(FakeWheelhouse):
+        def files(self, extra=None):
+            super().files(extra)
+            return made
+
+    sent = []
+
+    class Remote(FakeRemote):
+        def run(self, command, stdin, **kwargs):
+            sent.append(stdin)
+            return super().run(command, stdin, **kwargs)
+
+    source = release.Source(name="2026-11-24-120000", sha="f" * 40, ref="main", archive=b"x",
+                            requirements="celery\n", revision={})
+    from .samples import stage_of
+    built = release.build_on(Remote('{"status": "built", "reused_env": false, "missing": ""}'), stage_of(), source,
+                             House(), set(), planned=("celery-5.5.0-py3-none-any.whl",))
+    assert built.wheels_sent == 1
