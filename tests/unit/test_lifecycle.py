@@ -313,15 +313,16 @@ def test_finish_never_removes_a_lock_another_run_holds(tmp_path):
     assert (tmp_path / ".deploy-kit/lock/holder.json").exists()
 
 
-def interrupting(monkeypatch, times: int) -> list[str]:
-    """Each host's cutover sends this process SIGINT `times` times in all (a user's Ctrl-C)."""
+def interrupting(monkeypatch, times: int, signum: int = signal.SIGINT) -> list[str]:
+    """Each host's cutover sends this process `signum` `times` times in all (a user's Ctrl-C, or
+    SIGTERM from a CI job that is cancelled)."""
     sent: list[str] = []
     real = FakeRun.perform
 
     def perform(self, remote, step):
         if isinstance(step.action, Cutover) and len(sent) < times:
             sent.append(remote.name)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             time.sleep(0.2)  # the signal is handled in the main thread, which waits for this one
         return real(self, remote, step)
 
@@ -329,18 +330,23 @@ def interrupting(monkeypatch, times: int) -> list[str]:
     return sent
 
 
-def test_a_first_ctrl_c_during_the_cutover_waits_for_the_hosts_and_finishes(fake, monkeypatch):
-    interrupting(monkeypatch, 1)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_first_ctrl_c_during_the_cutover_waits_for_the_hosts_and_finishes(fake, monkeypatch, signum):
+    """A first Ctrl-C, or the SIGTERM of a cancelled CI job: Beat, finish and the summary still run."""
+    interrupting(monkeypatch, 1, signum)
     before = signal.getsignal(signal.SIGINT)  # whatever the suite was started with (SIG_IGN in the background)
+    before_term = signal.getsignal(signal.SIGTERM)
     said = []
     result = lifecycle.deploy(stage_of(), ref="main", say=lambda h, m: said.append(m), now=NOW)
     assert result.result == "success" and any("waiting for it to end" in m for m in said)
     assert {s.host for s in fake[-1].executed if s.phase == Phase.FINISH} == {"web1", "web2"}  # recorded, unlocked
-    assert signal.getsignal(signal.SIGINT) is before  # handlers given back
+    assert any(s.phase == Phase.BEAT for s in fake[-1].executed)  # the stage ends on one release
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is before_term
 
 
-def test_a_second_ctrl_c_leaves_at_once(fake, monkeypatch):
-    interrupting(monkeypatch, 2)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_ctrl_c_leaves_at_once(fake, monkeypatch, signum):
+    interrupting(monkeypatch, 2, signum)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
