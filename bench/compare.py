@@ -148,7 +148,32 @@ ROWS = (  # (label, deploy-kit key, baseline key, unit)
     ("bytes sent per host, one-file change", "bytes_one_file_change", "baseline_bytes_one_file_change", "B"),
     ("bytes sent per host, full release (cold)", "bytes_full_release", "baseline_bytes_full_release", "B"),
     ("failed deploy, start to end (rolled back)", "failed_deploy_s", None, "s"),
+    ("failed deploy, failed verification to end", "failed_after_verify_s", None, "s"),
 )
+
+
+STARTUP_LABELS = {"default": "mingle and gossip on (Celery's default)", "without_mingle": "`mingle = false`",
+                  "without_mingle_gossip": "`mingle = false`, `gossip = false`"}
+STARTUP_FLAGS = {"default": [], "without_mingle": ["--without-mingle"],
+                 "without_mingle_gossip": ["--without-mingle", "--without-gossip"]}
+READY = re.compile(r"^(\d+\.\d+) .* ready\.$")
+
+
+def ready_after(started: float, journal: str) -> float | None:
+    """Seconds from `started` to the first `... ready.` line of a `journalctl -o short-unix` text."""
+    for line in journal.splitlines():
+        found = READY.match(line.strip())
+        if found:
+            return round(float(found.group(1)) - started, 2)
+    return None
+
+
+def failed_verification_to_end(states: Iterable[Mapping[str, Any]], ended: float) -> float | None:
+    """Seconds from the first failed `verify` step (the hosts' cutover.json, their clock) to the
+    deploy's end (`ended`, time.time() here: sandbox hosts share this machine's clock)."""
+    failed = [step["ended"] for state in states for step in state.get("steps", [])
+              if step.get("name") == "verify" and step.get("ok") is False and step.get("ended")]
+    return round(ended - min(failed), 2) if failed else None
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
@@ -175,6 +200,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     for label, ours, theirs, unit in ROWS:
         if ours == "progress_polls_per_host" and results.get(ours) is None:
             continue
+        if ours == "failed_after_verify_s" and results.get(ours) is None:
+            continue
         if ours == "failed_deploy_s" and results.get("verify_timeout_s") is not None:
             label += f", verification timeout {_num(results['verify_timeout_s'])} s"
         theirs_value = results.get(theirs) if theirs else None
@@ -187,6 +214,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                       "steps, as the host reports them, are listed before its total):", "",
                   "| phase | seconds |", "| --- | --- |"]
         lines += [f"| {name} | {_num(seconds)} |" for name, seconds in phases.items()]
+    startup = results.get("startup_ready_s") or {}
+    if startup:
+        lines += ["", "A worker's start-up: from `systemd-run` of a worker as the units run it (the release's "
+                      "Python, the service's user, env file and sandbox) to Celery's `ready.` line in the host's "
+                      "journal, with the other workers of the stage running (median over interleaved runs):", "",
+                  "| start-up | seconds |", "| --- | --- |"]
+        lines += [f"| {STARTUP_LABELS.get(name, name)} | {_show(value, 's')} |" for name, value in startup.items()]
     scaling = results.get("hosts_wall_s") or {}
     if scaling:
         lines += ["", "Warm deploy wall time by number of hosts (one sandbox per count; every host is a container on "
@@ -607,6 +641,8 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         one_file_change(repo, change)
         baseline_warm.append(baseline.deploy(cold=False, prober_app=prober_app))
 
+    startup = startup_times(stage, args.startup_runs)
+
     say(f"failed deploy: pool children hang at start-up, verification timeout {args.verify_timeout} s")
     celery_py = repo / APP_DIR / "exampleapp" / "celery.py"
     source = celery_py.read_text()
@@ -622,8 +658,12 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         lifecycle_deploy(load_stage(tight, args.stage))
         raise SystemExit("the failing release deployed: the failed-deploy figure would be meaningless")
     except DeployKitError as exc:
-        failed_s = round(time.monotonic() - started, 2)
+        failed_s, ended = round(time.monotonic() - started, 2), time.time()
         say(f"failed deploy ended in {failed_s:.2f} s with exit code {exc.exit_code}")
+    states = [json.loads(on_host(stage, h, f"cat {stage.app.deploy_to}/.deploy-kit/cutover.json"))
+              for h in stage.hosts]
+    after_verify_s = failed_verification_to_end(states, ended)
+    say(f"... of which {after_verify_s} s from the failed verification to the end")
     commit(repo, {"exampleapp/celery.py": source}, "bench: revert the hang")
 
     hosts = [h.name for h in stage.hosts]
@@ -660,9 +700,56 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "longest_wait_per_run_s": [r["longest_wait"] for r in warm],
         "baseline_longest_wait_per_run_s": [r["longest_wait"] for r in baseline_warm],
         "failed_deploy_s": failed_s,
+        "failed_after_verify_s": after_verify_s,
+        **({"startup_ready_s": startup} if startup else {}),
         "verify_timeout_s": args.verify_timeout,
         "phases_s": {step: median_or_none(v) for step, v in phases.items()},
     }
+
+
+def on_host(stage: Any, host: Any, script: str) -> str:
+    from deploy_kit.ssh import connect
+
+    with connect(host, stage.ssh) as remote:
+        return remote.run_script(script, sudo=True, what="benchmark script", check=True).stdout
+
+
+def startup_script(stage: Any, host: Any, unit: str, flags: list[str]) -> str:
+    """Start a worker of the first service as its unit would (the current release's Python, the
+    service's user, env file and sandbox; a node and a queue of its own), wait for its `ready.`
+    line, stop it; print the start time, then the unit's journal (`short-unix`)."""
+    from deploy_kit import units
+    from deploy_kit.remote import hostlib
+
+    worker = stage.workers_on(host)[0]
+    argv = [str(units.python(stage.app)), "-m", "celery", "-A", stage.app.celery_app, "worker",
+            "-n", f"{unit}@{host.name}", "-Q", f"{unit}@{host.name}", "-c", str(worker.concurrency),
+            "--loglevel=INFO", *flags]
+    run = [a for a in hostlib.service_argv(list(units.service_environment(stage)), str(stage.app.current_link),
+                                           argv, pipe=False) if a != "--wait"]
+    run.insert(1, f"--unit={unit}")
+    journal = f"journalctl -u {unit} -o short-unix --no-pager"
+    return (f"started=$(date +%s.%N)\n{shlex.join(run)}\n"
+            f"for i in $(seq 600); do {journal} | grep -q ' ready\\.$' && break; sleep 0.1; done\n"
+            f"systemctl stop {unit} || true\necho \"$started\"\n{journal}\n")
+
+
+def startup_times(stage: Any, runs: int) -> dict[str, Any]:
+    """Seconds from a worker's start to `ready.`, per set of start-up flags, runs interleaved."""
+    if runs <= 0:
+        return {}
+    host = next(h for h in stage.hosts if stage.workers_on(h))
+    times: dict[str, list[float]] = {name: [] for name in STARTUP_FLAGS}
+    for run in range(runs):
+        for name, flags in STARTUP_FLAGS.items():
+            unit = f"dk-startup-bench-{name.replace('_', '-')}-{run}-{time.time_ns()}"
+            started, _, journal = on_host(stage, host, startup_script(stage, host, unit, flags)).partition("\n")
+            seconds = ready_after(float(started), journal)
+            if seconds is None:
+                raise SystemExit(f"{unit} never said ready:\n{journal[-3000:]}")
+            times[name].append(seconds)
+            say(f"start-up {name}: ready after {seconds:.2f} s")
+    return {name: summarize(values) for name, values in times.items()}
 
 
 def lifecycle_deploy(stage: Any) -> Any:
@@ -710,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="warm deploys of each side (default: 5)")
     parser.add_argument("--hosts", type=int, default=1, help="hosts of the comparison's sandbox (default: 1)")
     parser.add_argument("--verify-timeout", type=int, default=15, help="for the failed deploy (default: 15 s)")
+    parser.add_argument("--startup-runs", type=int, default=3,
+                        help="worker start-ups timed with each set of flags, mingle/gossip on and off (default: 3; "
+                             "0 skips them)")
     parser.add_argument("--scaling", action="store_true", help="also a warm deploy on 1, 2, 4 and 8 hosts")
     parser.add_argument("--scaling-hosts", type=lambda s: [int(x) for x in s.split(",")], default=list(SCALING_HOSTS),
                         help="host counts for --scaling (default: 1,2,4,8)")

@@ -82,3 +82,29 @@ def test_markdown_shows_each_figure_beside_the_baseline_with_its_ratio():
 def test_markdown_renders_from_json_round_trip_and_from_nothing():
     assert compare.render_markdown(json.loads(json.dumps(SAMPLE))) == compare.render_markdown(SAMPLE)
     assert "not measured" in compare.render_markdown({})
+
+
+def test_start_up_is_read_from_the_ready_line_of_the_journal():
+    journal = ("1764590000.100000 h1 systemd[1]: Started dk-startup-bench.service.\n"
+               "1764590001.000000 h1 python[7]: [... INFO/MainProcess] Connected to redis://x\n"
+               "1764590002.350000 h1 python[7]: [... INFO/MainProcess] dk-startup-bench@h1 ready.\n")
+    assert compare.ready_after(1764590000.0, journal) == 2.35
+    assert compare.ready_after(1764590000.0, journal.replace("ready.", "starting")) is None
+
+
+def test_the_failed_verification_is_timed_from_the_first_verify_step_that_failed():
+    states = [{"steps": [{"name": "start", "ok": True, "ended": 100.0},
+                         {"name": "verify", "ok": False, "ended": 117.0}]},
+              {"steps": [{"name": "verify", "ok": True, "ended": 110.0}]}]
+    assert compare.failed_verification_to_end(states, 119.5) == 2.5
+    assert compare.failed_verification_to_end([{"steps": []}], 119.5) is None
+
+
+def test_markdown_shows_the_start_up_and_the_failed_verification_to_end():
+    text = compare.render_markdown({**SAMPLE, "failed_after_verify_s": 2.4,
+                                    "startup_ready_s": {"default": compare.summarize([2.0, 2.2, 2.1]),
+                                                        "without_mingle": compare.summarize([1.0])}})
+    assert "| failed deploy, failed verification to end | 2.40 s | — | — |" in text
+    assert "| mingle and gossip on (Celery's default) | 2.10 s (2.00–2.20, n=3) |" in text
+    assert "| `mingle = false` | 1.00 s (n=1) |" in text
+    assert "failed verification to end" not in compare.render_markdown(SAMPLE)
