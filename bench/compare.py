@@ -361,6 +361,8 @@ class Prober:
         for sent, result in self.sent:
             waits.append(result.get(timeout=timeout)["started"] - sent)
             result.forget()
+        if waits:  # when the worst one was sent, from the first send (0.5 s before the deploy began)
+            self.worst_at = round(self.sent[waits.index(max(waits))][0] - self.sent[0][0], 2)
         return round(max(waits), 2) if waits else 0.0
 
 
@@ -453,7 +455,8 @@ def deploykit(stage: Any, prober_app: Any | None = None) -> dict[str, Any]:
            "longest_wait": probe.longest() if prober_app is not None else None}
     say(f"deploy-kit {outcome.release}: {wall:.2f} s, " + ", ".join(
         f"{h}: {t['connections']} conn, {t['round_trips']} channels ({t['polls']} polls), {t['bytes'] / 1024:.0f} KiB"
-        for h, t in traffic.items()) + (f", longest wait {run['longest_wait']:.2f} s" if prober_app else ""))
+        for h, t in traffic.items()) + (f", longest wait {run['longest_wait']:.2f} s (sent at "
+                                        f"+{getattr(probe, 'worst_at', 0):.2f} s)" if prober_app else ""))
     return run
 
 
