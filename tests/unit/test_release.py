@@ -227,16 +227,9 @@ def test_the_first_build_sends_the_wheels_the_plan_named_and_no_other(tmp_path):
             super().files(extra)
             return made
 
-    sent = []
-
-    class Remote(FakeRemote):
-        def run(self, command, stdin, **kwargs):
-            sent.append(stdin)
-            return super().run(command, stdin, **kwargs)
-
     source = release.Source(name="2026-11-24-120000", sha="f" * 40, ref="main", archive=b"x",
                             requirements="celery\n", revision={})
     from .samples import stage_of
-    built = release.build_on(Remote('{"status": "built", "reused_env": false, "missing": ""}'), stage_of(), source,
+    built = release.build_on(FakeRemote('{"status": "built", "reused_env": false, "missing": ""}'), stage_of(), source,
                              House(), set(), planned=("celery-5.5.0-py3-none-any.whl",))
     assert built.wheels_sent == 1
