@@ -231,13 +231,19 @@ class Producer:
         return [r.get(timeout=timeout) for _, r in self.sent]
 
 
-def ran_counts(stage, tag: str) -> dict[str, int]:
-    """How many times each probe of `tag` ran, in the journals of every host of the stage."""
-    counts: dict[str, int] = {}
-    for index in range(len(stage.hosts)):
-        lines = on_host(stage, index, f"journalctl -u 'exampleapp-worker-*' -o cat --no-pager --since '-10min' "
-                                      f"| grep -o 'probe {tag}-[0-9a-z]* ran' || true")
-        for line in lines.split():
-            if line.startswith(tag):
-                counts[line] = counts.get(line, 0) + 1
-    return counts
+def ran_counts(stage, tag: str, expected: int = 0) -> dict[str, int]:
+    """How many times each probe of `tag` ran, in the journals of every host of the stage. With
+    `expected` (how many were sent), read again for up to 15 s until each shows at least once:
+    a line journald has not written yet is not a task that never ran (a second run still shows)."""
+    deadline = time.monotonic() + 15
+    while True:
+        counts: dict[str, int] = {}
+        for index in range(len(stage.hosts)):
+            lines = on_host(stage, index, f"journalctl -u 'exampleapp-worker-*' -o cat --no-pager --since '-10min' "
+                                          f"| grep -o 'probe {tag}-[0-9a-z]* ran' || true")
+            for line in lines.split():
+                if line.startswith(tag):
+                    counts[line] = counts.get(line, 0) + 1
+        if len(counts) >= expected or time.monotonic() > deadline:
+            return counts
+        time.sleep(1)

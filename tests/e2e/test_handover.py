@@ -223,8 +223,10 @@ def test_restart_in_place_verifies_on_the_private_queue_then_serves_every_task_o
     results = producer.results()
     release = current_release(stage, 0)
     assert len(results) == len(producer.sent) and results[-1]["release"] == f"/srv/exampleapp/releases/{release}"
-    counts = ran_counts(stage, producer.tag)
-    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent)))
+    counts = ran_counts(stage, producer.tag, len(producer.sent))
+    odd = {n: counts.get(f"{producer.tag}-{n}") for n in range(len(producer.sent))
+           if counts.get(f"{producer.tag}-{n}") != 1}
+    assert all(counts.get(f"{producer.tag}-{n}") == 1 for n in range(len(producer.sent))), odd
     live = on_host(stage, 0, "systemctl list-units --plain --no-legend --state=active 'exampleapp-worker-default@*'")
     assert [line.split()[0] for line in live.splitlines()] == [f"exampleapp-worker-default@{release}.service"]
 
