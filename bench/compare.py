@@ -236,9 +236,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                           f"host the wheels), CPU time of the warm deploy {_show(cpu, 's')} (this process and its "
                           "children)."]
     lines += ["", "Waits are measured by a probe task sent every 100 ms from this machine to the queue each side "
-                  "serves; the longest wait is the worst over the warm runs. Round trips count every SSH channel "
-                  "opened (deploy-kit's cutover progress polls included); bytes count what was written to the "
-                  "channels, command lines included.", ""]
+                  "serves, in every warm run and in separate wait runs that first send one long task "
+                  f"({LONG_TASK_S} s), which still runs on the old release at the handover or the restart (a "
+                  "restart in place waits for it, so those runs are kept out of the wall times); the longest wait "
+                  "is the worst over all of them. Round trips count "
+                  "every SSH channel opened (deploy-kit's cutover progress polls included); bytes count what was "
+                  "written to the channels, command lines included.", ""]
     return "\n".join(lines)
 
 
@@ -329,13 +332,20 @@ METER = Meter()
 # --- the probe: how long a task waits while a deploy runs --------------------------------------
 
 
+LONG_TASK_S = 12  # a task sent as the deploy starts, so it still runs on the old release at the handover
+
+
 class Prober:
     """Sends `ledger.tasks.probe` every 100 ms to `queue`; `longest()` is the longest time a task
-    waited between its send and its start."""
+    waited between its send and its start. With `long`, it first sends one long task (`LONG_TASK_S`), which
+    still runs on the old release when the deploy hands over or restarts: a restart in place
+    waits for it, a handover lets it finish on the old instance while the new one serves."""
 
-    def __init__(self, app: Any, queue: str):
-        self.app, self.queue = app, queue
+    def __init__(self, app: Any, queue: str, long: bool = False):
+        self.app, self.queue, self.with_long = app, queue, long
         self.sent: list[tuple[float, Any]] = []
+        self.long: Any = None
+        self.long_ran_on = ""
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -348,6 +358,8 @@ class Prober:
             self.stop.wait(0.1)
 
     def __enter__(self) -> Prober:
+        if self.with_long:
+            self.long = self.app.send_task("ledger.tasks.probe", args=["bench-long", LONG_TASK_S], queue=self.queue)
         self.thread.start()
         time.sleep(0.5)
         return self
@@ -357,12 +369,20 @@ class Prober:
         self.thread.join(timeout=10)
 
     def longest(self, timeout: float = 180) -> float:
-        waits = []
+        waits, ran_on = [], []
         for sent, result in self.sent:
-            waits.append(result.get(timeout=timeout)["started"] - sent)
+            answer = result.get(timeout=timeout)
+            waits.append(answer["started"] - sent)
+            ran_on.append(Path(answer["release"]).name)
             result.forget()
-        if waits:  # when the worst one was sent, from the first send (0.5 s before the deploy began)
-            self.worst_at = round(self.sent[waits.index(max(waits))][0] - self.sent[0][0], 2)
+        if waits:  # when the worst one was sent, from the first send (0.5 s before the deploy began), and where it ran
+            worst = waits.index(max(waits))
+            self.late = [(round(sent - self.sent[0][0], 2), round(wait, 2), on) for (sent, _), wait, on in
+                         zip(self.sent, waits, ran_on, strict=True) if wait > 0.5]
+            self.worst_at = f"{self.sent[worst][0] - self.sent[0][0]:.2f} s, ran on {ran_on[worst]}"
+        if self.long is not None:  # it completed (never lost), on the release that ran it
+            self.long_ran_on = Path(self.long.get(timeout=timeout + LONG_TASK_S)["release"]).name
+            self.long.forget()
         return round(max(waits), 2) if waits else 0.0
 
 
@@ -440,12 +460,12 @@ def per_host(counts: Mapping[str, Mapping[str, int]], hosts: Iterable[str]) -> d
     return {h: dict(counts.get(h, {"connections": 0, "round_trips": 0, "bytes": 0, "polls": 0})) for h in hosts}
 
 
-def deploykit(stage: Any, prober_app: Any | None = None) -> dict[str, Any]:
+def deploykit(stage: Any, prober_app: Any | None = None, long: bool = False) -> dict[str, Any]:
     """One `fab deploy`, in this process: wall time, per-host traffic, per-phase seconds, longest wait."""
     from deploy_kit import lifecycle
 
     METER.reset()
-    probe = Prober(prober_app, "celery") if prober_app is not None else contextlib.nullcontext()
+    probe = Prober(prober_app, "celery", long) if prober_app is not None else contextlib.nullcontext()
     with probe:
         started = time.monotonic()
         outcome = lifecycle.deploy(stage, ref=None, say=lambda host, message: None)
@@ -453,10 +473,13 @@ def deploykit(stage: Any, prober_app: Any | None = None) -> dict[str, Any]:
     traffic = per_host(METER.snapshot(), [h.name for h in stage.hosts])
     run = {"wall": round(wall, 2), "release": outcome.release, "traffic": traffic, "timings": outcome.timings,
            "longest_wait": probe.longest() if prober_app is not None else None}
+    if getattr(probe, "late", None):
+        say(f"tasks that waited more than 0.5 s (sent at, waited, ran on): {probe.late}")
     say(f"deploy-kit {outcome.release}: {wall:.2f} s, " + ", ".join(
         f"{h}: {t['connections']} conn, {t['round_trips']} channels ({t['polls']} polls), {t['bytes'] / 1024:.0f} KiB"
         for h, t in traffic.items()) + (f", longest wait {run['longest_wait']:.2f} s (sent at "
-                                        f"+{getattr(probe, 'worst_at', 0):.2f} s)" if prober_app else ""))
+                                        f"+{getattr(probe, 'worst_at', '')}), the {LONG_TASK_S} s task ran on "
+                                        f"{getattr(probe, 'long_ran_on', '')}" if prober_app else ""))
     return run
 
 
@@ -550,11 +573,11 @@ class Baseline:
         finally:
             c.close()
 
-    def deploy(self, *, cold: bool, prober_app: Any | None = None) -> dict[str, Any]:
+    def deploy(self, *, cold: bool, prober_app: Any | None = None, long: bool = False) -> dict[str, Any]:
         METER.reset()
         name = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         release = f"{BASELINE}/releases/{name}"
-        probe = Prober(prober_app, BASELINE_QUEUE) if prober_app is not None else contextlib.nullcontext()
+        probe = Prober(prober_app, BASELINE_QUEUE, long) if prober_app is not None else contextlib.nullcontext()
         with probe:
             started = time.monotonic()
             self._steps(name, release, cold)
@@ -565,7 +588,8 @@ class Baseline:
         t = traffic[self.host.name]
         say(f"baseline {name} ({'cold' if cold else 'warm'}): {wall:.2f} s, {t['connections']} conn, "
             f"{t['round_trips']} channels, {t['bytes'] / 1024:.0f} KiB"
-            + (f", longest wait {run['longest_wait']:.2f} s" if prober_app else ""))
+            + (f", longest wait {run['longest_wait']:.2f} s, the {LONG_TASK_S} s task ran on "
+               f"{getattr(probe, 'long_ran_on', '')}" if prober_app else ""))
         return run
 
     def _steps(self, name: str, release: str, cold: bool) -> None:
@@ -644,6 +668,16 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         one_file_change(repo, change)
         baseline_warm.append(baseline.deploy(cold=False, prober_app=prober_app))
 
+    waits, baseline_waits = [], []  # apart from the warm runs: a restart in place waits for the long task
+    for run in range(1, args.wait_runs + 1):
+        say(f"wait run {run} of {args.wait_runs}: a {LONG_TASK_S} s task runs on the old release at the handover")
+        change += 1
+        one_file_change(repo, change)
+        waits.append(deploykit(stage, prober_app, long=True))
+        change += 1
+        one_file_change(repo, change)
+        baseline_waits.append(baseline.deploy(cold=False, prober_app=prober_app, long=True))
+
     startup = startup_times(stage, args.startup_runs)
 
     say(f"failed deploy: pool children hang at start-up, verification timeout {args.verify_timeout} s")
@@ -666,7 +700,10 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     states = [json.loads(on_host(stage, h, f"cat {stage.app.deploy_to}/.deploy-kit/cutover.json"))
               for h in stage.hosts]
     after_verify_s = failed_verification_to_end(states, ended)
-    say(f"... of which {after_verify_s} s from the failed verification to the end")
+    steps = ", ".join(f"{s['name']} {(s.get('ended') or ended) - s['started']:.2f} s"
+                      for s in states[0].get("steps", []))
+    say(f"... of which {after_verify_s} s from the failed verification to the end (the cutover's steps: {steps}; "
+        f"it ended {ended - max(s.get('ended') or 0 for s in states[0].get('steps', [{}])):.2f} s before the deploy)")
     commit(repo, {"exampleapp/celery.py": source}, "bench: revert the hang")
 
     hosts = [h.name for h in stage.hosts]
@@ -698,10 +735,13 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "baseline_connections_per_host": traffic(baseline_warm, "connections"),
         "baseline_bytes_one_file_change": traffic(baseline_warm, "bytes"),
         "baseline_bytes_full_release": baseline_cold["traffic"][first]["bytes"],
-        "longest_wait_s": max(r["longest_wait"] for r in warm) if warm else None,
-        "baseline_longest_wait_s": max(r["longest_wait"] for r in baseline_warm) if baseline_warm else None,
+        "longest_wait_s": max(r["longest_wait"] for r in warm + waits) if warm + waits else None,
+        "baseline_longest_wait_s": max(r["longest_wait"] for r in baseline_warm + baseline_waits)
+        if baseline_warm + baseline_waits else None,
         "longest_wait_per_run_s": [r["longest_wait"] for r in warm],
         "baseline_longest_wait_per_run_s": [r["longest_wait"] for r in baseline_warm],
+        "longest_wait_long_task_per_run_s": [r["longest_wait"] for r in waits],
+        "baseline_longest_wait_long_task_per_run_s": [r["longest_wait"] for r in baseline_waits],
         "failed_deploy_s": failed_s,
         "failed_after_verify_s": after_verify_s,
         **({"startup_ready_s": startup} if startup else {}),
@@ -807,6 +847,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-hosts", type=lambda s: [int(x) for x in s.split(",")], default=list(SCALING_HOSTS),
                         help="host counts for --scaling (default: 1,2,4,8)")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison (with --scaling)")
+    parser.add_argument("--wait-runs", type=int, default=2,
+                        help=f"deploys of each side with a {LONG_TASK_S} s task running at the handover (default: 2)")
+    parser.add_argument("--keep", action="store_true", help="leave the sandbox up afterwards (to look at its hosts)")
     parser.add_argument("--render", action="store_true", help="only render BENCHMARKS.md from latest.json")
     args = parser.parse_args(argv)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -827,8 +870,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             new.update(scaling(args, directory))
     finally:
-        Sandbox(args.stage).down(say)
-        shutil.rmtree(directory, ignore_errors=True)
+        if args.keep:
+            say(f"sandbox {args.stage!r} is kept (--keep); its stage file: {directory}/hosts.toml; take it down "
+                f"with: fab sandbox.down --stage {args.stage}")
+        else:
+            Sandbox(args.stage).down(say)
+            shutil.rmtree(directory, ignore_errors=True)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     new.update({"scaling_date": now} if args.no_compare else {"date": now}, machine=machine_info())
     results = merge(old, new)

@@ -34,16 +34,18 @@ def budget(params: dict[str, Any]) -> float:
     n, queues = len(workers), sum(len(w["queues"]) for w in workers)
     verify, stop, watch = float(params["verify"]["timeout"]), float(params["stop_timeout"]), float(params["watch"])
     w = waits
+    beat = w.SYSTEMCTL + stop + verify + max(watch, verify + w.BEAT_SETTLE)
     forward = (n * (stop + w.STOP_MARGIN + 2 * w.SYSTEMCTL)  # start (a restart in place stops the old unit first)
                + w.AGENT_START + verify + n * (verify + w.VERIFY_MARGIN)  # the agent's greeting, a task per worker
                + queues * w.REMOTE_CONTROL + watch  # join, watch
-               + queues * w.REMOTE_CONTROL_QUICK + n * (3 * w.SYSTEMCTL + w.REMOTE_CONTROL_QUICK)  # retire
+               + queues * w.REMOTE_CONTROL_QUICK  # retire: cancel_consumer, then per worker list, handoff, stop,
+               + n * (3 * w.SYSTEMCTL + w.HANDOFF + 2 * w.REMOTE_CONTROL_QUICK)  # disable, discard its queue
                + w.SYSTEMCTL  # switch
-               + w.SYSTEMCTL + stop + verify + watch)  # Beat: restart (queued), the old one's stop, start, watch
+               + beat)  # Beat: restart (queued), the old one's stop, start, its start logged, watch
     back = (w.SYSTEMCTL  # the journal
             + queues * w.REMOTE_CONTROL_QUICK + n * (w.STOP_MARGIN + 5 * w.SYSTEMCTL + w.REMOTE_CONTROL_QUICK)
             + w.RESTORE + w.AGENT_CLOSE  # give back
-            + w.SYSTEMCTL + stop + verify + watch)  # Beat back: the same
+            + beat)  # Beat back: the same
     return forward + back + LAUNCH
 
 

@@ -91,8 +91,10 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                 ("restart beat", f"systemctl restart --no-block {params['beat_unit']} (queued: the old Beat's stop "
                                  f"may take its TimeoutStopSec, {params['stop_timeout']}s)"),
                 ("wait for beat", f"until Beat runs from releases/{target} (within "
-                                  f"{params['stop_timeout'] + params['verify']['timeout']}s), and still does "
-                                  f"{params['watch']}s later")]
+                                  f"{params['stop_timeout'] + params['verify']['timeout']}s), then "
+                                  + (f"until it logs that it starts its scheduler, and still runs {waits.BEAT_SETTLE}s "
+                                     "later" if params.get("beat_logs_start") else
+                                     f"still runs {params['watch']}s later"))]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]
@@ -253,6 +255,8 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
                      "queues": list(w.queues), "handover": w.handover,
                      "private_queue": units.private_queue(stage, w, "%i", "{host}")} for w in workers],
         "beat_unit": stage.beat.unit(app) if phase == "beat" and stage.beat else None,
+        "beat_logs_start": phase == "beat" and stage.beat is not None
+        and stage.beat.loglevel.upper() in ("DEBUG", "INFO"),  # it logs "beat: Starting..."
         "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout}, "watch": stage.verify.watch,
         "service_environment": list(units.service_environment(stage)),
         "stop_timeout": max([units.stop_timeout(stage, w) for w in workers] or [stage.systemd.stop_margin]),

@@ -1,8 +1,9 @@
 """Runs ON a host, inside the cutover (`cutover.py`): the Beat phase's steps. Python 3.8+, stdlib only.
 
 Beat runs on one host and must never run twice: its restart is queued (the old Beat's stop may
-take its whole TimeoutStopSec, e.g. without a broker), then it must run from the target release
-and still run after the watch; the wait is bounded by Beat's stop timeout plus the verify timeout.
+take its whole TimeoutStopSec, e.g. without a broker), then it must run from the target release,
+bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must log
+that it starts its scheduler and still run a moment later (at a quiet loglevel: after the watch).
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import os
 import time
 
+from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.agent_client import StepFailed
+
+STARTING = "beat: Starting..."  # Celery's Beat logs it at INFO, then sets up its scheduler
 
 
 class BeatSteps:
-    """Mixed into `cutover.Cutover`, whose `p` (params), `systemctl`, `show` and `quietly` it uses."""
+    """Mixed into `cutover.Cutover`, whose `p` (params), `systemctl`, `show`, `quietly` and
+    `journalctl` it uses."""
 
     def restart_beat(self) -> str:
         """Queued, not waited for here: Beat's stop can last its whole TimeoutStopSec (without a
@@ -45,13 +50,27 @@ class BeatSteps:
                          f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
 
     def watch_beat(self, unit: str, pid: str, release: str) -> str:
-        """Beat started is not Beat running: it loads its scheduler and schedule after the start.
-        The same process must still run after the watch."""
-        deadline = time.time() + float(self.p["watch"])
+        """Beat started is not Beat running: it imports the app, then sets up its scheduler and
+        schedule right after it logs "beat: Starting...". At INFO or DEBUG the proof is that line
+        from this very process, which still runs `BEAT_SETTLE`s later (bounded by the verify
+        timeout); at a quieter loglevel, that it still runs after the watch."""
+        says = bool(self.p.get("beat_logs_start"))
+        deadline = time.time() + float(self.p["verify"]["timeout"] if says else self.p["watch"])
+        logged = 0.0
         while time.time() < deadline:
-            time.sleep(0.3)
+            time.sleep(0.2)
             info = self.show(unit)
             if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
                 raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
                                  f"{info.get('SubState')}); see its journal")
-        return f"Beat runs from releases/{release} (ran {self.p['watch']}s)"
+            if says and not logged and STARTING in self.beat_log(pid):
+                logged = time.time()
+                deadline = min(deadline, logged + waits.BEAT_SETTLE)
+        if says and not logged:
+            raise StepFailed(f"{unit} runs but did not log {STARTING!r} within {self.p['verify']['timeout']}s "
+                             "(the app's import or Beat's start hangs); see its journal")
+        ran = f"started its scheduler, ran {waits.BEAT_SETTLE}s more" if says else f"ran {self.p['watch']}s"
+        return f"Beat runs from releases/{release} ({ran})"
+
+    def beat_log(self, pid: str) -> str:
+        return self.journalctl(f"_SYSTEMD_UNIT={self.p['beat_unit']}", f"_PID={pid}")

@@ -8,6 +8,9 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "verify", "task", "queue", "timeout", "nonce"}     a real task on a private queue
     {"op": "add_consumer", "queue", "node"}                     the node consumes `queue` too
     {"op": "cancel_consumer", "queue", "node"}                  ... and no more
+    {"op": "handoff", "node", "timeout"}                        wait until the node started every task
+                                                                it took (none reserved), then its
+                                                                warm shutdown returns nothing late
     {"op": "queues", "node"}                                    what the node consumes now
     {"op": "discard_queue", "queue"}                            delete a private queue, and what a
                                                                 killed worker held of it (Redis)
@@ -51,6 +54,21 @@ def say(ok: bool, detail: str, request_id: object = None) -> None:
 def queues_of(app, node: str) -> list:
     replies = app.control.inspect(destination=[node], timeout=3).active_queues() or {}
     return sorted(q["name"] for q in replies.get(node, []))
+
+
+def handoff(app, node: str, timeout: float) -> str:
+    """A worker that stopped consuming still holds the messages it prefetched and had not started
+    (reserved). A warm shutdown does not run them: they return to the queue only when it ends (Redis)
+    and wait meanwhile. Let the node start them first, while a pool process is free; a node that does
+    not answer holds none we could wait for."""
+    deadline = time.time() + timeout
+    while True:
+        reserved = len((app.control.inspect(destination=[node], timeout=1, limit=1).reserved() or {}).get(node, []))
+        if not reserved:
+            return f"{node} holds no task it has not started"
+        if time.time() > deadline:
+            raise StillHeld(f"{node} still holds {reserved} task(s) it has not started (its pool is busy)")
+        time.sleep(0.1)
 
 
 def discard_queue(app, queue: str) -> str:
@@ -282,6 +300,10 @@ class Unanswered(Exception):
     """The verification had no answer, for a reason said in the user's terms."""
 
 
+class StillHeld(Exception):
+    """A worker that stopped consuming still holds tasks it has not started."""
+
+
 def ignores_results(app, name: str) -> bool:
     task = app.tasks.get(name)
     return bool(getattr(task, "ignore_result", None) if task is not None else app.conf.task_ignore_result)
@@ -325,6 +347,8 @@ def handle(app, request: dict) -> str:
     if op == "cancel_consumer":
         app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5)
         return f"{node} no longer consumes {queue}"
+    if op == "handoff":
+        return handoff(app, node, float(request["timeout"]))
     if op == "queues":
         return ",".join(queues_of(app, node))
     if op == "discard_queue":
@@ -341,6 +365,8 @@ def handle(app, request: dict) -> str:
 def failure(exc: Exception) -> str:
     """What went wrong, in the user's terms: a broker that cannot be reached says so."""
     name = type(exc).__name__
+    if isinstance(exc, (Unanswered, StillHeld)):  # said in the user's terms already
+        return str(exc)
     if name == "TimeoutError":
         return "no worker completed the task in time"
     if name in ("OperationalError", "ConnectionError") or isinstance(exc, ConnectionError):  # kombu's, redis's

@@ -230,6 +230,8 @@ class Cutover(BeatSteps):
                             untold.append(f"{old} could not be told to stop consuming first ({exc}); its warm "
                                           "shutdown stops it")
                             break
+                    else:  # what it took before it stopped consuming starts there, not after its shutdown
+                        untold += self.handoff(self.node(worker, old))
                     self.systemctl("stop", "--no-block", old)  # drains in the background
                 self.systemctl("disable", "--quiet", old)
                 self.retired.append((worker, old))
@@ -237,6 +239,16 @@ class Cutover(BeatSteps):
                     self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
                 retired.append(old)
         return "; ".join(["draining " + (", ".join(retired) or "nothing (no older instance ran)"), *untold])
+
+    def handoff(self, node: str) -> list:
+        """Best effort, as cancel_consumer: what the node still holds returns when its warm shutdown ends."""
+        assert self.agent is not None
+        try:
+            self.agent.ask({"op": "handoff", "node": node, "timeout": waits.HANDOFF},
+                           waits.HANDOFF + waits.REMOTE_CONTROL_QUICK)
+            return []
+        except StepFailed as exc:
+            return [f"{exc}; it returns to the queue when that instance's warm shutdown ends"]
 
     def switch(self, name: str, strict: bool = True) -> str:
         target = os.path.join(self.p["releases_dir"], name)
@@ -349,6 +361,10 @@ class Cutover(BeatSteps):
         for unit in units:
             argv += ["-u", unit]
         return run(argv).stdout.splitlines()[-60:]
+
+    def journalctl(self, *args: str) -> str:
+        """The messages (only) of the journal entries that match `args`."""
+        return run(["journalctl", "--no-pager", "-q", "-o", "cat", *args]).stdout
 
     def live(self) -> str:
         try:

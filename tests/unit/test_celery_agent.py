@@ -99,3 +99,30 @@ def test_a_broker_that_cannot_be_reached_is_named():
     assert celery_agent.failure(refused).startswith("the broker cannot be reached (OperationalError: Error 111")
     assert celery_agent.failure(ConnectionRefusedError(111, "refused")).startswith("the broker cannot be reached")
     assert celery_agent.failure(ValueError("x")) == "ValueError: x"
+
+
+def test_a_handoff_waits_until_the_node_started_what_it_took_and_says_what_it_still_holds(app):
+    """After cancel_consumer the old node still holds what it prefetched: the retire lets it start
+    those before the warm shutdown (which would return them only at its end); a busy pool is named."""
+    import threading
+
+    gate = threading.Event()
+
+    @app.task(name="shop.tasks.block")
+    def block():
+        gate.wait(20)
+
+    app.conf.task_ignore_result = False
+    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False, shutdown_timeout=10) as worker:
+        node = worker.hostname
+        assert "holds no task" in celery_agent.handoff(app, node, 1)
+        first, second = block.delay(), block.delay()  # one runs, one waits in the node: reserved
+        for _ in range(50):
+            if app.control.inspect(destination=[node], timeout=1).reserved().get(node):
+                break
+        with pytest.raises(celery_agent.StillHeld, match=r"still holds 1 task\(s\) it has not started"):
+            celery_agent.handoff(app, node, 1)
+        assert celery_agent.failure(celery_agent.StillHeld("x")) == "x"
+        threading.Timer(0.5, gate.set).start()  # the pool frees: the reserved one starts
+        assert "holds no task" in celery_agent.handoff(app, node, 10)
+        first.get(timeout=10), second.get(timeout=10)

@@ -547,3 +547,76 @@ def test_a_start_that_times_out_is_given_back_so_its_queued_job_never_starts_it_
     verbs = systemd.verbs()
     assert f"stop {UNIT.format(NEW)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
     assert not any(UNIT.format(OLD) in v for v in verbs)  # the old one serves on, untouched
+
+
+def test_the_retire_lets_the_old_worker_start_what_it_took_before_it_stops_it(host, monkeypatch):
+    """After cancel_consumer the old worker still holds what it prefetched; its warm shutdown would
+    return those only at its end. The retire waits for the handoff first; a busy pool is named and
+    the old worker stops anyway."""
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    asked = []
+    FakeAgent.on_request = lambda r: asked.append((r["op"], list(systemd.verbs())))
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.DONE
+    ops = [op for op, _ in asked]
+    assert ops.index("cancel_consumer") < ops.index("handoff")
+    handoff = next(r for r in FakeAgent.requests if r["op"] == "handoff")
+    assert handoff["node"].endswith(f".{OLD}@" + handoff["node"].rsplit("@", 1)[1])
+    assert f"stop --no-block {UNIT.format(OLD)}" not in dict(asked)["handoff"]  # not stopped before
+
+    FakeAgent.requests.clear()
+    FakeAgent.on_request = None
+    FakeAgent.fail = {"handoff": "w.old@h still holds 2 task(s) it has not started (its pool is busy)"}
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    state = run_program(monkeypatch, systemd, params())
+    retire = next(s for s in state.steps if s.name == "retire")
+    assert state.status == CutoverStatus.DONE and retire.ok
+    assert "still holds 2 task(s)" in retire.detail and "returns to the queue when" in retire.detail
+    assert f"stop --no-block {UNIT.format(OLD)}" in systemd.verbs()
+
+
+@pytest.mark.parametrize("logged, loglevel, outcome", [
+    (True, "INFO", "started its scheduler"), (False, "INFO", "did not log 'beat: Starting...'"),
+    (False, "WARNING", "ran 2.0s")])
+def test_beat_runs_once_its_process_logged_that_it_starts_its_scheduler(host, monkeypatch, logged, loglevel, outcome):
+    """At INFO Beat's proof is its own "beat: Starting..." and a moment more (not the whole watch);
+    at a quieter loglevel, the watch."""
+    _tmp, params = host
+    systemd = FakeSystemd({"shop-beat.service": "active"})
+    reads = []
+
+    def run(argv, timeout=60):
+        if argv[0] == "journalctl":
+            reads.append(argv)
+            return subprocess.CompletedProcess(argv, 0, "celery beat v5 is starting.\nbeat: Starting...\n"
+                                               if logged else "", "")
+        return systemd(argv, timeout)
+
+    monkeypatch.setattr(cutover, "run", run)
+    p = params(phase="beat", watch=2.0)
+    p["beat_logs_start"] = loglevel == "INFO"
+    program = cutover.Cutover(p)
+    clock = iter(range(100000))
+    monkeypatch.setattr(cutover.time, "time", lambda: next(clock) * 0.01)
+    monkeypatch.setattr(cutover.time, "sleep", lambda s: None)
+    systemd.units["shop-beat.service"]["MainPID"] = "42"
+    if outcome.startswith("did not"):
+        with pytest.raises(StepFailed, match=outcome):
+            program.watch_beat("shop-beat.service", "42", NEW)
+    else:
+        assert outcome in program.watch_beat("shop-beat.service", "42", NEW)
+    if loglevel == "INFO":
+        assert "_PID=42" in reads[0] and "_SYSTEMD_UNIT=shop-beat.service" in reads[0]
+    else:
+        assert not reads
+
+
+def test_the_plan_says_how_beat_is_proven_at_its_loglevel():
+    from dataclasses import replace
+
+    stage = stage_of()
+    for level, says in (("INFO", "logs that it starts its scheduler"), ("warning", "still runs 3.0s later")):
+        s = replace(stage, beat=replace(stage.beat, loglevel=level))
+        params = plan.cutover_params(s, s.host(s.beat.host), NEW, OLD, Mode.DEPLOY, "r1", "beat")
+        assert says in dict(plan.handover_lines(params))["wait for beat"]
