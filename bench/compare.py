@@ -468,13 +468,15 @@ def deploykit(stage: Any, prober_app: Any | None = None, long: bool = False) -> 
     probe = Prober(prober_app, "celery", long) if prober_app is not None else contextlib.nullcontext()
     with probe:
         started = time.monotonic()
-        outcome = lifecycle.deploy(stage, ref=None, say=lambda host, message: None)
+        said: list[tuple[float, str]] = []
+        outcome = lifecycle.deploy(stage, ref=None, say=lambda host, message: said.append((time.time(), message)))
         wall = time.monotonic() - started
     traffic = per_host(METER.snapshot(), [h.name for h in stage.hosts])
     run = {"wall": round(wall, 2), "release": outcome.release, "traffic": traffic, "timings": outcome.timings,
            "longest_wait": probe.longest() if prober_app is not None else None}
-    if getattr(probe, "late", None):
-        say(f"tasks that waited more than 0.5 s (sent at, waited, ran on): {probe.late}")
+    if getattr(probe, "late", None):  # when the steps ended and what they said (the retire's handoff): why
+        say(f"tasks that waited more than 0.5 s (sent at, waited, ran on): {probe.late}; the deploy said: "
+            + "; ".join(f"{when - probe.sent[0][0]:+.2f} s {message}" for when, message in said))
     say(f"deploy-kit {outcome.release}: {wall:.2f} s, " + ", ".join(
         f"{h}: {t['connections']} conn, {t['round_trips']} channels ({t['polls']} polls), {t['bytes'] / 1024:.0f} KiB"
         for h, t in traffic.items()) + (f", longest wait {run['longest_wait']:.2f} s (sent at "
