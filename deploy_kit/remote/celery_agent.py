@@ -88,7 +88,7 @@ def discard_queue(app, queue: str) -> str:
     return f"deleted {queue}" + (f" and {dropped} message(s) a killed worker held" if dropped else "")
 
 
-def survey(app, timeout: float = 1.5) -> dict:
+def survey(app, timeout: float = 1.0) -> dict:  # Celery's own default for inspect
     """Every live worker (those that answer within `timeout`): the queues it consumes, the ids of
     the tasks it runs and holds, its counts, and whether every one answered each question."""
     consumes = app.control.inspect(timeout=timeout).active_queues() or {}
