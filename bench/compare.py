@@ -476,7 +476,8 @@ def deploykit(stage: Any, prober_app: Any | None = None, long: bool = False) -> 
            "longest_wait": probe.longest() if prober_app is not None else None}
     if getattr(probe, "late", None):  # when the steps ended and what they said (the retire's handoff): why
         say(f"tasks that waited more than 0.5 s (sent at, waited, ran on): {probe.late}; the deploy said: "
-            + "; ".join(f"{when - probe.sent[0][0]:+.2f} s {message}" for when, message in said))
+            + "; ".join(f"{when - probe.sent[0][0]:+.2f} s {message}" for when, message in said
+                        if not message.lstrip().startswith("|") or "Canceling" in message or "shutdown" in message))
     say(f"deploy-kit {outcome.release}: {wall:.2f} s, " + ", ".join(
         f"{h}: {t['connections']} conn, {t['round_trips']} channels ({t['polls']} polls), {t['bytes'] / 1024:.0f} KiB"
         for h, t in traffic.items()) + (f", longest wait {run['longest_wait']:.2f} s (sent at "
@@ -705,7 +706,8 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     steps = ", ".join(f"{s['name']} {(s.get('ended') or ended) - s['started']:.2f} s"
                       for s in states[0].get("steps", []))
     say(f"... of which {after_verify_s} s from the failed verification to the end (the cutover's steps: {steps}; "
-        f"it ended {ended - max(s.get('ended') or 0 for s in states[0].get('steps', [{}])):.2f} s before the deploy)")
+        f"it ended {ended - max((s.get('ended') or 0 for s in states[0].get('steps', [])), default=ended):.2f} s "
+        "before the deploy)")
     commit(repo, {"exampleapp/celery.py": source}, "bench: revert the hang")
 
     hosts = [h.name for h in stage.hosts]

@@ -92,9 +92,9 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                                  f"may take its TimeoutStopSec, {params['stop_timeout']}s)"),
                 ("wait for beat", f"until Beat runs from releases/{target} (within "
                                   f"{params['stop_timeout'] + params['verify']['timeout']}s), then "
-                                  + (f"until it logs that it starts its scheduler, and still runs {waits.BEAT_SETTLE}s "
-                                     "later" if params.get("beat_logs_start") else
-                                     f"still runs {params['watch']}s later"))]
+                                  + (f"still runs {waits.BEAT_SETTLE}s after it logged that it starts its scheduler "
+                                     f"(without that line: {params['watch']}s later)" if params.get("beat_logs_start")
+                                     else f"still runs {params['watch']}s later"))]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]

@@ -2,8 +2,8 @@
 
 Beat runs on one host and must never run twice: its restart is queued (the old Beat's stop may
 take its whole TimeoutStopSec, e.g. without a broker), then it must run from the target release,
-bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must log
-that it starts its scheduler and still run a moment later (at a quiet loglevel: after the watch).
+bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must still
+run a second after it logged that it starts its scheduler (without that line: after the watch).
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ class BeatSteps:
                          f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
 
     def watch_beat(self, unit: str, pid: str, release: str) -> str:
-        """Beat started is not Beat running: it imports the app, then sets up its scheduler and
-        schedule right after it logs "beat: Starting...". At INFO or DEBUG the proof is that line
-        from this very process, which still runs `BEAT_SETTLE`s later (bounded by the verify
-        timeout); at a quieter loglevel, that it still runs after the watch."""
+        """Beat started is not Beat running: it imports the app, logs "beat: Starting..." and sets
+        up its scheduler right after. The same process must still run `BEAT_SETTLE`s after that
+        line (at INFO or DEBUG; this start's line, matched by its invocation and PID), or, without
+        the line (a quieter loglevel, logging sent elsewhere), after the watch, as ever."""
         says = bool(self.p.get("beat_logs_start"))
-        deadline = time.time() + float(self.p["verify"]["timeout"] if says else self.p["watch"])
+        invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip() if says else ""
+        deadline = time.time() + float(self.p["watch"])
         logged = 0.0
         while time.time() < deadline:
             time.sleep(0.2)
@@ -63,14 +64,12 @@ class BeatSteps:
             if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
                 raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
                                  f"{info.get('SubState')}); see its journal")
-            if says and not logged and STARTING in self.beat_log(pid):
+            if says and not logged and STARTING in self.beat_log(unit, invocation, pid):
                 logged = time.time()
-                deadline = min(deadline, logged + waits.BEAT_SETTLE)
-        if says and not logged:
-            raise StepFailed(f"{unit} runs but did not log {STARTING!r} within {self.p['verify']['timeout']}s "
-                             "(the app's import or Beat's start hangs); see its journal")
-        ran = f"started its scheduler, ran {waits.BEAT_SETTLE}s more" if says else f"ran {self.p['watch']}s"
+                deadline = logged + waits.BEAT_SETTLE
+        ran = f"started its scheduler, ran {waits.BEAT_SETTLE}s more" if logged else f"ran {self.p['watch']}s"
         return f"Beat runs from releases/{release} ({ran})"
 
-    def beat_log(self, pid: str) -> str:
-        return self.journalctl(f"_SYSTEMD_UNIT={self.p['beat_unit']}", f"_PID={pid}")
+    def beat_log(self, unit: str, invocation: str, pid: str) -> str:
+        this_start = f"_SYSTEMD_INVOCATION_ID={invocation}" if invocation else f"_SYSTEMD_UNIT={unit}"
+        return self.journalctl(this_start, f"_PID={pid}")

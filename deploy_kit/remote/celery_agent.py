@@ -8,9 +8,9 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "verify", "task", "queue", "timeout", "nonce"}     a real task on a private queue
     {"op": "add_consumer", "queue", "node"}                     the node consumes `queue` too
     {"op": "cancel_consumer", "queue", "node"}                  ... and no more
-    {"op": "handoff", "node", "timeout"}                        wait until the node started every task
-                                                                it took (none reserved), then its
-                                                                warm shutdown returns nothing late
+    {"op": "handoff", "nodes", "timeout"}                       wait until the nodes started every task
+                                                                they took (none reserved), then their
+                                                                warm shutdowns return nothing late
     {"op": "queues", "node"}                                    what the node consumes now
     {"op": "discard_queue", "queue"}                            delete a private queue, and what a
                                                                 killed worker held of it (Redis)
@@ -56,18 +56,29 @@ def queues_of(app, node: str) -> list:
     return sorted(q["name"] for q in replies.get(node, []))
 
 
-def handoff(app, node: str, timeout: float) -> str:
-    """A worker that stopped consuming still holds the messages it prefetched and had not started
-    (reserved). A warm shutdown does not run them: they return to the queue only when it ends (Redis)
-    and wait meanwhile. Let the node start them first, while a pool process is free; a node that does
-    not answer holds none we could wait for."""
+def handoff(app, nodes: list, timeout: float) -> str:
+    """Workers that stopped consuming still hold what they took and had not started (reserved);
+    a warm shutdown does not run those, and returns them to the queue only when it ends (after
+    its longest running task). On Redis a BRPOP sent before the cancel may still take a message
+    until its own timeout (kombu's `polling_interval`, 1 s): while the worker's loop runs, kombu
+    puts that one back at once; from its warm shutdown on, only when the shutdown ends. So wait
+    out that BRPOP first, then until no node holds a task it has not started (bounded; tasks
+    with an ETA or countdown stay with it until it ends, as with any warm shutdown)."""
+    with app.connection_for_write() as connection:
+        redis = connection.transport.driver_type == "redis"
+    if redis:
+        time.sleep(float((app.conf.broker_transport_options or {}).get("polling_interval") or 1) + 0.2)
     deadline = time.time() + timeout
     while True:
-        reserved = len((app.control.inspect(destination=[node], timeout=1, limit=1).reserved() or {}).get(node, []))
-        if not reserved:
-            return f"{node} holds no task it has not started"
+        replies = app.control.inspect(destination=list(nodes), timeout=1).reserved() or {}
+        held = {node: len(replies[node]) for node in nodes if replies.get(node)}
+        silent = [node for node in nodes if node not in replies]
+        if not held and not silent:
+            return "no task is held by " + ", ".join(nodes)
         if time.time() > deadline:
-            raise StillHeld(f"{node} still holds {reserved} task(s) it has not started (its pool is busy)")
+            raise StillHeld("; ".join([*(f"{node} still holds {n} task(s) it has not started (its pool is busy)"
+                                         for node, n in held.items()),
+                                       *(f"{node} did not say what it holds" for node in silent)]))
         time.sleep(0.1)
 
 
@@ -88,7 +99,7 @@ def discard_queue(app, queue: str) -> str:
     return f"deleted {queue}" + (f" and {dropped} message(s) a killed worker held" if dropped else "")
 
 
-def survey(app, timeout: float = 1.0) -> dict:  # Celery's own default for inspect
+def survey(app, timeout: float = 1.5) -> dict:
     """Every live worker (those that answer within `timeout`): the queues it consumes, the ids of
     the tasks it runs and holds, its counts, and whether every one answered each question."""
     consumes = app.control.inspect(timeout=timeout).active_queues() or {}
@@ -348,7 +359,7 @@ def handle(app, request: dict) -> str:
         app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5)
         return f"{node} no longer consumes {queue}"
     if op == "handoff":
-        return handoff(app, node, float(request["timeout"]))
+        return handoff(app, request["nodes"], float(request["timeout"]))
     if op == "queues":
         return ",".join(queues_of(app, node))
     if op == "discard_queue":

@@ -213,42 +213,47 @@ class Cutover(BeatSteps):
         return f"ran {self.p['watch']}s on the real queues without a crash"
 
     def retire(self, release: str, workers: list) -> str:
-        """The older instances stop taking tasks and drain; none starts at boot any more (one a
-        restart in place stopped already included)."""
+        """The older instances stop taking tasks, start what they took already, and drain; none
+        starts at boot any more (one a restart in place stopped already included)."""
         assert self.agent is not None
-        retired, untold = [], []
+        olds, untold = [], []  # (worker, unit, told to stop consuming)
         for worker in workers:
             for old in self.running(worker) + [u for w, u in self.stopped if w is worker]:
-                if old == self.instance(worker, release) or old in retired:
-                    continue
-                if (worker, old) not in self.stopped:
-                    for queue in worker["queues"]:  # best effort: the warm shutdown stops consuming anyway
-                        try:
-                            self.agent.ask({"op": "cancel_consumer", "queue": queue,
-                                            "node": self.node(worker, old)}, waits.REMOTE_CONTROL_QUICK)
-                        except StepFailed as exc:
-                            untold.append(f"{old} could not be told to stop consuming first ({exc}); its warm "
-                                          "shutdown stops it")
-                            break
-                    else:  # what it took before it stopped consuming starts there, not after its shutdown
-                        untold += self.handoff(self.node(worker, old))
-                    self.systemctl("stop", "--no-block", old)  # drains in the background
-                self.systemctl("disable", "--quiet", old)
-                self.retired.append((worker, old))
-                if old != worker["legacy"]:
-                    self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
-                retired.append(old)
-        return "; ".join(["draining " + (", ".join(retired) or "nothing (no older instance ran)"), *untold])
+                if old != self.instance(worker, release) and all(old != u for _, u, _ in olds):
+                    olds.append((worker, old, (worker, old) not in self.stopped and self.cancel(worker, old, untold)))
+        told = [self.node(w, u) for w, u, t in olds if t]
+        untold += self.handoff(told) if told else []
+        for worker, old, _ in olds:
+            if (worker, old) not in self.stopped:
+                self.systemctl("stop", "--no-block", old)  # drains in the background
+            self.systemctl("disable", "--quiet", old)
+            self.retired.append((worker, old))
+            if old != worker["legacy"]:
+                self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
+        return "; ".join(["draining " + (", ".join(u for _, u, _ in olds) or "nothing (no older instance ran)"),
+                          *untold])
 
-    def handoff(self, node: str) -> list:
-        """Best effort, as cancel_consumer: what the node still holds returns when its warm shutdown ends."""
+    def cancel(self, worker: dict, old: str, untold: list) -> bool:
+        """Best effort: the warm shutdown stops consuming anyway."""
+        for queue in worker["queues"]:
+            try:
+                self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": self.node(worker, old)},
+                               waits.REMOTE_CONTROL_QUICK)
+            except StepFailed as exc:
+                untold.append(f"{old} could not be told to stop consuming first ({exc}); its warm shutdown stops it")
+                return False
+        return True
+
+    def handoff(self, nodes: list) -> list:
+        """Before the warm shutdowns: what the nodes took before they stopped consuming starts
+        there (best effort, as cancel_consumer: what one still holds returns when it ends)."""
         assert self.agent is not None
         try:
-            self.agent.ask({"op": "handoff", "node": node, "timeout": waits.HANDOFF},
+            self.agent.ask({"op": "handoff", "nodes": nodes, "timeout": waits.HANDOFF},
                            waits.HANDOFF + waits.REMOTE_CONTROL_QUICK)
             return []
         except StepFailed as exc:
-            return [f"{exc}; it returns to the queue when that instance's warm shutdown ends"]
+            return [f"{exc}; what an instance still holds returns to its queue when its warm shutdown ends"]
 
     def switch(self, name: str, strict: bool = True) -> str:
         target = os.path.join(self.p["releases_dir"], name)
@@ -363,8 +368,11 @@ class Cutover(BeatSteps):
         return run(argv).stdout.splitlines()[-60:]
 
     def journalctl(self, *args: str) -> str:
-        """The messages (only) of the journal entries that match `args`."""
-        return run(["journalctl", "--no-pager", "-q", "-o", "cat", *args]).stdout
+        """The messages (only) of the last journal entries that match `args`; "" when journalctl fails."""
+        try:
+            return run(["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "50", *args], timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
 
     def live(self) -> str:
         try:
