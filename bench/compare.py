@@ -140,7 +140,8 @@ def ratio(ours: Any, theirs: Any) -> str:
 ROWS = (  # (label, deploy-kit key, baseline key, unit)
     ("warm deploy, wall time (one-file change)", "warm_s", "baseline_warm_s", "s"),
     ("cold deploy, wall time (new environment)", "cold_s", "baseline_cold_s", "s"),
-    ("longest wait of a task during a warm deploy", "longest_wait_s", "baseline_longest_wait_s", "s"),
+    ("longest wait of a task during a warm deploy (a long task at the handover in the wait runs)", "longest_wait_s",
+     "baseline_longest_wait_s", "s"),
     ("SSH connections per host, warm deploy", "connections_per_host", "baseline_connections_per_host", ""),
     ("SSH round trips (channels) per host, warm deploy", "round_trips_per_host", "baseline_round_trips_per_host",
      ""),
