@@ -101,18 +101,22 @@ def discard_queue(app, queue: str) -> str:
 
 def survey(app, timeout: float = 1.5) -> dict:
     """Every live worker (those that answer within `timeout`): the queues it consumes, the ids of
-    the tasks it runs and holds, its counts, and whether every one answered each question."""
+    the tasks it runs and holds (with an ETA or countdown too: a live worker holds those unacked
+    until they are due), its counts, and whether every one answered each question."""
     consumes = app.control.inspect(timeout=timeout).active_queues() or {}
     nodes = sorted(consumes)
     inspect = app.control.inspect(destination=nodes, timeout=5)
-    replies = [(method() or {}) if nodes else {} for method in (inspect.active, inspect.reserved, inspect.stats)]
-    active, reserved, stats = replies
+    replies = [(method() or {}) if nodes else {}
+               for method in (inspect.active, inspect.reserved, inspect.scheduled, inspect.stats)]
+    active, reserved, scheduled, stats = replies
     workers = {node: {"queues": sorted(q["name"] for q in consumes[node]),
                       "active": len(active.get(node, [])), "reserved": len(reserved.get(node, [])),
                       "processed": sum((stats.get(node) or {}).get("total", {}).values())
                       if node in stats else None} for node in nodes}
     live = {t.get("id") for tasks in [*active.values(), *reserved.values()] for t in tasks}
-    return {"workers": workers, "live": live, "complete": set(active) == set(reserved) == set(nodes)}
+    live |= {(t.get("request") or {}).get("id") for tasks in scheduled.values() for t in tasks}
+    return {"workers": workers, "live": live,
+            "complete": set(active) == set(reserved) == set(scheduled) == set(nodes)}
 
 
 def unacked(channel) -> list:

@@ -128,3 +128,18 @@ def test_a_handoff_waits_until_the_node_started_what_it_took_and_says_what_it_st
         threading.Timer(0.5, gate.set).start()  # the pool frees: the reserved one starts
         assert celery_agent.handoff(app, [node], 10) == f"no task is held by {node}"
         first.get(timeout=10), second.get(timeout=10)
+
+
+def test_a_task_a_live_worker_holds_until_its_eta_is_live_never_stranded(app):
+    """A live worker holds a task with a countdown unacknowledged until it is due: the survey counts
+    it as held (else a restore of the stranded would put it back, and it would run twice)."""
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=10):
+        later = app.send_task("celery.accumulate", args=[1], countdown=60)
+        try:
+            for _ in range(10):
+                found = celery_agent.survey(app)
+                if later.id in found["live"]:
+                    break
+            assert later.id in found["live"] and found["complete"]
+        finally:
+            later.revoke()
