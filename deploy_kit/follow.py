@@ -7,8 +7,8 @@ reconnects and goes on; what cannot be read is UNKNOWN, never guessed.
 
 from __future__ import annotations
 
-import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deploy_kit import journal, plan
@@ -40,6 +40,7 @@ def budget(params: dict[str, Any]) -> float:
                + queues * w.REMOTE_CONTROL + watch  # join, watch
                + queues * w.REMOTE_CONTROL_QUICK  # retire: cancel_consumer, then per worker list, handoff, stop,
                + n * (3 * w.SYSTEMCTL + w.HANDOFF + 2 * w.REMOTE_CONTROL_QUICK)  # disable, discard its queue
+               + (w.REPORT if params.get("report") else 0)  # retire: the queue summary, on one host
                + w.SYSTEMCTL  # switch
                + beat)  # Beat: restart (queued), the old one's stop, start, its start logged, watch
     back = (w.SYSTEMCTL  # the journal
@@ -77,12 +78,22 @@ def _launch_script(params: dict[str, object], unit: str, app_name: str, python: 
             f"{quote(python)} {quote(state + '/cutover-run.py')}\n")
 
 
-def _follow_script(unit: str, path: str) -> str:
+def _follow_script(unit: str, path: str, journal_words: list[str] | None = None, since: float = 0.0) -> str:
     """Print `ACTIVE-STATE STATE-JSON` each time either changes, and every 5 s anyway (a silent
     link is noticed, a reader that went away ends this loop), until the unit has ended. The
     unit's state is read first, then the file: a cutover that ends in between is read as ended,
-    not dead. Only `inactive` or `failed` end it (an empty answer of a busy systemd does not)."""
-    return (f"prev=''; n=0\nwhile :; do\n"
+    not dead. Only `inactive` or `failed` end it (an empty answer of a busy systemd does not).
+    With `journal_words` (`journal.journalctl`), the units' journal lines go to standard error
+    meanwhile, from `since` (the host's clock; by default a second before this script starts),
+    and end with the loop (or with the channel: the loop's next line then finds no reader)."""
+    journal = ""
+    if journal_words:
+        window = [] if "--after-cursor" in journal_words else \
+            ["--since", f"@{int(since)}" if since else '"@$(( $(date +%s) - 1 ))"']
+        words = " ".join([*(quote(w) for w in journal_words), *window])
+        journal = (f"{words} --follow >&2 & journal=$!\n"
+                   "trap 'kill $journal 2>/dev/null || true' EXIT\ntrap 'exit 1' PIPE HUP TERM\n")
+    return (f"{journal}prev=''; n=0\nwhile :; do\n"
             f"  a=$(systemctl is-active {quote(unit)} 2>/dev/null || true)\n"
             f"  s=$(cat {quote(path)} 2>/dev/null || true)\n"
             f"  if [ \"$a $s\" != \"$prev\" ] || [ $((n % 25)) -eq 0 ]; then\n"
@@ -93,7 +104,8 @@ def _follow_script(unit: str, path: str) -> str:
 
 def cutover(run: Run, remote: RemoteHost, action: plan.Cutover) -> CutoverState:
     """Launch the host's cutover and follow it on the same channel: the host prints each change
-    of its state file as it happens (one round trip, no polling)."""
+    of its state file as it happens, and the journal lines of the units it moves (one round
+    trip, no polling)."""
     stage, params = run.stage, action.params
     unit = f"{stage.app.name}-cutover-{params['id']}"
     if params["phase"] == "beat":
@@ -105,24 +117,22 @@ def cutover(run: Run, remote: RemoteHost, action: plan.Cutover) -> CutoverState:
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
                          previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
     deadline = time.monotonic() + budget(params)
-    follow = _follow_script(unit, str(state_dir(stage.app) / waits.CUTOVER_STATE))
-    progress = Progress(run, remote.name, blank)
+    progress = Progress(run, remote.name, blank, watched)
+    state = str(state_dir(stage.app) / waits.CUTOVER_STATE)
     try:
-        with journal.Tail(remote, stage, watched, since=time.time() - 1, show=lambda item: _show(run, item)) \
-                if watched else contextlib.nullcontext():  # no unit here: no journal to show (never the whole one)
-            try:
-                remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),
-                                                 str(state_dir(stage.app)), plan.lock_guard(stage, run.token))
-                                  + follow, sudo=True, what="starting the cutover", timeout=budget(params),
-                                  on_line=progress.feed)
-            except RemoteCommandError as exc:  # refused, or systemd-run failed; else the follow loop: read again
-                if not progress.seen:
-                    return _refused(blank, exc)
-            except HostError as exc:  # the connection dropped, perhaps after systemd-run started it: it
-                progress.launch_lost = not progress.seen  # runs by itself, so read it again
-                progress.lost(exc)
-            return _follow(run, remote.name, follow, progress, deadline)
-    except DeployKitError as exc:  # the journal's tail, or anything else of ours: never a guess
+        remote.run_script(_launch_script(params, unit, stage.app.name, str(stage.app.python),
+                                         str(state_dir(stage.app)), plan.lock_guard(stage, run.token))
+                          + progress.script(unit, state), sudo=True, what="starting the cutover",
+                          timeout=budget(params), on_line=progress.feed, on_err_line=progress.journal)
+    except RemoteCommandError as exc:  # refused, or systemd-run failed; else the follow loop: read again
+        if not progress.seen:
+            return _refused(blank, exc)
+    except HostError as exc:  # the connection dropped, perhaps after systemd-run started it: it
+        progress.launch_lost = not progress.seen  # runs by itself, so read it again
+        progress.lost(exc)
+    try:
+        return _follow(run, remote.name, lambda: progress.script(unit, state), progress, deadline)
+    except DeployKitError as exc:  # anything else of ours: never a guess
         return _unknown(progress.last, f"the cutover could not be followed: {exc}")
 
 
@@ -143,15 +153,34 @@ def refused(state: CutoverState) -> bool:
 
 
 class Progress:
-    """What the host has said of its cutover so far; each completed step is reported once."""
+    """What the host has said of its cutover so far; each completed step is reported once, each
+    journal line of `watched` shown once."""
 
-    def __init__(self, run: Run, host: str, blank: CutoverState):
+    def __init__(self, run: Run, host: str, blank: CutoverState, watched: list[str] | None = None):
         self.run, self.host, self.last = run, host, blank
         self.seen, self.running, self.reported, self.connection_lost = False, True, 0, False
         self.has_state = False  # the cutover wrote its state file (it started)
         self.launch_lost = False  # the connection dropped before the launch said a word
         self.noted = ""  # the running step's progress note, said once
         self.started = time.monotonic()
+        self.watched = watched or []  # no unit here: no journal (never the whole one)
+        self.cursor: str | None = None  # of the last journal line shown: a new reading goes on after it
+
+    def script(self, unit: str, path: str) -> str:
+        """The host's loop that prints the state (and the journal) from where this reading is."""
+        if not self.watched:
+            return _follow_script(unit, path)
+        return _follow_script(unit, path, journal.journalctl(self.watched, after_cursor=self.cursor),
+                              since=self.last.started - 1 if self.has_state else 0.0)
+
+    def journal(self, line: str) -> bool:
+        """A line of the host's standard error: shown if it is a journal line (True), else kept."""
+        entry = journal.parse_line(self.host, line)
+        if entry is None:
+            return False
+        self.cursor = entry.cursor
+        _show(self.run, entry)
+        return True
 
     def feed(self, line: str) -> None:
         active, _, text = line.partition(" ")
@@ -197,7 +226,7 @@ class Progress:
         return None
 
 
-def _follow(run: Run, host: str, script: str, progress: Progress, deadline: float) -> CutoverState:
+def _follow(run: Run, host: str, script: Callable[[], str], progress: Progress, deadline: float) -> CutoverState:
     """Until the cutover ends: read the host's account again (after a dropped connection, or while
     a cutover that ended has not yet shown its state)."""
     assert run.session is not None
@@ -212,8 +241,9 @@ def _follow(run: Run, host: str, script: str, progress: Progress, deadline: floa
             time.sleep(2)
             run.session.reconnect(host)
         try:
-            run.session.remote(host).run_script(script, sudo=True, what="following the cutover",
-                                                timeout=max(deadline - time.monotonic(), 1), on_line=progress.feed)
+            run.session.remote(host).run_script(script(), sudo=True, what="following the cutover",
+                                                timeout=max(deadline - time.monotonic(), 1), on_line=progress.feed,
+                                                on_err_line=progress.journal)
             progress.back()
         except DeployKitError as exc:
             progress.lost(exc)
@@ -235,11 +265,8 @@ def _unknown(state: CutoverState, why: str) -> CutoverState:
     return CutoverState(**{**state.__dict__, "status": S.UNKNOWN, "rollback_failure": why})
 
 
-def _show(run: Run, item: journal.JournalLine | journal.HostEvent) -> None:
-    """Journal lines of the units while they restart and verify, as they happen."""
-    if isinstance(item, journal.HostEvent):
-        run.say(item.host, f"journal: {item.message}")
-        return
+def _show(run: Run, item: journal.JournalLine) -> None:
+    """Journal lines of the units while the cutover moves them, as they happen."""
     if journal.is_banner(item.message):
         return
     run.say(item.host, f"  | {item.unit}: {item.message}")

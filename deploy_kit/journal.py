@@ -9,7 +9,8 @@ host it cannot reach at all is reported unreachable at once. The remote journalc
 to the channel's stdin, so it ends as soon as the channel does (Ctrl-C, a closed
 connection): no journalctl is left running on a host.
 
-`fab logs` and `fab deploy` (during restart and verification) use the same code.
+`fab logs` uses this code; `fab deploy` shows the same lines (`journalctl`, `parse_line`) on
+the channel that follows each cutover (`follow.py`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import queue
 import re
 import shlex
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -109,15 +109,20 @@ def matches(units: Iterable[str]) -> list[str]:
     return [word for i, term in enumerate(terms) for word in ([] if i == 0 else ["+"]) + term]
 
 
-def journal_command(units: Iterable[str], *, since: str | None = None, lines: int | None = None,
-                    grep: str | None = None, follow: bool = True, after_cursor: str | None = None) -> str:
-    """The remote command: journalctl as root, ended as soon as the SSH channel closes."""
+def journalctl(units: Iterable[str], *, after_cursor: str | None = None) -> list[str]:
+    """journalctl's words for the JSON lines of `units` (`parse_line` reads them), from after
+    `after_cursor` when given; the caller adds the window (--since, -n) and --follow."""
     argv = ["journalctl", "--no-pager", "-o", "json", "--output-fields="
             "MESSAGE,PRIORITY,_SYSTEMD_UNIT,UNIT,SYSLOG_IDENTIFIER,__REALTIME_TIMESTAMP,__CURSOR",
             *matches(units)]
-    if after_cursor:
-        argv += ["--after-cursor", after_cursor]
-    else:
+    return argv + ["--after-cursor", after_cursor] if after_cursor else argv
+
+
+def journal_command(units: Iterable[str], *, since: str | None = None, lines: int | None = None,
+                    grep: str | None = None, follow: bool = True, after_cursor: str | None = None) -> str:
+    """The remote command: journalctl as root, ended as soon as the SSH channel closes."""
+    argv = journalctl(units, after_cursor=after_cursor)
+    if not after_cursor:
         if since:
             argv += ["--since", since]
         if lines is not None:
@@ -350,35 +355,3 @@ def stream(stage: Stage, *, hosts: list[Host], services: list[str] | None, since
             streams.append(HostStream(host, stage, out, units=host_units, since=since, lines=lines, grep=grep,
                                       follow=follow))
     return streams, merged(streams, out)
-
-
-class Tail:
-    """Show a host's unit journal lines while something else runs on the same connection
-    (the cutover of `fab deploy`); stops when told."""
-
-    def __init__(self, remote: RemoteHost, stage: Stage, units: list[str], since: float,
-                 show: Callable[[JournalLine | HostEvent], None]):
-        self.queue: queue.Queue[object] = queue.Queue()
-        stamp = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        self.stream = HostStream(remote.host, stage, self.queue, units=units, since=stamp, lines=None,
-                                 grep=None, follow=True, remote=remote)
-        self.show = show
-        self.printer = threading.Thread(target=self._print, daemon=True)
-
-    def __enter__(self) -> Tail:
-        self.stream.start()
-        self.printer.start()
-        return self
-
-    def _print(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            self.show(item)  # type: ignore[arg-type]
-
-    def __exit__(self, *exc_info: object) -> None:
-        time.sleep(0.3)  # let the last lines of the step arrive
-        self.stream.stop()
-        self.stream.join(timeout=5)
-        self.printer.join(timeout=5)

@@ -4,15 +4,14 @@
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
     release     pack once here; build on each host;   beat        Beat first, on its host
                 one also checks the queued tasks      cutover     the workers hand back on
-    migrate     once, on the migrate host                         every host at once
-    cutover     every host at once, detached:         queues      the queue summary, read
-                the new release's workers prove                   while the run finishes
-                themselves, then take over; if one    finish      history, unlock
-                host fails, the others hand back
-    queues      the queue summary (one host), read
-                while Beat moves, said at the end
+    migrate     once, on the migrate host                         every host at once; one host
+    cutover     every host at once, detached:                     reads the queue summary
+                the new release's workers prove       finish      history, unlock
+                themselves, then take over; if one
+                host fails, the others hand back;
+                one host reads the queue summary
     beat        Beat, on its host, after every host
-    finish      history, cleanup, unlock
+    finish      history, cleanup, unlock; the queue summary is said last
 
 A failure before the cutover changes nothing that runs (undo: discard the release, record,
 unlock). A first Ctrl-C lets what runs on the hosts finish (builds, migrations, the cutover);
@@ -22,7 +21,7 @@ prints the same steps, built from a read-only probe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from deploy_kit import checks, follow, outcome
@@ -56,17 +55,12 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             undo(run, facts, exc)
             raise
         with run.shielded(WAIT_FOR_HOSTS, stop_after=False):  # the hosts finish by themselves: wait for them
-            results = run.cutover(the_plan.phase(Phase.CUTOVER))
-            summary = None
-            if outcome.verdict(Mode.DEPLOY, results).ok:
-                summary = run.alongside(the_plan.phase(Phase.SUMMARY))  # the queues, read while Beat moves
-                beat = run.cutover(the_plan.phase(Phase.BEAT))
-            else:
-                beat = {}
+            results = run.cutover(the_plan.phase(Phase.CUTOVER))  # one host also reads the queues
+            beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
             marked_bad = False
             if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
                 results, marked_bad = roll_back(run, the_plan, results, beat)
-            return finish(run, the_plan, results, facts, summary, marked_bad=marked_bad)
+            return finish(run, the_plan, results, facts, marked_bad=marked_bad)
 
 
 def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Outcome:
@@ -238,20 +232,19 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
 
 
 def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
-           facts: Mapping[str, HostFacts], summary: Callable[[bool], None] | None = None, *,
-           marked_bad: bool = True) -> Outcome:
+           facts: Mapping[str, HostFacts], *, marked_bad: bool = True) -> Outcome:
     """Record, clean up (only after a success), unlock while every host's state is known; then
-    say the queue summary, read alongside Beat (a deploy whose workers took over) or alongside
-    this finish (anything else). A host that cannot be recorded or unlocked is a note: a stage
-    that ended on the new release is still a success (exit 0, the note says the lock may be
-    left), and a failed one still ends with its summary (exit 5 or 6), never with exit 7."""
+    say the queue summary, read by the reporting host's cutover during its retire (a run whose
+    workers took over there) or alongside this finish (anything else). A host that cannot be
+    recorded or unlocked is a note: a stage that ended on the new release is still a success
+    (exit 0, the note says the lock may be left), and a failed one still ends with its summary
+    (exit 5 or 6), never with exit 7."""
     decided = outcome.verdict(run.mode, results)
     run.outcome.result = Result.SUCCESS if decided.ok else Result.ROLLED_BACK if decided.consistent else Result.FAILED
     run.history.result = Result.SUCCESS if decided.ok else Result.FAILED
     run.history.seconds = run.seconds()
-    if summary is None or not decided.ok:
-        if summary is not None:  # read before the way back: no longer true
-            summary(False)
+    summary = run.read_by_cutover(results) if decided.ok else None  # a failed run's was read before the way back
+    if summary is None:
         summary = run.alongside(the_plan.phase(Phase.SUMMARY) if decided.ok else plans.summary_steps(run.stage))
     steps = the_plan.phase(Phase.FINISH) if decided.ok else \
         plans.finish_steps(run.stage, list(facts), unlock=decided.known)

@@ -115,7 +115,10 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                    + ", ".join(queue(w) for w in workers)),
         ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)" for w in workers)),
         ("watch", f"the new instances keep running for {params['watch']}s"),
-        ("retire", "the older instances stop taking tasks and drain in the background (warm shutdown)"),
+        ("retire", "the older instances stop taking tasks, start what they took already, and drain in the "
+                   "background (warm shutdown)" + (f"; meanwhile the queue summary is read (waiting, unacked, "
+                                                   f"consumers of {', '.join(params['report'])}), said at the end"
+                                                   if params.get("report") else "")),
     ]
     found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
     back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
@@ -243,8 +246,9 @@ def migrate_script(stage: Stage, release: str, token: str) -> str:
 
 
 def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode, run_id: str,
-                   phase: str = "workers") -> dict[str, Any]:
-    """The cutover program's parameters: the workers' handover on a host, or Beat on its host."""
+                   phase: str = "workers", report: bool = False) -> dict[str, Any]:
+    """The cutover program's parameters: the workers' handover on a host, or Beat on its host;
+    with `report`, the reporting host's cutover also reads the queue summary the run ends with."""
     app = stage.app
     workers = stage.workers_on(host) if phase == "workers" else ()
     return {
@@ -263,16 +267,24 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
         "state_file": str(state_dir(app) / CUTOVER_STATE),
         "run_dir": str(units.RUN_DIR / app.name),
         "mark_bad_on_failure": mode == Mode.DEPLOY and phase == "workers",
+        "report": queues.queue_names(stage) if report and workers and host.name == queues.reporter(stage).name else [],
     }
 
 
 def cutover_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
-                  run_id: str) -> list[Step]:
-    """The workers' handover on every host of `targets` at once."""
+                  run_id: str, report: bool = False) -> list[Step]:
+    """The workers' handover on every host of `targets` at once (with `report`, the reporting
+    host's also reads the queue summary)."""
     return [Step(h.name, Phase.CUTOVER, f"{mode.value}: hand the workers over to {targets[h.name]} "
                  f"(from {previous.get(h.name) or 'none'})",
-                 Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id), h.name))
+                 Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id,
+                                        report=report), h.name))
             for h in stage.hosts if h.name in targets]
+
+
+def reported(steps: Iterable[Step]) -> bool:
+    """One of these cutover steps reads the queue summary (no separate round trip for it then)."""
+    return any(isinstance(s.action, Cutover) and s.action.params.get("report") for s in steps)
 
 
 def beat_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
@@ -335,8 +347,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
     steps.append(Step(stage.migrate_host.name, Phase.MIGRATE, "migrations, once per stage, before the switch",
                       Script(migrate_script(stage, source.name, token))))
     targets = {h.name: source.name for h in stage.hosts}
-    steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id)
-    steps += summary_steps(stage, alongside="Beat")
+    steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id, report=True)
     steps += beat_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts],
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},
@@ -367,8 +378,8 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
     if not moving:
         raise UsageError(f"every host already runs {to}")
     steps = beat_steps(stage, targets, current, Mode.ROLLBACK, run_id)
-    steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id)
-    steps += summary_steps(stage, alongside="the finish")
+    steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id, report=True)
+    steps += [] if reported(steps) else summary_steps(stage, alongside="the finish")
     steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in moving.items()})
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
 

@@ -153,6 +153,12 @@ def growing(samples: Sequence[Report], window: int = 3) -> list[str]:
     return found
 
 
+def said(stage: Stage, detail: str) -> list[str]:
+    """What a run ends with, from the agent's report (JSON text): a line per queue, then each problem."""
+    report = parse(detail)
+    return [*summary(report), *(f"PROBLEM: {p}" for p in problems(stage, report))]
+
+
 def summary(report: Report) -> list[str]:
     """One line per queue: waiting, unacked, consumers (after a deploy or rollback, in `fab status`)."""
     return [f"queue {q.name}: {q.waiting} waiting, {'?' if q.unacked is None else q.unacked} unacked, "

@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +27,7 @@ from deploy_kit.config import Stage
 from deploy_kit.errors import DeployKitError, HostError, Locked, PreflightFailed, ReleaseError, RemoteCommandError
 from deploy_kit.hostfacts import HostFacts
 from deploy_kit.plan import LOCK_LOST, Build, Cutover, Finish, Phase, Probe, Queues, Script, Step
-from deploy_kit.remote.contracts import HISTORY, CutoverState, HistoryLine, LockHolder, Mode, Result
+from deploy_kit.remote.contracts import HISTORY, UNREAD, CutoverState, HistoryLine, LockHolder, Mode, Result
 from deploy_kit.session import Session
 from deploy_kit.ssh import RemoteHost
 
@@ -295,10 +295,26 @@ class Run:
     def _queue_summary(self, remote: RemoteHost) -> list[str]:
         """Per queue, what waits, what is held and who consumes it; never fails the run."""
         try:
-            report = queues.parse(queues.ask(remote, self.stage, [queues.report_request(self.stage)])[-1])
+            return queues.said(self.stage, queues.ask(remote, self.stage, [queues.report_request(self.stage)])[-1])
         except (DeployKitError, ValueError, KeyError) as exc:
             return [f"queues: unknown ({exc})"]
-        return [*queues.summary(report), *(f"PROBLEM: {p}" for p in queues.problems(self.stage, report))]
+
+    def read_by_cutover(self, results: Mapping[str, CutoverState]) -> Callable[[bool], None] | None:
+        """The queue summary a cutover read during its retire (`plan.reported`), as `alongside`
+        gives it; None when no cutover of these read it."""
+        detail = next((s.queues for s in results.values() if s.queues), "")
+        if not detail:
+            return None
+        try:
+            lines = [f"queues: unknown ({detail.removeprefix(UNREAD)})"] if detail.startswith(UNREAD) \
+                else queues.said(self.stage, detail)
+        except (ValueError, KeyError, TypeError) as exc:
+            lines = [f"queues: unknown ({exc})"]
+
+        def say(say: bool = True) -> None:
+            for line in lines if say else ():
+                self.say("", line)
+        return say
 
     def queued_tasks(self, steps: Sequence[Step], built: dict[str, release.Built]) -> None:
         """What the build that was asked found in the queues: messages waiting for a task the new

@@ -50,13 +50,15 @@ class RemoteHost:
 
     def run_script(self, script: str, *, sudo: bool = False, what: str = "remote script",
                    timeout: float | None = 600, check: bool = True,
-                   on_line: Callable[[str], None] | None = None) -> ScriptResult:
+                   on_line: Callable[[str], None] | None = None,
+                   on_err_line: Callable[[str], bool] | None = None) -> ScriptResult:
         """Run `script` with bash on the host in one round trip (the script travels on stdin,
         so nothing in it shows up in the remote process list); `on_line` sees each line of its
-        output as it arrives."""
+        output as it arrives, `on_err_line` each line of its standard error (a line it takes,
+        returning True, is left out of the result's stderr)."""
         command = "/bin/bash -s" if not sudo else "sudo -n -- /bin/bash -s"
         return self.run(command, SCRIPT_PREAMBLE + script, sudo=sudo, what=what, timeout=timeout,
-                        check=check, on_line=on_line)
+                        check=check, on_line=on_line, on_err_line=on_err_line)
 
     def run_python(self, program: str, python: str = "/usr/bin/python3", *, sudo: bool = False,
                    what: str = "remote probe", timeout: float | None = 600,
@@ -66,11 +68,12 @@ class RemoteHost:
         return self.run(command, program, sudo=sudo, what=what, timeout=timeout, check=check)
 
     def run(self, command: str, stdin: str | bytes, *, sudo: bool, what: str, timeout: float | None,
-            check: bool = True, on_line: Callable[[str], None] | None = None) -> ScriptResult:
+            check: bool = True, on_line: Callable[[str], None] | None = None,
+            on_err_line: Callable[[str], bool] | None = None) -> ScriptResult:
         """Run `command` with `stdin` as its input, in one round trip; RemoteCommandError on failure."""
         payload = stdin.encode() if isinstance(stdin, str) else stdin
         try:
-            code, out, err = _exec(self.connection.transport, command, payload, timeout, on_line)
+            code, out, err = _exec(self.connection.transport, command, payload, timeout, on_line, on_err_line)
         except TimeoutError:
             raise HostError(self.name, f"{what} did not finish within {timeout:.0f} s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -176,25 +179,20 @@ def _tcp_connect(host: Host, timeout: float) -> socket.socket:
 
 
 def _exec(transport: paramiko.Transport, command: str, stdin: bytes, timeout: float | None,
-          on_line: Callable[[str], None] | None = None) -> tuple[int, bytes, bytes]:
+          on_line: Callable[[str], None] | None = None,
+          on_err_line: Callable[[str], bool] | None = None) -> tuple[int, bytes, bytes]:
     channel = transport.open_session(timeout=30)
+    out, err = _Lines(on_line), _Lines(on_err_line)
     try:
         channel.exec_command(command)
         channel.sendall(stdin)
         channel.shutdown_write()
-        out, err = bytearray(), bytearray()
-        seen = 0  # bytes of `out` already given to `on_line`
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while channel.recv_ready():
-                out += channel.recv(65536)
-            if on_line is not None and out.find(b"\n", seen) >= 0:
-                end = out.rindex(b"\n") + 1
-                for line in out[seen:end].decode(errors="replace").splitlines():
-                    on_line(line)
-                seen = end
+                out.add(channel.recv(65536))
             while channel.recv_stderr_ready():
-                err += channel.recv_stderr(65536)
+                err.add(channel.recv_stderr(65536))
             if channel.exit_status_ready() and channel.eof_received:
                 break
             if channel.closed or not transport.is_active():  # the connection died under us
@@ -206,15 +204,42 @@ def _exec(transport: paramiko.Transport, command: str, stdin: bytes, timeout: fl
                     raise TimeoutError
             select.select([channel], [], [], wait)
         while channel.recv_ready():  # what arrived with the end of the command
-            out += channel.recv(65536)
-        if on_line is not None:
-            for line in out[seen:].decode(errors="replace").splitlines():
-                on_line(line)
+            out.add(channel.recv(65536))
         while channel.recv_stderr_ready():
-            err += channel.recv_stderr(65536)
-        return channel.recv_exit_status(), bytes(out), bytes(err)
+            err.add(channel.recv_stderr(65536))
+        return channel.recv_exit_status(), out.end(), err.end()
     finally:
         channel.close()
+
+
+class _Lines:
+    """One output stream of a command: each complete line goes to `see` as it arrives (a line
+    `see` takes, returning True, is not kept); what is kept is the stream's text."""
+
+    def __init__(self, see: Callable[[str], bool | None] | None):
+        self.see, self.kept, self.pending = see, bytearray(), bytearray()
+
+    def add(self, data: bytes) -> None:
+        if self.see is None:
+            self.kept += data
+            return
+        self.pending += data
+        if b"\n" in self.pending:
+            end = self.pending.rindex(b"\n") + 1
+            self._give(bytes(self.pending[:end]))
+            del self.pending[:end]
+
+    def _give(self, data: bytes) -> None:
+        assert self.see is not None
+        for line in data.decode(errors="replace").splitlines(keepends=True):
+            if not self.see(line.rstrip("\r\n")):
+                self.kept += line.encode()
+
+    def end(self) -> bytes:
+        if self.see is not None and self.pending:
+            self._give(bytes(self.pending))
+            self.pending.clear()
+        return bytes(self.kept)
 
 
 def quote(value: object) -> str:

@@ -56,18 +56,21 @@ def queues_of(app, node: str) -> list:
     return sorted(q["name"] for q in replies.get(node, []))
 
 
-def handoff(app, nodes: list, timeout: float) -> str:
+def handoff(app, nodes: list, timeout: float, since: float) -> str:
     """Workers that stopped consuming still hold what they took and had not started (reserved);
     a warm shutdown does not run those, and returns them to the queue only when it ends (after
     its longest running task). On Redis a BRPOP sent before the cancel may still take a message
     until its own timeout (kombu's `polling_interval`, 1 s): while the worker's loop runs, kombu
     puts that one back at once; from its warm shutdown on, only when the shutdown ends. So wait
-    out that BRPOP first, then until no node holds a task it has not started (bounded; tasks
-    with an ETA or countdown stay with it until it ends, as with any warm shutdown)."""
+    out that BRPOP first (counted from `since`, when the nodes were told to stop consuming: what
+    the caller did meanwhile shortens the wait), then until no node holds a task it has not
+    started (bounded; tasks with an ETA or countdown stay with it until it ends, as with any
+    warm shutdown)."""
     with app.connection_for_write() as connection:
         redis = connection.transport.driver_type == "redis"
     if redis:
-        time.sleep(float((app.conf.broker_transport_options or {}).get("polling_interval") or 1) + 0.2)
+        interval = float((app.conf.broker_transport_options or {}).get("polling_interval") or 1)
+        time.sleep(max(0.0, since + interval + 0.2 - time.time()))
     deadline = time.time() + timeout
     while True:
         replies = app.control.inspect(destination=list(nodes), timeout=1).reserved() or {}
@@ -363,7 +366,7 @@ def handle(app, request: dict) -> str:
         app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5)
         return f"{node} no longer consumes {queue}"
     if op == "handoff":
-        return handoff(app, request["nodes"], float(request["timeout"]))
+        return handoff(app, request["nodes"], float(request["timeout"]), float(request["since"]))
     if op == "queues":
         return ",".join(queues_of(app, node))
     if op == "discard_queue":

@@ -55,11 +55,15 @@ VERIFY_MARGIN = 10  # a verification task's answer, beyond the verify timeout
 REMOTE_CONTROL = 30  # one remote-control call that must succeed (add_consumer, per queue)
 REMOTE_CONTROL_QUICK = 15  # one best-effort call (cancel_consumer per queue, discarding a private queue)
 BEAT_SETTLE = 1  # Beat must still run this long after it logged that it starts its scheduler
+REPORT = 15  # retire, on the host that reports the queues: reading them (a 1.5 s broadcast, then one per node)
 HANDOFF = 3  # retire: how long an old instance that stopped consuming may take to start what it took before
 RESTORE_WAIT = 10  # giving back: how long the drained workers may take to end
 RESTORE_SETTLE = 2  # then, so a message a live worker just took shows in its reserved tasks
 RESTORE = RESTORE_WAIT + RESTORE_SETTLE + REMOTE_CONTROL  # ... then returning what they stranded (restore_stranded)
 AGENT_CLOSE = 10  # the agent's exit once its stdin closes
+
+
+UNREAD = "unread: "  # CutoverState.queues: the queues could not be read, and why
 
 
 class CutoverStatus(_Text):
@@ -122,6 +126,7 @@ class CutoverState:
     live: str | None = None  # the release `current` points to at the end ("" = none)
     failure: str = ""  # why the forward pass failed
     rollback_failure: str = ""  # why the way back failed too
+    queues: str = ""  # the queue summary read during the retire (`celery_agent.report`), or UNREAD + why
 
     def to_json(self) -> str:
         data = asdict(self)

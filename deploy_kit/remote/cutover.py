@@ -34,7 +34,7 @@ from deploy_kit.remote import contracts as waits
 from deploy_kit.remote import hostlib
 from deploy_kit.remote.beat import BeatSteps
 from deploy_kit.remote.celery_agent import Agent, StepFailed
-from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode, Step
+from deploy_kit.remote.contracts import LIVE_LOG, UNREAD, CutoverState, CutoverStatus, LiveEvent, Mode, Step
 
 
 def run(argv: list, timeout: float = waits.SYSTEMCTL) -> subprocess.CompletedProcess:
@@ -221,8 +221,10 @@ class Cutover(BeatSteps):
             for old in self.running(worker) + [u for w, u in self.stopped if w is worker]:
                 if old != self.instance(worker, release) and all(old != u for _, u, _ in olds):
                     olds.append((worker, old, (worker, old) not in self.stopped and self.cancel(worker, old, untold)))
-        told = [self.node(w, u) for w, u, t in olds if t]
-        untold += self.handoff(told) if told else []
+        told, since = [self.node(w, u) for w, u, t in olds if t], time.time()
+        if self.p.get("report"):  # while the fetch the old nodes sent before the cancel ends
+            self.state.queues = self.read_queues(self.p["report"])
+        untold += self.handoff(told, since) if told else []
         for worker, old, _ in olds:
             if (worker, old) not in self.stopped:
                 self.systemctl("stop", "--no-block", old)  # drains in the background
@@ -244,12 +246,21 @@ class Cutover(BeatSteps):
                 return False
         return True
 
-    def handoff(self, nodes: list) -> list:
-        """Before the warm shutdowns: what the nodes took before they stopped consuming starts
-        there (best effort, as cancel_consumer: what one still holds returns when it ends)."""
+    def read_queues(self, queues: list) -> str:
+        """The queue summary the run ends with (`celery_agent.report`), read by this cutover's agent
+        once the old instances stopped consuming; never a reason to fail."""
         assert self.agent is not None
         try:
-            self.agent.ask({"op": "handoff", "nodes": nodes, "timeout": waits.HANDOFF},
+            return self.agent.ask({"op": "report", "queues": queues}, waits.REPORT)
+        except StepFailed as exc:
+            return f"{UNREAD}{exc}"
+
+    def handoff(self, nodes: list, since: float) -> list:
+        """Before the warm shutdowns: what the nodes took before they stopped consuming (at `since`)
+        starts there (best effort, as cancel_consumer: what one still holds returns when it ends)."""
+        assert self.agent is not None
+        try:
+            self.agent.ask({"op": "handoff", "nodes": nodes, "timeout": waits.HANDOFF, "since": since},
                            waits.HANDOFF + waits.REMOTE_CONTROL_QUICK)
             return []
         except StepFailed as exc:

@@ -114,6 +114,8 @@ def test_a_release_that_breaks_the_worker_is_rolled_back_by_itself(stage, sandbo
     proc = deploy(sandbox_config)
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "ModuleNotFoundError" in proc.stderr
+    # The new instance's journal lines were shown as they came, on the channel following the cutover.
+    assert re.search(r"\| exampleapp-worker-default@\S+: .*ModuleNotFoundError", proc.stdout), proc.stdout
     assert f"back on {good}" in proc.stderr
     for index in (0, 1):
         assert current_release(stage, index) == good

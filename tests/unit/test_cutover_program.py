@@ -1,10 +1,10 @@
 """The cutover program (`remote/cutover.py`) against a fake systemctl and a fake Celery agent:
 what it asks of systemd and Celery, and where each failure leaves the host (no host needed)."""
 
-import contextlib
 import json
 import os
 import subprocess
+import time
 from dataclasses import asdict
 
 import pytest
@@ -12,7 +12,7 @@ import pytest
 from deploy_kit import plan
 from deploy_kit.remote import cutover, hostprobe
 from deploy_kit.remote.celery_agent import StepFailed
-from deploy_kit.remote.contracts import LIVE_LOG, CutoverState, CutoverStatus, LiveEvent, Mode
+from deploy_kit.remote.contracts import LIVE_LOG, UNREAD, CutoverState, CutoverStatus, LiveEvent, Mode
 
 from .samples import STAGE, stage_of
 
@@ -372,25 +372,12 @@ def test_a_host_without_units_that_fails_never_reads_the_whole_journal(host, mon
     assert cutover.Cutover(p).journal() == []
 
 
-def test_following_a_host_without_units_streams_no_journal(monkeypatch):
-    """journalctl with no -u shows the whole journal: a host without units gets no Tail at all."""
+def test_following_a_host_without_units_streams_no_journal():
+    """journalctl with no -u shows the whole journal: a host without units follows none."""
     from deploy_kit import follow
-    from deploy_kit.errors import RemoteCommandError
 
-    stage = stage_of()
-    tails = []
-    monkeypatch.setattr(follow.journal, "Tail", lambda *a, **k: tails.append(a) or contextlib.nullcontext())
-
-    class Remote:
-        name = "web2"
-
-        def run_script(self, *a, **k):
-            raise RemoteCommandError("web2", "starting the cutover", 1, "systemd-run failed")
-
-    action = plan.Cutover(dict(plan.cutover_params(stage, stage.host("web2"), NEW, OLD, Mode.DEPLOY, "r1"),
-                               workers=[]), "web2")
-    state = follow.cutover(type("R", (), {"stage": stage, "token": "t"})(), Remote(), action)
-    assert state.status == CutoverStatus.NOT_STARTED and tails == []
+    progress = follow.Progress(None, "web2", None, watched=[])
+    assert "journalctl" not in progress.script("shop-cutover-r1", "/srv/shop/.deploy-kit/cutover.json")
 
 
 def test_every_host_gets_a_cutover_step_even_one_without_workers():
@@ -574,6 +561,30 @@ def test_the_retire_lets_the_old_worker_start_what_it_took_before_it_stops_it(ho
     assert state.status == CutoverStatus.DONE and retire.ok
     assert "still holds 2 task(s)" in retire.detail and "returns to its queue when its warm shutdown" in retire.detail
     assert f"stop --no-block {UNIT.format(OLD)}" in systemd.verbs()
+
+
+def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fetch_ends(host, monkeypatch):
+    """One host's cutover reads the queue summary the run ends with (no round trip, no Python of
+    its own): after the cancel, before the handoff, which counts its wait from the cancel; a
+    summary it cannot read is said unread, never a failure."""
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    p = dict(params(), report=["default"])
+    state = run_program(monkeypatch, systemd, p)
+    ops = [r["op"] for r in FakeAgent.requests]
+    assert state.status == CutoverStatus.DONE and state.queues == "ok"
+    assert ops.index("cancel_consumer") < ops.index("report") < ops.index("handoff")
+    report, handoff = (next(r for r in FakeAgent.requests if r["op"] == op) for op in ("report", "handoff"))
+    assert report["queues"] == ["default"] and handoff["since"] <= time.time()
+
+    FakeAgent.requests.clear()
+    FakeAgent.fail = {"report": "the broker cannot be reached"}
+    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), p)
+    assert state.status == CutoverStatus.DONE and state.queues == UNREAD + "the broker cannot be reached"
+
+    FakeAgent.requests.clear()
+    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}), params())  # another host
+    assert state.queues == "" and "report" not in [r["op"] for r in FakeAgent.requests]
 
 
 @pytest.mark.parametrize("logged_at, loglevel, outcome", [

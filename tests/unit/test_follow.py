@@ -1,11 +1,10 @@
 """How the control machine reads a host's cutover (`follow.py`): a lost launch is UNKNOWN, never
 "not started"; a state file of another run is never taken for this one's; a refused launch is."""
 
-import contextlib
 import shutil
 import types
 
-from deploy_kit import follow, plan
+from deploy_kit import follow, journal, plan
 from deploy_kit.errors import HostError, RemoteCommandError
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 from deploy_kit.runner import Outcome
@@ -24,7 +23,8 @@ class Remote:
     def __init__(self, launch=(), polls=()):
         self.launch, self.polls = launch, list(polls)
 
-    def run_script(self, script, *, on_line=None, **kwargs):
+    def run_script(self, script, *, on_line=None, on_err_line=None, **kwargs):
+        self.scripts = [*getattr(self, "scripts", []), script]
         if kwargs.get("what") == "starting the cutover":
             if isinstance(self.launch, Exception):
                 raise self.launch
@@ -32,13 +32,15 @@ class Remote:
         else:
             lines = self.polls.pop(0) if len(self.polls) > 1 else self.polls[0]
         for line in lines:
-            on_line(line)
+            if line.startswith("{"):  # a journal line, on standard error
+                assert on_err_line(line)
+            else:
+                on_line(line)
         return types.SimpleNamespace(stdout="")
 
 
 def follow_with(remote, monkeypatch):
     stage = stage_of()
-    monkeypatch.setattr(follow.journal, "Tail", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(follow.time, "sleep", lambda s: None)
     said = []
     session = types.SimpleNamespace(remote=lambda name: remote, reconnect=lambda name: None)
@@ -109,15 +111,28 @@ def test_this_runs_state_file_ends_the_following(monkeypatch):
 
 def test_a_connection_lost_while_following_is_read_again_after_reconnecting(monkeypatch):
     class Dropping(Remote):
-        def run_script(self, script, *, on_line=None, **kwargs):
+        def run_script(self, script, *, on_line=None, on_err_line=None, **kwargs):
             if kwargs.get("what") == "starting the cutover":
+                self.scripts = [script]
                 on_line(f"active {state('run1', CutoverStatus.RUNNING)}")
+                on_err_line(journal_entry("s=c1", "worker ready"))
                 raise HostError("web2", "the SSH connection failed: reset")
-            return super().run_script(script, on_line=on_line, **kwargs)
+            return super().run_script(script, on_line=on_line, on_err_line=on_err_line, **kwargs)
 
-    found, said = follow_with(Dropping(polls=[[f"inactive {state('run1', CutoverStatus.DONE)}"]]), monkeypatch)
+    remote = Dropping(polls=[[journal_entry("s=c2", "Warm shutdown"), f"inactive {state('run1', CutoverStatus.DONE)}"]])
+    found, said = follow_with(remote, monkeypatch)
     assert found.status == CutoverStatus.DONE
     assert any("lost the connection" in m for m in said) and any("connection back" in m for m in said)
+    # The journal goes on after the last line shown, on the channel that follows the state.
+    assert [m for m in said if "|" in m] == ["  | shop-worker-default: worker ready",
+                                             "  | shop-worker-default: Warm shutdown"]
+    assert "--since" in remote.scripts[0] and "--after-cursor s=c1 --follow" in remote.scripts[1]
+
+
+def journal_entry(cursor, message):
+    import json
+    return json.dumps({"__CURSOR": cursor, "MESSAGE": message, "_SYSTEMD_UNIT": "shop-worker-default.service",
+                       "PRIORITY": "6", "__REALTIME_TIMESTAMP": "1700000000000000"})
 
 
 def test_the_follow_script_prints_each_change_once_until_the_unit_ends(tmp_path):
@@ -137,6 +152,71 @@ def test_the_follow_script_prints_each_change_once_until_the_unit_ends(tmp_path)
     out = subprocess.run(["bash", "-c", follow._follow_script("u", str(path))], capture_output=True, text=True,
                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30).stdout
     assert out.splitlines() == ["active {}", "inactive {}"]
+
+
+def fake_host(tmp_path, systemctl_answers: str):
+    """A bin directory with a fake systemctl (one answer per call, the last one repeated), a
+    no-op sleep, and a journalctl that records its words and pid, prints one entry and waits."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answers = tmp_path / "answers"
+    answers.write_text(systemctl_answers)
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\nhead -1 {answers}\n"
+                                       f"[ $(wc -l < {answers}) -gt 1 ] && sed -i 1d {answers}\nexit 0\n")
+    (bin_dir / "sleep").write_text("#!/bin/sh\n")
+    (bin_dir / "journalctl").write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path}/words; echo $$ > {tmp_path}/pid\n"
+                                        "echo '{\"__CURSOR\": \"c1\", \"MESSAGE\": \"ready\"}'\nexec /bin/sleep 60\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+def gone(pid: int) -> bool:
+    import os
+    import time
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_follow_script_streams_the_journal_on_stderr_and_stops_it_with_the_loop(tmp_path):
+    import os
+    import subprocess
+    bin_dir = fake_host(tmp_path, "active\nactive\ninactive\n")
+    path = tmp_path / "cutover.json"
+    path.write_text("{}")
+    script = follow._follow_script("u", str(path), journal.journalctl(["a.service"]))
+    done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+    assert done.returncode == 0 and done.stdout.splitlines() == ["active {}", "inactive {}"]
+    assert journal.parse_line("h", done.stderr.splitlines()[0]).message == "ready"
+    assert "--since @" in (tmp_path / "words").read_text()  # the host's clock, a second back
+    assert gone(int((tmp_path / "pid").read_text()))  # journalctl ends with the loop
+
+
+def test_the_follow_scripts_journal_ends_when_the_reader_goes_away(tmp_path):
+    """The laptop is gone: the loop's next line finds no reader, and journalctl is stopped with it."""
+    import os
+    import subprocess
+    bin_dir = fake_host(tmp_path, "active\n")
+    path = tmp_path / "cutover.json"
+    path.write_text("{}")
+    script = follow._follow_script("u", str(path), journal.journalctl(["a.service"], after_cursor="c0"))
+    loop = subprocess.Popen(["bash", "-c", "set -euo pipefail\n" + script], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert loop.stdout.readline() == b"active {}\n"
+    for _ in range(50):
+        if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip():
+            break
+        subprocess.run(["/bin/sleep", "0.1"])
+    loop.stdout.close()
+    assert loop.wait(timeout=30) != 0
+    assert "--after-cursor c0" in (tmp_path / "words").read_text()
+    assert gone(int((tmp_path / "pid").read_text()))
 
 
 def launch_guard(tmp_path, systemctl: str, holder: dict | None):
@@ -204,7 +284,7 @@ def test_the_budget_covers_every_named_wait_of_the_cutover_both_ways():
 
     stage = stage_of()
     for phase in ("workers", "beat"):
-        params = plan.cutover_params(stage, stage.host("web1"), "new", "old", Mode.DEPLOY, "r1", phase)
+        params = plan.cutover_params(stage, stage.host("web1"), "new", "old", Mode.DEPLOY, "r1", phase, report=True)
         for workers in (params["workers"], [], params["workers"] * 3):
             for queues in (["a"], ["a", "b", "c"]):
                 p = dict(params, workers=[dict(w, queues=queues) for w in workers])
@@ -214,13 +294,15 @@ def test_the_budget_covers_every_named_wait_of_the_cutover_both_ways():
                 greet = verify + c.AGENT_START
                 tasks = n * (verify + c.VERIFY_MARGIN)
                 join = q * c.REMOTE_CONTROL
-                retire = q * c.REMOTE_CONTROL_QUICK + n * (3 * c.SYSTEMCTL + c.HANDOFF + 2 * c.REMOTE_CONTROL_QUICK)
+                retire = q * c.REMOTE_CONTROL_QUICK + n * (3 * c.SYSTEMCTL + c.HANDOFF + 2 * c.REMOTE_CONTROL_QUICK) \
+                    + (c.REPORT if p["report"] else 0)
                 beat = c.SYSTEMCTL + stop + verify + watch + c.BEAT_SETTLE  # stop_timeout: Beat's own
                 forward = start + greet + tasks + join + watch + retire + c.SYSTEMCTL + beat
                 give_back = (q * c.REMOTE_CONTROL_QUICK + n * (c.STOP_MARGIN + 5 * c.SYSTEMCTL + c.REMOTE_CONTROL_QUICK)
                              + c.RESTORE + c.AGENT_CLOSE)
                 back = c.SYSTEMCTL + give_back + beat
                 assert follow.budget(p) >= forward + back, (phase, n, queues)
+                assert bool(p["report"]) == (phase == "workers")  # web1 reports the queues
     assert c.RESTORE == c.RESTORE_WAIT + c.RESTORE_SETTLE + c.REMOTE_CONTROL
 
 

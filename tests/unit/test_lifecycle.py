@@ -16,7 +16,7 @@ from deploy_kit import hostfacts, lifecycle, queues, release
 from deploy_kit import remote as host_programs
 from deploy_kit.errors import DeployFailed, HostsFailed, Locked, PreflightFailed, UsageError
 from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script
-from deploy_kit.remote.contracts import CutoverState, CutoverStatus, HistoryLine, LockHolder, Mode, Result
+from deploy_kit.remote.contracts import UNREAD, CutoverState, CutoverStatus, HistoryLine, LockHolder, Mode, Result
 from deploy_kit.runner import Run
 
 from .samples import STAGE, stage_of
@@ -56,6 +56,8 @@ class FakeRun(Run):
     held: set[str] = set()
     facts_override: dict[str, dict] = {}
     unregistered: dict[str, int] = {}
+    report = json.dumps({"queues": {"default": {"waiting": 2, "unacked": 0, "stranded": 0}},
+                         "workers": {"default.new@web1": {"queues": ["default"]}}, "complete": True})
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,7 +97,8 @@ class FakeRun(Run):
             live = action.params["target"] if status == CutoverStatus.DONE else action.params["previous"]
             return CutoverState(id=action.params["id"], mode=mode, target=action.params["target"],
                                 previous=action.params["previous"], status=status, live=live,
-                                failure="" if status == CutoverStatus.DONE else "verify failed")
+                                failure="" if status == CutoverStatus.DONE else "verify failed",
+                                queues=self.report if action.params.get("report") else "")
         if isinstance(action, Queues):  # the real step, over a fake agent (`queues.ask` in `fake`)
             return Run.perform(self, remote, step)
         return None
@@ -130,7 +133,8 @@ def test_the_deploy_executes_exactly_the_plan(fake):
     lifecycle.deploy(stage, ref="main", say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + \
-        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.SUMMARY] + [Phase.BEAT] + [Phase.FINISH] * 2
+        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2  # one cutover reads the queues
+    assert [s.host for s in printed.steps if s.phase == Phase.CUTOVER and s.action.params["report"]] == ["web1"]
 
 
 def test_the_plan_says_per_host_what_will_happen(fake):
@@ -265,7 +269,7 @@ def test_the_rollback_executes_exactly_its_plan(fake):
     lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.BEAT] + [Phase.CUTOVER] * 2 + \
-        [Phase.SUMMARY] + [Phase.FINISH] * 2  # Beat first on the way back; the queues read while it finishes
+        [Phase.FINISH] * 2  # Beat first on the way back; a cutover reads the queues
 
 
 def test_a_failed_migration_discards_the_release_everywhere_and_unlocks(fake, monkeypatch):
@@ -430,7 +434,9 @@ def test_queued_tasks_the_new_release_lacks_warn_or_with_strict_stop_before_anyt
     said = []
     lifecycle.deploy(stage_of(), ref="main", say=lambda host, message: said.append(message), now=NOW)
     assert any("shop.tasks.gone (3 message(s))" in m and m.startswith("warning:") for m in said)
-    assert fake[-1].summarized  # the queue summary after the deploy
+    # The queue summary the reporting host's cutover read, said at the end; no round trip of its own.
+    assert said[-1] == "queue default: 2 waiting, 0 unacked, consumed by default.new@web1"
+    assert not hasattr(fake[-1], "summarized")
     with pytest.raises(PreflightFailed, match=r"shop.tasks.gone \(3 message"):
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW, strict=True)
     run = fake[-1]
@@ -804,3 +810,15 @@ def test_the_cutover_runs_on_every_host_at_once_whatever_parallel_says(fake, mon
     real.each(lambda r: None, what="building")
     real.each(lambda r: None, what="cutover", all_at_once=True)
     assert limits == [real.stage.parallel, 2]
+
+
+def test_a_queue_summary_the_cutover_could_not_read_is_unknown_and_a_failed_deploy_reads_it_after_the_way_back(fake):
+    FakeRun.report = UNREAD + "the broker cannot be reached"
+    said = []
+    lifecycle.deploy(stage_of(), ref="main", say=lambda host, message: said.append(message), now=NOW)
+    assert said[-1] == "queues: unknown (the broker cannot be reached)"
+    FakeRun.report = "{}"
+    FakeRun.cutover_status = {"web2": CutoverStatus.ROLLED_BACK}
+    with pytest.raises(DeployFailed):
+        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+    assert fake[-1].summarized  # read alongside the finish, once the stage is back: what the cutover read is gone
