@@ -215,6 +215,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                       "steps, as the host reports them, are listed before its total):", "",
                   "| phase | seconds |", "| --- | --- |"]
         lines += [f"| {name} | {_num(seconds)} |" for name, seconds in phases.items()]
+    installers = results.get("new_environment_s") or {}
+    if installers:
+        lines += ["", "A requirements change: a new environment, built on the host from wheels it already has, "
+                      "installed by uv (sent as a wheel, the default) or by pip (`installer = \"pip\"`), one deploy "
+                      "each:", "", "| installer | deploy, seconds | of which the release (build and check) |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {name} | {_show(v.get('wall_s'), 's')} | {_show(v.get('release_s'), 's')} |"
+                  for name, v in installers.items()]
     startup = results.get("startup_ready_s") or {}
     if startup:
         lines += ["", "A worker's start-up: from `systemd-run` of a worker as the units run it (the release's "
@@ -655,6 +663,20 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     baseline.reset_cold()
     baseline_cold = baseline.deploy(cold=True)
 
+    say("a requirements change (a new environment, the wheels already on the host): pip, then uv")
+    requirements = repo / APP_DIR / stage.app.requirements
+    installers = {}
+    for installer in ("pip", "uv"):
+        commit(repo, {stage.app.requirements: requirements.read_text() + f"# bench: built with {installer}\n"},
+               f"bench: a requirements change ({installer})")
+        text = config_file.read_text().replace('celery_app = "exampleapp"',
+                                               f'celery_app = "exampleapp"\ninstaller = "{installer}"', 1)
+        variant = config_file.with_name(f"installer-{installer}.toml")
+        variant.write_text(text)
+        run = deploykit(load_stage(variant, args.stage))
+        installers[installer] = {"wall_s": run["wall"], "release_s": max(t.get("release", 0.0)
+                                                                         for t in run["timings"].values())}
+
     say("warm-up: one warm deploy each (not counted)")
     change = 0
     for side in ("deploy-kit", "baseline"):
@@ -751,6 +773,7 @@ def compare(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "failed_after_verify_s": after_verify_s,
         **({"startup_ready_s": startup} if startup else {}),
         "verify_timeout_s": args.verify_timeout,
+        "new_environment_s": installers,
         "phases_s": {step: median_or_none(v) for step, v in phases.items()},
     }
 

@@ -66,6 +66,7 @@ class App:
     linked_dirs: tuple[str, ...] = ()
     linked_files: tuple[str, ...] = ()
     install: str = "wheels"
+    installer: str = "uv"  # with install = "wheels": "uv" (sent as a wheel, pip if it fails) or "pip"
 
     @property
     def releases_dir(self) -> PurePosixPath:

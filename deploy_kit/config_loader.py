@@ -180,9 +180,11 @@ class Loader:
         install = t.get("install", str, "wheels", check=lambda v: None if v in ("wheels", "index") else
                         f"must be 'wheels' (built here and sent) or 'index' (hosts use their own package "
                         f"index), got {v!r}")
+        installer = t.get("installer", str, "uv", check=lambda v: None if v in ("uv", "pip") else
+                          f"must be 'uv' (sent with the wheels; pip when it fails) or 'pip', got {v!r}")
         t.unknown_keys()
         values = (name, repo, ref, subdir, celery_app, deploy_to, user, group, env_file, keep,
-                  requirements, python, linked_dirs, linked_files, install)
+                  requirements, python, linked_dirs, linked_files, install, installer)
         if None in values:
             return None
         if PurePosixPath(env_file).is_relative_to(PurePosixPath(deploy_to) / "releases"):
@@ -195,7 +197,7 @@ class Loader:
                    deploy_to=PurePosixPath(deploy_to), user=user, group=group,
                    env_file=PurePosixPath(env_file), keep_releases=keep, requirements=requirements,
                    python=PurePosixPath(python), linked_dirs=tuple(p.strip("/") for p in linked_dirs),
-                   linked_files=tuple(linked_files), install=install)
+                   linked_files=tuple(linked_files), install=install, installer=installer)
 
     def workers(self, stage: str, own: dict[str, Any], shared: dict[str, Any],
                 hosts: tuple[Host, ...] | None) -> tuple[WorkerService, ...] | None:

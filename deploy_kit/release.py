@@ -197,7 +197,7 @@ def host_env_key(source: Source, python_version: str) -> str:
 
 
 def build_params(stage: Stage, source: Source, wheels_sent: bool = True, python_version: str = "",
-                 allow_reuse: bool = True, queues: tuple[str, ...] = ()) -> dict[str, object]:
+                 allow_reuse: bool = True, queues: tuple[str, ...] = (), installer: str = "") -> dict[str, object]:
     """What the build program (`remote/build.py`) needs to build releases/NAME on a host."""
     app = stage.app
     return {
@@ -208,7 +208,7 @@ def build_params(stage: Stage, source: Source, wheels_sent: bool = True, python_
         "user": app.user, "group": app.group, "shared_dir": str(app.shared_dir),
         "linked_dirs": list(app.linked_dirs), "linked_files": list(app.linked_files),
         "celery_app": app.celery_app, "service_environment": list(units.service_environment(stage)),
-        "queues": list(queues),
+        "queues": list(queues), "installer": installer,  # uv's wheel in the cache, or "" (pip)
     }
 
 
@@ -254,8 +254,9 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
         if attempt == 0 and planned is not None:
             files = [w for w in files if w.name in planned]
+        uv = wheelhouse.installer_wheel() if send_wheels else None
         params = build_params(stage, source, wheels_sent=send_wheels, python_version=python_version,
-                              allow_reuse=allow_reuse, queues=queues)
+                              allow_reuse=allow_reuse, queues=queues, installer=uv.name if uv else "")
         payload = bundle(source, files, remote_programs.program("build", params))
         command = ("sudo -n -- /bin/bash -c " + q(
             'set -euo pipefail; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; '

@@ -202,8 +202,10 @@ class Run:
                      "KiB packed)")
         sent: dict[str, tuple[str, ...]] = {}
         for host, f in facts.items():
-            house = self.houses[host] = wheels.Wheelhouse(source.requirements, wheels.Target.from_facts(f.target),
-                                                         CACHE_DIR, source.constraints)
+            app = self.stage.app
+            house = self.houses[host] = wheels.Wheelhouse(
+                source.requirements, wheels.Target.from_facts(f.target), CACHE_DIR, source.constraints,
+                installer=wheels.UV if app.install == "wheels" and app.installer == "uv" else "")
             if self.stage.app.install == "wheels" and not reuses(f, source):
                 sent[host] = tuple(w.name for w in house.files() if w.name not in f.wheels)
         self.timed("(local)", "pack+wheels", started)

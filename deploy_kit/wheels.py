@@ -34,24 +34,45 @@ class Target:
         major, minor = self.python.split(".")[:2]
         args = ["--only-binary=:all:", "--python-version", self.python, "--implementation", "cp",
                 "--abi", f"cp{major}{minor}", "--abi", "abi3", "--abi", "none"]
-        if self.glibc:
-            glibc_major, glibc_minor = self.glibc.split(".")[:2]
-            args += ["--platform", f"manylinux_{glibc_major}_{glibc_minor}_{self.machine}"]
+        if self.glibc:  # pip takes only the platforms named: each glibc this one runs wheels of
+            glibc_major, glibc_minor = (int(n) for n in self.glibc.split(".")[:2])
+            for minor in range(glibc_minor if glibc_major == 2 else 40, 4, -1):
+                args += ["--platform", f"manylinux_2_{minor}_{self.machine}"]
+                legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}.get(minor)
+                args += ["--platform", f"{legacy}_{self.machine}"] if legacy else []
         args += ["--platform", f"linux_{self.machine}", "--platform", "any"]
         return args
 
 
+UV = "uv==0.13.9"  # the installer sent with the wheels (app.installer = "uv"): one static binary
+
+
 class Wheelhouse:
-    """The wheels one requirements file needs on one kind of host."""
+    """The wheels one requirements file needs on one kind of host, and with `installer` (a
+    requirement: UV) the installer's wheel (none when it has no wheel for the host: pip then)."""
 
     def __init__(self, requirements: str, target: Target, cache_dir: Path,
-                 constraints: dict[str, str] | None = None):
+                 constraints: dict[str, str] | None = None, installer: str = ""):
         self.requirements = requirements
         self.constraints = dict(constraints or {})
         self.target = target
         self.cache_dir = cache_dir
+        self.installer = installer
+
+    def installer_wheel(self) -> Path | None:
+        if not self.installer:
+            return None
+        try:
+            return next(iter(Wheelhouse(self.installer, self.target, self.cache_dir)._wheels([])), None)
+        except WheelError:  # e.g. a platform it has no wheel for: the host's pip installs
+            return None
 
     def files(self, extra: list[str] | None = None) -> list[Path]:
+        """The app's wheels (with `extra` requirements), then the installer's."""
+        installer = self.installer_wheel()
+        return [*self._wheels(extra), *([installer] if installer else [])]
+
+    def _wheels(self, extra: list[str] | None) -> list[Path]:
         extra = list(extra or [])
         parts = [self.requirements, *extra, *(f"{k}\n{v}" for k, v in sorted(self.constraints.items()))]
         digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

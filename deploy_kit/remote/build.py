@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 from deploy_kit.remote import celery_agent, hostlib, probes  # noqa: F401 - the release check ships celery_agent
 from deploy_kit.remote.contracts import ENV_KEY, STATE_DIR, BuildOutcome, BuildStatus
@@ -86,6 +87,9 @@ def environment(p: dict, stage_dir: str, building: str) -> bool:
         incoming = os.path.join(p["cache"], ".incoming")
         shutil.copyfile(wheel, incoming)
         os.replace(incoming, os.path.join(p["cache"], os.path.basename(wheel)))
+    requirements = os.path.join(stage_dir, "requirements.txt")
+    if p.get("installer") and install_with_uv(p, venv, requirements):
+        return False
     sh(p["python"], "-m", "venv", venv)
     source = ["--no-index", "--find-links", p["cache"]] if p["install"] == "wheels" else []
     pip = subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
@@ -98,6 +102,38 @@ def environment(p: dict, stage_dir: str, building: str) -> bool:
             name = re.sub(r"[^A-Za-z0-9._=<>!~+-]", "", missing.group(1))
             raise Stop(BuildOutcome(BuildStatus.MISSING_DISTRIBUTION, missing=name))
         raise Stop(BuildOutcome(BuildStatus.FAILED), log)
+    return False
+
+
+def install_with_uv(p: dict, venv: str, requirements: str) -> bool:
+    """A virtualenv without pip, the wheels installed by uv from its wheel in the cache (one static
+    binary, unpacked once beside the cache): seconds where pip takes many. False, leaving no venv,
+    when uv cannot do it (pip then says why, as it always did)."""
+    wheel = os.path.join(p["cache"], p["installer"])
+    binary = os.path.join(os.path.dirname(p["cache"]), "tools", p["installer"].split("-py", 1)[0])
+    try:
+        if not os.path.exists(binary):
+            with zipfile.ZipFile(wheel) as archive:
+                member = next(n for n in archive.namelist() if n.endswith(".data/scripts/uv"))
+                os.makedirs(os.path.dirname(binary), mode=0o700, exist_ok=True)
+                with archive.open(member) as src, open(binary + ".incoming", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            os.chmod(binary + ".incoming", 0o755)
+            os.replace(binary + ".incoming", binary)
+        sh(p["python"], "-m", "venv", "--without-pip", venv)
+        done = subprocess.run([binary, "pip", "install", "--quiet", "--no-config", "--no-cache", "--offline",
+                               "--compile-bytecode", "--python", os.path.join(venv, "bin", "python"),
+                               "--no-index", "--find-links", p["cache"], "-r", requirements],
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode == 0:
+            return True
+        why = (done.stderr or done.stdout).strip()[-400:]
+    except (OSError, StopIteration, zipfile.BadZipFile, subprocess.SubprocessError) as exc:
+        if out_of_space(exc):
+            raise
+        why = str(exc) or type(exc).__name__
+    print(f"uv could not install the requirements ({why}); pip installs them", file=sys.stderr)
+    shutil.rmtree(venv, ignore_errors=True)
     return False
 
 

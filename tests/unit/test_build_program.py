@@ -161,3 +161,39 @@ def test_a_failing_command_shows_its_error_output(capfd):
     assert failed.value.stderr == "to-stderr\n"
     out, err = capfd.readouterr()
     assert out == "to-stdout\n" and err == "to-stderr\n"  # stdout stays the outcome's channel
+
+
+def fake_uv_wheel(cache, body: str, name: str = "uv-0.13.9-py3-none-manylinux_2_17_x86_64.whl") -> str:
+    """uv's wheel, its binary a shell script with `body` (it records its arguments)."""
+    import zipfile
+    cache.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(cache / name, "w") as archive:
+        archive.writestr("uv-0.13.9.dist-info/METADATA", "Name: uv\n")
+        archive.writestr("uv-0.13.9.data/scripts/uv", f"#!/bin/sh\necho \"$@\" >> {cache}/uv-args\n{body}\n")
+    return name
+
+
+def test_a_new_environment_is_installed_by_uv_from_its_wheel_without_pip(host):
+    """uv, sent as a wheel, is unpacked once beside the cache; the venv has no pip and the wheels
+    come from the cache only, compiled (the service cannot write __pycache__ in a release)."""
+    params, stage_dir, srv, ran, _checks = host
+    params.update(env_key="other", wheels_sent=True, installer=fake_uv_wheel(srv / ".deploy-kit/wheels", "exit 0"))
+    assert build.build(params, str(stage_dir)).status == BuildStatus.BUILT
+    args = (srv / ".deploy-kit/wheels/uv-args").read_text()
+    assert args.startswith("pip install ") and "--offline" in args and "--compile-bytecode" in args
+    assert f"--no-index --find-links {srv}/.deploy-kit/wheels -r {stage_dir}/requirements.txt" in args
+    assert any(argv[1:4] == ("-m", "venv", "--without-pip") for argv in ran)
+    assert not any(argv[1:3] == ("-m", "venv") and "--without-pip" not in argv for argv in ran)
+    assert os.access(srv / ".deploy-kit/tools/uv-0.13.9", os.X_OK)
+
+
+def test_when_uv_fails_the_venv_it_began_is_removed_and_pip_takes_over(host, capsys):
+    params, _stage_dir, srv, ran, _checks = host
+    params.update(installer=fake_uv_wheel(srv / ".deploy-kit/wheels", "echo 'cannot find foo' >&2; exit 2"))
+    venv = srv / "building" / ".venv"
+    venv.parent.mkdir()
+    assert build.install_with_uv(params, str(venv), "requirements.txt") is False
+    said = capsys.readouterr().err
+    assert not venv.exists() and "uv could not install the requirements (cannot find foo); pip" in said
+    params["installer"] = "uv-missing.whl"  # not in the cache (never sent): pip, said why
+    assert build.install_with_uv(params, str(venv), "requirements.txt") is False

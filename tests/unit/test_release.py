@@ -163,6 +163,9 @@ class FakeWheelhouse:
         self.asked.append(list(extra or []))
         return []
 
+    def installer_wheel(self):
+        return None
+
 
 def build(remote, **kwargs):
     from .samples import stage_of
@@ -233,3 +236,14 @@ def test_the_first_build_sends_the_wheels_the_plan_named_and_no_other(tmp_path):
     built = release.build_on(FakeRemote('{"status": "built", "reused_env": false, "missing": ""}'), stage_of(), source,
                              House(), set(), planned=("celery-5.5.0-py3-none-any.whl",))
     assert built.wheels_sent == 1
+
+
+def test_wheels_are_fetched_for_every_glibc_the_host_runs_wheels_of():
+    """pip takes only the platforms named: a host with glibc 2.36 runs manylinux_2_17 wheels too
+    (most compiled wheels, uv's among them)."""
+    from deploy_kit.wheels import Target
+    args = Target("3.11.2", "x86_64", "2.36").pip_args()
+    platforms = [args[i + 1] for i, a in enumerate(args) if a == "--platform"]
+    assert platforms[0] == "manylinux_2_36_x86_64" and "manylinux_2_17_x86_64" in platforms
+    assert {"manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64", "any"} <= set(platforms)
+    assert "manylinux_2_37_x86_64" not in platforms
