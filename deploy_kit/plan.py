@@ -156,7 +156,8 @@ class Finish:
         return [*([("", f"mark releases/{self.mark_bad} bad ({self.mark_bad}/{STATE_DIR}/{BAD}: when, run, why)")]
                   if self.mark_bad else []),
                 *([("", f"append the history line{moved} to {STATE_DIR}/{HISTORY}")] if self.history else []),
-                *(("", f"remove releases/{name}") for name in self.delete),
+                *(("", f"remove releases/{name} (renamed .{name.lstrip('.')}.deleting at once, removed in the "
+                       "background)") for name in self.delete),
                 *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
 
 
