@@ -175,7 +175,10 @@ class Progress:
 
     def journal(self, line: str) -> bool:
         """A line of the host's standard error: shown if it is a journal line (True), else kept."""
-        entry = journal.parse_line(self.host, line)
+        try:
+            entry = journal.parse_line(self.host, line)
+        except Exception:  # noqa: BLE001 - a line we cannot read never stops the following
+            return False
         if entry is None:
             return False
         self.cursor = entry.cursor

@@ -51,6 +51,8 @@ def release_rows(stage: Stage) -> dict[str, list[tuple[str, ...]]]:
 
 def release_state(facts: HostFacts, info: ReleaseInfo, current: str | None) -> str:
     """BAD, half-built, never live (cleanup deletes it), rolled back from, or nothing (pure)."""
+    if info.name.endswith(".deleting"):  # `remote/finish.py`: still being removed (or cut off: the next cleanup)
+        return "being removed"
     if info.bad or info.building:
         return "BAD" if info.bad else "half-built"
     if info.name not in releases.lineage(facts.releases, facts.live, current):

@@ -115,7 +115,7 @@ def journalctl(units: Iterable[str], *, after_cursor: str | None = None) -> list
     argv = ["journalctl", "--no-pager", "-o", "json", "--output-fields="
             "MESSAGE,PRIORITY,_SYSTEMD_UNIT,UNIT,SYSLOG_IDENTIFIER,__REALTIME_TIMESTAMP,__CURSOR",
             *matches(units)]
-    return argv + ["--after-cursor", after_cursor] if after_cursor else argv
+    return argv + ["--after-cursor", after_cursor, "--no-tail"] if after_cursor else argv
 
 
 def journal_command(units: Iterable[str], *, since: str | None = None, lines: int | None = None,
@@ -150,25 +150,34 @@ def parse_line(host: str, raw: str | bytes) -> JournalLine | None:
         entry = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(entry, dict) or "__CURSOR" not in entry:
+    if not isinstance(entry, dict) or not isinstance(entry.get("__CURSOR"), str):
         return None
-    message = entry.get("MESSAGE", "")
-    if isinstance(message, list):  # journald sends non-UTF-8 messages as byte arrays
-        message = bytes(message).decode(errors="replace")
-    elif message is None:
-        message = ""
-    unit = entry.get("_SYSTEMD_UNIT") or entry.get("UNIT") or entry.get("SYSLOG_IDENTIFIER") or "?"
-    if unit in ("init.scope",) and entry.get("UNIT"):
-        unit = entry["UNIT"]
+    message = _text(entry.get("MESSAGE"))
+    unit = _text(entry.get("_SYSTEMD_UNIT")) or _text(entry.get("UNIT")) or _text(entry.get("SYSLOG_IDENTIFIER")) \
+        or "?"
+    if unit in ("init.scope",) and _text(entry.get("UNIT")):
+        unit = _text(entry.get("UNIT"))
     try:
-        stamp = datetime.fromtimestamp(int(entry.get("__REALTIME_TIMESTAMP", "0")) / 1e6, UTC)
-    except (TypeError, ValueError):
+        stamp = datetime.fromtimestamp(int(_text(entry.get("__REALTIME_TIMESTAMP")) or "0") / 1e6, UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
         stamp = datetime.fromtimestamp(0, UTC)
     try:
-        priority = int(entry.get("PRIORITY", 6))
+        priority = int(_text(entry.get("PRIORITY")) or 6)
     except (TypeError, ValueError):
         priority = 6
-    return JournalLine(host, unit.removesuffix(".service"), stamp, priority, str(message), entry["__CURSOR"])
+    return JournalLine(host, unit.removesuffix(".service"), stamp, priority, message, entry["__CURSOR"])
+
+
+def _text(value: object) -> str:
+    """A journal field as text: journald sends a non-UTF-8 value as an array of bytes, and a field
+    an entry has more than once as an array of its values."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        if all(isinstance(b, int) and 0 <= b < 256 for b in value):
+            return bytes(value).decode(errors="replace")
+        return "\n".join(_text(v) for v in value)
+    return str(value)
 
 
 class HostStream(threading.Thread):

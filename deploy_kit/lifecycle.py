@@ -4,14 +4,18 @@
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
     release     pack once here; build on each host;   beat        Beat first, on its host
                 one also checks the queued tasks      cutover     the workers hand back on
-    migrate     once, on the migrate host                         every host at once; one host
-    cutover     every host at once, detached:                     reads the queue summary
+    migrate     once, on the migrate host                         every host at once
+    cutover     every host at once, detached:         queues      read while the run finishes
                 the new release's workers prove       finish      history, unlock
                 themselves, then take over; if one
-                host fails, the others hand back;
-                one host reads the queue summary
+                host fails, the others hand back
+    queues      read while Beat moves
     beat        Beat, on its host, after every host
-    finish      history, cleanup, unlock; the queue summary is said last
+    finish      history, cleanup, unlock
+
+The queue summary is said last. On a stage with one host with workers, that host's cutover
+reads it during its retire (no step of its own); else it is read once every host's workers
+moved.
 
 A failure before the cutover changes nothing that runs (undo: discard the release, record,
 unlock). A first Ctrl-C lets what runs on the hosts finish (builds, migrations, the cutover);
@@ -21,7 +25,7 @@ prints the same steps, built from a read-only probe.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from deploy_kit import checks, follow, outcome
@@ -55,12 +59,16 @@ def deploy(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = No
             undo(run, facts, exc)
             raise
         with run.shielded(WAIT_FOR_HOSTS, stop_after=False):  # the hosts finish by themselves: wait for them
-            results = run.cutover(the_plan.phase(Phase.CUTOVER))  # one host also reads the queues
-            beat = run.cutover(the_plan.phase(Phase.BEAT)) if outcome.verdict(Mode.DEPLOY, results).ok else {}
+            results = run.cutover(the_plan.phase(Phase.CUTOVER))  # on one host, it reads the queues too
+            summary, beat = None, {}
+            if outcome.verdict(Mode.DEPLOY, results).ok:
+                queues = the_plan.phase(Phase.SUMMARY)  # (a stage's one host with workers read them already)
+                summary = run.alongside(queues) if queues else None  # read while Beat moves
+                beat = run.cutover(the_plan.phase(Phase.BEAT))
             marked_bad = False
             if not outcome.verdict(Mode.DEPLOY, {**results, **beat}).ok:
                 results, marked_bad = roll_back(run, the_plan, results, beat)
-            return finish(run, the_plan, results, facts, marked_bad=marked_bad)
+            return finish(run, the_plan, results, facts, summary, marked_bad=marked_bad)
 
 
 def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = None) -> Outcome:
@@ -232,18 +240,22 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
 
 
 def finish(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
-           facts: Mapping[str, HostFacts], *, marked_bad: bool = True) -> Outcome:
+           facts: Mapping[str, HostFacts], summary: Callable[[bool], None] | None = None, *,
+           marked_bad: bool = True) -> Outcome:
     """Record, clean up (only after a success), unlock while every host's state is known; then
-    say the queue summary, read by the reporting host's cutover during its retire (a run whose
-    workers took over there) or alongside this finish (anything else). A host that cannot be
-    recorded or unlocked is a note: a stage that ended on the new release is still a success
-    (exit 0, the note says the lock may be left), and a failed one still ends with its summary
-    (exit 5 or 6), never with exit 7."""
+    say the queue summary: the one the cutover of a stage's one host with workers read during
+    its retire, or the one read alongside Beat (`summary`), or else one read alongside this
+    finish (after a failure always: what was read before the way back is no longer true). A host
+    that cannot be recorded or unlocked is a note: a stage that ended on the new release is
+    still a success (exit 0, the note says the lock may be left), and a failed one still ends
+    with its summary (exit 5 or 6), never with exit 7."""
     decided = outcome.verdict(run.mode, results)
     run.outcome.result = Result.SUCCESS if decided.ok else Result.ROLLED_BACK if decided.consistent else Result.FAILED
     run.history.result = Result.SUCCESS if decided.ok else Result.FAILED
     run.history.seconds = run.seconds()
-    summary = run.read_by_cutover(results) if decided.ok else None  # a failed run's was read before the way back
+    if not decided.ok and summary is not None:
+        summary(False)
+    summary = (summary or run.read_by_cutover(results)) if decided.ok else None
     if summary is None:
         summary = run.alongside(the_plan.phase(Phase.SUMMARY) if decided.ok else plans.summary_steps(run.stage))
     steps = the_plan.phase(Phase.FINISH) if decided.ok else \

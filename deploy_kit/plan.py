@@ -156,7 +156,8 @@ class Finish:
         return [*([("", f"mark releases/{self.mark_bad} bad ({self.mark_bad}/{STATE_DIR}/{BAD}: when, run, why)")]
                   if self.mark_bad else []),
                 *([("", f"append the history line{moved} to {STATE_DIR}/{HISTORY}")] if self.history else []),
-                *(("", f"remove releases/{name}") for name in self.delete),
+                *(("", f"remove releases/{name} (renamed .{name.lstrip('.')}.deleting at once, removed in the "
+                       "background)") for name in self.delete),
                 *([("", "release the lock (only while it is this run's)")] if self.unlock else [])]
 
 
@@ -267,14 +268,21 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
         "state_file": str(state_dir(app) / CUTOVER_STATE),
         "run_dir": str(units.RUN_DIR / app.name),
         "mark_bad_on_failure": mode == Mode.DEPLOY and phase == "workers",
-        "report": queues.queue_names(stage) if report and workers and host.name == queues.reporter(stage).name else [],
+        "report": queues.queue_names(stage) if report and workers and reads_queues(stage, host) else [],
     }
+
+
+def reads_queues(stage: Stage, host: Host) -> bool:
+    """Whether `host`'s cutover reads the queue summary: only when it is the one host with workers
+    (elsewhere the other hosts' cutovers still run while it retires; then a step of its own,
+    once every host's workers moved)."""
+    return [h.name for h in stage.hosts if stage.workers_on(h)] == [host.name]
 
 
 def cutover_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
                   run_id: str, report: bool = False) -> list[Step]:
-    """The workers' handover on every host of `targets` at once (with `report`, the reporting
-    host's also reads the queue summary)."""
+    """The workers' handover on every host of `targets` at once (with `report`, the one host with
+    workers also reads the queue summary: `reads_queues`)."""
     return [Step(h.name, Phase.CUTOVER, f"{mode.value}: hand the workers over to {targets[h.name]} "
                  f"(from {previous.get(h.name) or 'none'})",
                  Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id,
@@ -348,6 +356,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                       Script(migrate_script(stage, source.name, token))))
     targets = {h.name: source.name for h in stage.hosts}
     steps += cutover_steps(stage, targets, current, Mode.DEPLOY, run_id, report=True)
+    steps += [] if reported(steps) else summary_steps(stage, alongside="Beat")
     steps += beat_steps(stage, targets, current, Mode.DEPLOY, run_id)
     steps += finish_steps(stage, [h.name for h in stage.hosts],
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},

@@ -244,6 +244,7 @@ class Run:
         """What `remote/finish.py` does on `host`: delete, record this host's own move, unlock."""
         app = self.stage.app
         params: dict[str, Any] = {"delete": [str(app.releases_dir / name) for name in action.delete],
+                                  "cleanup_unit": f"{app.name}-cleanup-{self.run_id}-{secrets.token_hex(3)}",
                                   "state_dir": str(release.state_dir(app)),
                                   "token": self.token if action.unlock else ""}
         if action.mark_bad:

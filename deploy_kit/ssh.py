@@ -231,9 +231,9 @@ class _Lines:
 
     def _give(self, data: bytes) -> None:
         assert self.see is not None
-        for line in data.decode(errors="replace").splitlines(keepends=True):
-            if not self.see(line.rstrip("\r\n")):
-                self.kept += line.encode()
+        for raw in data.splitlines(keepends=True):  # bytes: only \n, \r and \r\n end a line
+            if not self.see(raw.decode(errors="replace").rstrip("\r\n")):
+                self.kept += raw
 
     def end(self) -> bytes:
         if self.see is not None and self.pending:

@@ -44,12 +44,14 @@ class Target:
         return args
 
 
-UV = "uv==0.13.9"  # the installer sent with the wheels (app.installer = "uv"): one static binary
+# The installer sent with the wheels (app.installer = "uv"): one static binary, and the pip and
+# setuptools it puts in each new virtualenv, as `python -m venv` would.
+UV = "uv==0.13.9\npip\nsetuptools"
 
 
 class Wheelhouse:
-    """The wheels one requirements file needs on one kind of host, and with `installer` (a
-    requirement: UV) the installer's wheel (none when it has no wheel for the host: pip then)."""
+    """The wheels one requirements file needs on one kind of host, and with `installer` (the
+    requirements UV) the installer's wheels (none when it has no wheel for the host: pip then)."""
 
     def __init__(self, requirements: str, target: Target, cache_dir: Path,
                  constraints: dict[str, str] | None = None, installer: str = ""):
@@ -58,19 +60,25 @@ class Wheelhouse:
         self.target = target
         self.cache_dir = cache_dir
         self.installer = installer
+        self._installer: list[Path] | None = None
+
+    def installer_wheels(self) -> list[Path]:
+        """uv's wheel and the seeds' (fetched once); none when uv has no wheel for the host."""
+        if self._installer is None:
+            try:
+                self._installer = Wheelhouse(self.installer, self.target, self.cache_dir)._wheels([]) \
+                    if self.installer else []
+            except WheelError:  # e.g. a platform it has no wheel for: the host's pip installs
+                self._installer = []
+        return self._installer
 
     def installer_wheel(self) -> Path | None:
-        if not self.installer:
-            return None
-        try:
-            return next(iter(Wheelhouse(self.installer, self.target, self.cache_dir)._wheels([])), None)
-        except WheelError:  # e.g. a platform it has no wheel for: the host's pip installs
-            return None
+        """uv's own wheel, when there is one for the host."""
+        return next((w for w in self.installer_wheels() if w.name.startswith("uv-")), None)
 
     def files(self, extra: list[str] | None = None) -> list[Path]:
         """The app's wheels (with `extra` requirements), then the installer's."""
-        installer = self.installer_wheel()
-        return [*self._wheels(extra), *([installer] if installer else [])]
+        return [*self._wheels(extra), *(self.installer_wheels() if self.installer_wheel() else [])]
 
     def _wheels(self, extra: list[str] | None) -> list[Path]:
         extra = list(extra or [])

@@ -21,6 +21,8 @@ class StepFailed(Exception):
 class Agent:
     """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
 
+    pending = b""  # what was read of its output past the last complete line
+
     def __init__(self, params: dict, release: str, purpose: str = "handover"):
         directory = os.path.join(params["releases_dir"], release)
         python = os.path.join(directory, params["venv"], "bin", "python")
@@ -43,11 +45,8 @@ class Agent:
                 raise self.ended() from None
         deadline = time.time() + timeout
         while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise self.ended()
+            line = self.line()
+            if line is not None:
                 answer = json.loads(line)
                 if request is not None and answer.get("id") != self.asked:
                     continue
@@ -59,6 +58,23 @@ class Agent:
                 raise StepFailed(reason)
             if time.time() > deadline:
                 raise StepFailed(f"no answer within {timeout:.0f}s")
+
+    def line(self) -> str | None:
+        """The next complete line of its output, waiting at most 0.3 s for it (None: not yet). Read
+        from the pipe itself: two answers that come in one read are both seen (a late answer of a
+        request given up on, then this one's), never one left in a buffer `select` cannot see."""
+        if b"\n" not in self.pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.3)
+            if not ready:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise self.ended()
+            self.pending += chunk
+            if b"\n" not in self.pending:
+                return None
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode(errors="replace")
 
     def ended(self) -> StepFailed:
         err = self.proc.stderr.read().strip().splitlines()

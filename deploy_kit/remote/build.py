@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 from deploy_kit.remote import celery_agent, hostlib, probes  # noqa: F401 - the release check ships celery_agent
@@ -105,10 +106,14 @@ def environment(p: dict, stage_dir: str, building: str) -> bool:
     return False
 
 
+UV_TIMEOUT = 300  # seconds uv may take; then pip, well within the control machine's wait for the build
+
+
 def install_with_uv(p: dict, venv: str, requirements: str) -> bool:
-    """A virtualenv without pip, the wheels installed by uv from its wheel in the cache (one static
-    binary, unpacked once beside the cache): seconds where pip takes many. False, leaving no venv,
-    when uv cannot do it (pip then says why, as it always did)."""
+    """A virtualenv whose wheels uv installs from the cache (uv: one static binary, unpacked once
+    beside the cache), with pip and (before Python 3.12) setuptools as `python -m venv` puts
+    there: seconds where pip takes many. False, leaving no venv, when uv cannot do it (pip then
+    says why, as it always did)."""
     wheel = os.path.join(p["cache"], p["installer"])
     binary = os.path.join(os.path.dirname(p["cache"]), "tools", p["installer"].split("-py", 1)[0])
     try:
@@ -121,10 +126,15 @@ def install_with_uv(p: dict, venv: str, requirements: str) -> bool:
             os.chmod(binary + ".incoming", 0o755)
             os.replace(binary + ".incoming", binary)
         sh(p["python"], "-m", "venv", "--without-pip", venv)
-        done = subprocess.run([binary, "pip", "install", "--quiet", "--no-config", "--no-cache", "--offline",
-                               "--compile-bytecode", "--python", os.path.join(venv, "bin", "python"),
-                               "--no-index", "--find-links", p["cache"], "-r", requirements],
-                              capture_output=True, text=True, timeout=900)
+        seeds = ["pip", *(["setuptools"] if sys.version_info < (3, 12) else [])]  # as `python -m venv` does
+        cache = tempfile.mkdtemp(prefix="uv-cache-", dir=os.path.dirname(p["cache"]))  # beside the wheels:
+        try:  # the same filesystem as the releases, unlike /tmp
+            done = subprocess.run([binary, "pip", "install", "--quiet", "--no-config", "--cache-dir", cache,
+                                   "--offline", "--compile-bytecode", "--python", os.path.join(venv, "bin", "python"),
+                                   "--no-index", "--find-links", p["cache"], "-r", requirements, *seeds],
+                                  capture_output=True, text=True, errors="replace", timeout=UV_TIMEOUT)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         if done.returncode == 0:
             return True
         why = (done.stderr or done.stdout).strip()[-400:]

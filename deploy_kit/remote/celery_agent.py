@@ -8,7 +8,7 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
     {"op": "verify", "task", "queue", "timeout", "nonce"}     a real task on a private queue
     {"op": "add_consumer", "queue", "node"}                     the node consumes `queue` too
     {"op": "cancel_consumer", "queue", "node"}                  ... and no more
-    {"op": "handoff", "nodes", "timeout"}                       wait until the nodes started every task
+    {"op": "handoff", "nodes", "timeout", "since"}              wait until the nodes started every task
                                                                 they took (none reserved), then their
                                                                 warm shutdowns return nothing late
     {"op": "queues", "node"}                                    what the node consumes now

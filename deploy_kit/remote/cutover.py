@@ -252,7 +252,7 @@ class Cutover(BeatSteps):
         assert self.agent is not None
         try:
             return self.agent.ask({"op": "report", "queues": queues}, waits.REPORT)
-        except StepFailed as exc:
+        except Exception as exc:  # noqa: BLE001 - StepFailed, or an answer it could not read
             return f"{UNREAD}{exc}"
 
     def handoff(self, nodes: list, since: float) -> list:

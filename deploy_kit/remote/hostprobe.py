@@ -89,7 +89,7 @@ def releases(directory: str) -> list:
         path = os.path.join(directory, name)
         if not os.path.isdir(path) or os.path.islink(path):
             continue
-        entry = {"name": name, "building": name.startswith(".") and name.endswith(".building"),
+        entry = {"name": name, "building": name.startswith(".") and name.endswith((".building", ".deleting")),
                  "bad": os.path.exists(os.path.join(path, contracts.STATE_DIR, contracts.BAD)), "revision": {},
                  "mtime": os.stat(path).st_mtime}
         try:

@@ -116,10 +116,14 @@ def test_init_then_the_whole_workflow_from_the_users_project(user):
     second = run(venv, "deploy-kit", project, "deploy", *stage).stdout
     second_release = re.search(DEPLOYED, second)
     assert second_release, second
+    # One host with workers: its cutover read the queue summary during the retire (no round trip of its own).
+    summary = rf"queue \S+: \d+ waiting, \d+ unacked, consumed by \S+\.{second_release.group(1)}@"
+    assert re.search(summary, second), second
 
     # rollback: fab goes back to the first release, deploy-kit undoes it (`--to` the release it left)
     back = run(venv, "fab", project, "rollback", *stage)
     assert f"rolled back stage {NAME} to {first_release.group(1)}: verified" in back.stdout
+    assert re.search(rf"queue \S+: \d+ waiting, \d+ unacked, consumed by \S+\.{first_release.group(1)}@", back.stdout)
     forth = run(venv, "deploy-kit", project, "rollback", *stage, "--to", second_release.group(1))
     assert f"rolled back stage {NAME} to {second_release.group(1)}: verified" in forth.stdout
 

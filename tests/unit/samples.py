@@ -21,6 +21,8 @@ celery_app = "shop"
 name = "default"
 """
 
+ONE_HOST = STAGE.replace('[[stages.prod.hosts]]\nname = "web2"\naddress = "10.0.0.6"\n', "")  # web1 alone
+
 WORKER = "shop-worker-default@.service"  # the template unit file
 INSTANCE = "shop-worker-default@2026-11-24-120000.service"  # the current release's instance
 BEAT = "shop-beat.service"

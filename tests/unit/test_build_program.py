@@ -181,7 +181,9 @@ def test_a_new_environment_is_installed_by_uv_from_its_wheel_without_pip(host):
     assert build.build(params, str(stage_dir)).status == BuildStatus.BUILT
     args = (srv / ".deploy-kit/wheels/uv-args").read_text()
     assert args.startswith("pip install ") and "--offline" in args and "--compile-bytecode" in args
-    assert f"--no-index --find-links {srv}/.deploy-kit/wheels -r {stage_dir}/requirements.txt" in args
+    assert f"--no-index --find-links {srv}/.deploy-kit/wheels -r {stage_dir}/requirements.txt pip setuptools" in args
+    assert f"--cache-dir {srv}/.deploy-kit/uv-cache-" in args  # beside the wheels, removed after:
+    assert not [n for n in os.listdir(srv / ".deploy-kit") if n.startswith("uv-cache-")]
     assert any(argv[1:4] == ("-m", "venv", "--without-pip") for argv in ran)
     assert not any(argv[1:3] == ("-m", "venv") and "--without-pip" not in argv for argv in ran)
     assert os.access(srv / ".deploy-kit/tools/uv-0.13.9", os.X_OK)
@@ -197,3 +199,26 @@ def test_when_uv_fails_the_venv_it_began_is_removed_and_pip_takes_over(host, cap
     assert not venv.exists() and "uv could not install the requirements (cannot find foo); pip" in said
     params["installer"] = "uv-missing.whl"  # not in the cache (never sent): pip, said why
     assert build.install_with_uv(params, str(venv), "requirements.txt") is False
+
+
+def test_the_installer_wheels_come_with_the_apps_unless_uv_has_none_for_the_host(tmp_path, monkeypatch):
+    from deploy_kit import wheels
+
+    fetched = []
+
+    def wheels_of(self, extra):
+        fetched.append(self.requirements)
+        if self.requirements == wheels.UV:
+            if "musl" in self.target.glibc:
+                raise wheels.WheelError("no wheel")
+            return [tmp_path / "pip-25.0-py3-none-any.whl", tmp_path / "uv-0.13.9-py3-none-manylinux_2_17_x86_64.whl"]
+        return [tmp_path / "celery-5.7.0-py3-none-any.whl"]
+
+    monkeypatch.setattr(wheels.Wheelhouse, "_wheels", wheels_of)
+    house = wheels.Wheelhouse("celery\n", wheels.Target("3.11.2", "x86_64", "2.36"), tmp_path, installer=wheels.UV)
+    assert [w.name.split("-")[0] for w in house.files()] == ["celery", "pip", "uv"]
+    assert house.installer_wheel().name.startswith("uv-") and house.files() and fetched.count(wheels.UV) == 1
+    none = wheels.Wheelhouse("celery\n", wheels.Target("3.11.2", "x86_64", "musl"), tmp_path, installer=wheels.UV)
+    assert [w.name for w in none.files()] == ["celery-5.7.0-py3-none-any.whl"] and none.installer_wheel() is None
+    plain = wheels.Wheelhouse("celery\n", wheels.Target("3.11.2", "x86_64", "2.36"), tmp_path)  # installer = "pip"
+    assert [w.name for w in plain.files()] == ["celery-5.7.0-py3-none-any.whl"]

@@ -144,3 +144,26 @@ def test_a_task_a_live_worker_holds_until_its_eta_is_live_never_stranded(app):
             assert later.id in found["live"] and found["complete"]
         finally:
             later.revoke()
+
+
+def test_two_answers_in_one_read_are_both_seen_a_late_one_then_the_awaited_one():
+    """A request given up on is answered late, together with the next one's answer: both arrive
+    in one read. The next request gets its answer at once (none is left unseen in a buffer)."""
+    from deploy_kit.remote.agent_client import Agent
+
+    agent = Agent.__new__(Agent)
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, json\nsys.stdin.readline(); sys.stdin.readline()\n"
+         "sys.stdout.write(json.dumps({'ok': True, 'detail': 'late', 'id': 1}) + '\\n' + "
+         "json.dumps({'ok': True, 'detail': 'this one', 'id': 2}) + '\\n'); sys.stdout.flush()\n"
+         "import time; time.sleep(30)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent.asked, agent.pending = 1, b""
+    agent.proc.stdin.write('{"op": "report", "id": 1}\n')
+    try:
+        started = time.time()
+        assert agent.ask({"op": "queues"}, 10) == "this one"
+        assert time.time() - started < 5
+    finally:
+        agent.proc.kill()
+        agent.proc.wait()

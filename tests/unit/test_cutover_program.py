@@ -643,3 +643,41 @@ def test_the_plan_says_how_beat_is_proven_at_its_loglevel():
         s = replace(stage, beat=replace(stage.beat, loglevel=level))
         params = plan.cutover_params(s, s.host(s.beat.host), NEW, OLD, Mode.DEPLOY, "r1", "beat")
         assert says in dict(plan.handover_lines(params))["wait for beat"]
+
+
+def test_cleanup_hides_each_release_at_once_and_removes_it_in_the_background(tmp_path, monkeypatch):
+    """A deploy never waits for `rm -rf` of a virtualenv: the release is renamed .NAME.deleting
+    (no listing counts it) and removed by a transient unit; where systemd-run fails, here and now."""
+    from deploy_kit.remote import finish
+
+    releases = tmp_path / "releases"
+    for name in (OLD, ".2026-11-24-110000.deleting"):  # a removal cut off earlier is taken up again
+        (releases / name / ".venv").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemd-run").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/ran\n")
+    (bin_dir / "systemd-run").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    doomed = [str(releases / OLD), str(releases / ".2026-11-24-110000.deleting"), str(releases / "gone")]
+    assert finish.finish({"delete": doomed, "cleanup_unit": "shop-cleanup-r1"}) == []
+    assert sorted(os.listdir(releases)) == [".2026-11-24-110000.deleting", f".{OLD}.deleting"]
+    assert (tmp_path / "ran").read_text().strip() == (
+        "--quiet --collect --unit=shop-cleanup-r1 --description=deploy-kit cleanup rm -rf --one-file-system -- "
+        f"{releases}/.{OLD}.deleting {releases}/.2026-11-24-110000.deleting")
+    (bin_dir / "systemd-run").write_text("#!/bin/sh\nexit 1\n")
+    assert finish.finish({"delete": [f"{releases}/.{OLD}.deleting"], "cleanup_unit": "u"}) == []
+    assert os.listdir(releases) == [".2026-11-24-110000.deleting"]  # removed here instead
+
+
+def test_a_release_being_removed_is_listed_as_such_and_cleaned_up_again():
+    from deploy_kit import history, releases
+    from deploy_kit.hostfacts import ReleaseInfo
+
+    trash = ReleaseInfo(".2026-11-24-110000.deleting", True, False, {})
+    assert releases.to_delete([trash, ReleaseInfo(NEW, False, False, {})], NEW, 5) == [trash.name]
+    assert history.release_state(types_facts(), trash, NEW) == "being removed"
+
+
+def types_facts():
+    import types
+    return types.SimpleNamespace(releases=(), live=())

@@ -218,3 +218,23 @@ def test_every_instance_of_a_worker_service_is_matched_even_one_started_later():
     assert identifier.replace("SyslogIdentifier=", "SYSLOG_IDENTIFIER=") in argv
     legacy = stage.workers[0].legacy_unit(stage.app)
     assert argv[argv.index(f"_SYSTEMD_UNIT={legacy}") - 1] == "+"  # OR-ed: each term alone is enough
+
+
+def test_odd_journal_fields_are_read_never_raised():
+    """journald sends a field an entry has twice as an array, a non-UTF-8 one as bytes."""
+    odd = {"__CURSOR": "s=1", "MESSAGE": ["first", "second"], "SYSLOG_IDENTIFIER": ["a", "b"],
+           "PRIORITY": [51], "__REALTIME_TIMESTAMP": "x"}
+    line = journal.parse_line("web1", json.dumps(odd))
+    assert (line.message, line.unit, line.priority) == ("first\nsecond", "a\nb", 3)
+    assert journal.parse_line("web1", json.dumps({"__CURSOR": ["s=1"]})) is None
+
+
+def test_stderr_lines_a_reader_takes_are_left_out_and_only_newlines_end_a_line():
+    from deploy_kit.ssh import _Lines
+
+    taken = []
+    lines = _Lines(lambda text: taken.append(text) or text.startswith("{"))
+    for chunk in (b'{"a": "x\xe2\x80\xa8y"}\nrefused: ', b"another cutover runs\n{\"b\"", b": 1}"):
+        lines.add(chunk)
+    assert lines.end() == b"refused: another cutover runs\n"
+    assert taken == ['{"a": "x\u2028y"}', "refused: another cutover runs", '{"b": 1}']

@@ -19,7 +19,7 @@ from deploy_kit.plan import Build, Cutover, Finish, Phase, Probe, Queues, Script
 from deploy_kit.remote.contracts import UNREAD, CutoverState, CutoverStatus, HistoryLine, LockHolder, Mode, Result
 from deploy_kit.runner import Run
 
-from .samples import STAGE, stage_of
+from .samples import ONE_HOST, STAGE, stage_of
 from .test_checks import healthy
 
 NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
@@ -133,8 +133,13 @@ def test_the_deploy_executes_exactly_the_plan(fake):
     lifecycle.deploy(stage, ref="main", say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.RELEASE] * 2 + \
-        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.BEAT] + [Phase.FINISH] * 2  # one cutover reads the queues
-    assert [s.host for s in printed.steps if s.phase == Phase.CUTOVER and s.action.params["report"]] == ["web1"]
+        [Phase.MIGRATE] + [Phase.CUTOVER] * 2 + [Phase.SUMMARY] + [Phase.BEAT] + [Phase.FINISH] * 2
+    assert not any(s.action.params["report"] for s in printed.steps if s.phase == Phase.CUTOVER)
+    # One host with workers: its cutover reads the queues during its retire (no step of its own).
+    alone = lifecycle.plan(stage_of(ONE_HOST), ref="main", say=say, now=NOW)
+    assert [s.phase for s in alone.steps] == [Phase.LOCK, Phase.RELEASE, Phase.MIGRATE, Phase.CUTOVER, Phase.BEAT,
+                                              Phase.FINISH]
+    assert alone.steps[3].action.params["report"] == ["celery"]
 
 
 def test_the_plan_says_per_host_what_will_happen(fake):
@@ -269,7 +274,7 @@ def test_the_rollback_executes_exactly_its_plan(fake):
     lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
     assert fake[-1].executed == list(printed.steps)  # the very objects, in the same order
     assert [s.phase for s in printed.steps] == [Phase.LOCK] * 2 + [Phase.BEAT] + [Phase.CUTOVER] * 2 + \
-        [Phase.FINISH] * 2  # Beat first on the way back; a cutover reads the queues
+        [Phase.SUMMARY] + [Phase.FINISH] * 2  # Beat first on the way back; the queues read while it finishes
 
 
 def test_a_failed_migration_discards_the_release_everywhere_and_unlocks(fake, monkeypatch):
@@ -434,7 +439,10 @@ def test_queued_tasks_the_new_release_lacks_warn_or_with_strict_stop_before_anyt
     said = []
     lifecycle.deploy(stage_of(), ref="main", say=lambda host, message: said.append(message), now=NOW)
     assert any("shop.tasks.gone (3 message(s))" in m and m.startswith("warning:") for m in said)
-    # The queue summary the reporting host's cutover read, said at the end; no round trip of its own.
+    assert fake[-1].summarized  # the queue summary after the deploy, read while Beat moved
+    said.clear()
+    lifecycle.deploy(stage_of(ONE_HOST), ref="main", say=lambda host, message: said.append(message), now=NOW)
+    # The one host's cutover read it during its retire: said at the end, no round trip of its own.
     assert said[-1] == "queue default: 2 waiting, 0 unacked, consumed by default.new@web1"
     assert not hasattr(fake[-1], "summarized")
     with pytest.raises(PreflightFailed, match=r"shop.tasks.gone \(3 message"):
@@ -815,10 +823,10 @@ def test_the_cutover_runs_on_every_host_at_once_whatever_parallel_says(fake, mon
 def test_a_queue_summary_the_cutover_could_not_read_is_unknown_and_a_failed_deploy_reads_it_after_the_way_back(fake):
     FakeRun.report = UNREAD + "the broker cannot be reached"
     said = []
-    lifecycle.deploy(stage_of(), ref="main", say=lambda host, message: said.append(message), now=NOW)
+    lifecycle.deploy(stage_of(ONE_HOST), ref="main", say=lambda host, message: said.append(message), now=NOW)
     assert said[-1] == "queues: unknown (the broker cannot be reached)"
     FakeRun.report = "{}"
-    FakeRun.cutover_status = {"web2": CutoverStatus.ROLLED_BACK}
+    FakeRun.cutover_status = {"web1": CutoverStatus.ROLLED_BACK}
     with pytest.raises(DeployFailed):
-        lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
+        lifecycle.deploy(stage_of(ONE_HOST), ref="main", say=say, now=NOW)
     assert fake[-1].summarized  # read alongside the finish, once the stage is back: what the cutover read is gone
