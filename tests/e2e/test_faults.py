@@ -262,7 +262,9 @@ def at_the_upload(machine: str, fault: str):
 
 
 def releases_on(stage, index: int) -> list[str]:
-    return sorted(on_host(stage, index, f"ls -A {RELEASES}").split())
+    """The releases there, half-built ones too; not one an earlier cleanup still removes in the
+    background (`.NAME.deleting`: gone from every listing at once)."""
+    return sorted(n for n in on_host(stage, index, f"ls -A {RELEASES}").split() if not n.endswith(".deleting"))
 
 
 def serving(stage, release: str) -> None:
