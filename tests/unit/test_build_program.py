@@ -180,8 +180,12 @@ def test_a_new_environment_is_installed_by_uv_from_its_wheel_without_pip(host):
     params.update(env_key="other", wheels_sent=True, installer=fake_uv_wheel(srv / ".deploy-kit/wheels", "exit 0"))
     assert build.build(params, str(stage_dir)).status == BuildStatus.BUILT
     args = (srv / ".deploy-kit/wheels/uv-args").read_text()
-    assert args.startswith("pip install ") and "--offline" in args and "--compile-bytecode" in args
-    assert f"--no-index --find-links {srv}/.deploy-kit/wheels -r {stage_dir}/requirements.txt pip setuptools" in args
+    app, seeds = args.splitlines()
+    assert app.startswith("pip install ") and "--offline" in app and "--compile-bytecode" in app
+    assert app.endswith(f"--no-index --find-links {srv}/.deploy-kit/wheels --compile-bytecode -r "
+                        f"{stage_dir}/requirements.txt")
+    assert seeds.endswith(f"--find-links {srv}/.deploy-kit/wheels pip setuptools")  # seldom imported: not compiled
+    assert "--compile-bytecode" not in seeds
     assert f"--cache-dir {srv}/.deploy-kit/uv-cache-" in args  # beside the wheels, removed after:
     assert not [n for n in os.listdir(srv / ".deploy-kit") if n.startswith("uv-cache-")]
     assert any(argv[1:4] == ("-m", "venv", "--without-pip") for argv in ran)
