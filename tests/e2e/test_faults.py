@@ -313,6 +313,9 @@ def small_filesystem(machine: str, directory: str, room_kb: int):
                f"! mountpoint -q {directory}")
     try:
         in_container(machine, f"set -e; {unmount}\n"  # whatever an earlier run left
+                              # an earlier cleanup's background `rm -rf` (`.NAME.deleting`) ends first
+                              f"for i in $(seq 300); do ls -A {directory} | grep -q '[.]deleting$' || break; "
+                              f"sleep 0.2; done\n"
                               f"used=$(du -sk {directory} | cut -f1); mkdir -p {side}\n"
                               f"mount -t tmpfs -o size=$(( used + {room_kb} ))k,mode=0700 dk-small-fs {side}\n"
                               f"cp -a {directory}/. {side}/; chown --reference={directory} {side}; "
