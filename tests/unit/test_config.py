@@ -232,6 +232,14 @@ def test_install_mode_is_wheels_or_index():
     assert "must be 'wheels'" in message and "'index'" in message
 
 
+def test_installer_is_uv_or_pip_and_a_bad_one_is_named_with_the_choices():
+    assert parse(MINIMAL).stage("prod").app.installer == "uv"
+    pip = parse(MINIMAL.replace('celery_app = "shop"', 'celery_app = "shop"\ninstaller = "pip"'))
+    assert pip.stage("prod").app.installer == "pip"
+    message = error_of(MINIMAL.replace('celery_app = "shop"', 'celery_app = "shop"\ninstaller = "poetry"'))
+    assert "stages.prod.app.installer" in message and "'uv'" in message and "'pip'" in message and "poetry" in message
+
+
 def test_paths_that_would_break_units_or_scripts_are_refused():
     for bad in ("/srv/my app", "/srv/app%h", "/srv/it's"):
         message = error_of(MINIMAL.replace('celery_app = "shop"', f'celery_app = "shop"\ndeploy_to = "{bad}"'))
