@@ -34,7 +34,7 @@ def budget(params: dict[str, Any]) -> float:
     n, queues = len(workers), sum(len(w["queues"]) for w in workers)
     verify, stop, watch = float(params["verify"]["timeout"]), float(params["stop_timeout"]), float(params["watch"])
     w = waits
-    beat = w.SYSTEMCTL + stop + verify + watch + w.BEAT_SETTLE
+    beat = w.SYSTEMCTL + stop + verify + verify + watch + w.BEAT_SETTLE  # wait_beat, then watch_beat
     forward = (n * (stop + w.STOP_MARGIN + 2 * w.SYSTEMCTL)  # start (a restart in place stops the old unit first)
                + w.AGENT_START + verify + n * (verify + w.VERIFY_MARGIN)  # the agent's greeting, a task per worker
                + queues * w.REMOTE_CONTROL + watch  # join, watch

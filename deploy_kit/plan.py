@@ -87,14 +87,15 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
     these params when nothing fails, as `--plan` shows them (a test compares them with a run)."""
     target = params["target"]
     if params.get("phase") == "beat":
+        timeout, stop = params["verify"]["timeout"], params["stop_timeout"]
+        ready, then = ("it logged that it starts its scheduler and is idle", f"{waits.BEAT_SETTLE}s")
+        if not params.get("beat_logs_start"):
+            ready, then = "it is idle (its scheduler set up)", f"{params['watch']}s"
         return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
                 ("restart beat", f"systemctl restart --no-block {params['beat_unit']} (queued: the old Beat's stop "
-                                 f"may take its TimeoutStopSec, {params['stop_timeout']}s)"),
-                ("wait for beat", f"until Beat runs from releases/{target} (within "
-                                  f"{params['stop_timeout'] + params['verify']['timeout']}s), then "
-                                  + (f"still runs {waits.BEAT_SETTLE}s after it logged that it starts its scheduler "
-                                     f"(without that line: {params['watch']}s later)" if params.get("beat_logs_start")
-                                     else f"still runs {params['watch']}s later"))]
+                                 f"may take its TimeoutStopSec, {stop}s)"),
+                ("wait for beat", f"until Beat runs from releases/{target} (within {stop + timeout}s), then until "
+                                  f"{ready} (within {timeout}s), then still runs {then} later")]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]

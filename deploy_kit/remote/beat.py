@@ -2,8 +2,9 @@
 
 Beat runs on one host and must never run twice: its restart is queued (the old Beat's stop may
 take its whole TimeoutStopSec, e.g. without a broker), then it must run from the target release,
-bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must still
-run a second after it logged that it starts its scheduler (without that line: after the watch).
+bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must get
+to its scheduler's tick loop (idle, and at INFO after its start line) and still run a second after
+(at a quieter loglevel: after the watch).
 """
 
 from __future__ import annotations
@@ -50,25 +51,45 @@ class BeatSteps:
                          f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
 
     def watch_beat(self, unit: str, pid: str, release: str) -> str:
-        """Beat started is not Beat running: it imports the app, logs "beat: Starting..." and sets
-        up its scheduler right after. The same process must still run `BEAT_SETTLE`s after that
-        line (at INFO or DEBUG; this start's line, matched by its invocation and PID), or, without
-        the line (a quieter loglevel, logging sent elsewhere), after the watch, as ever."""
+        """Beat started is not Beat running: it imports the app (seconds; more on a busy host),
+        logs "beat: Starting..." (at INFO or DEBUG), sets up its scheduler and then sleeps in its
+        tick loop. A Beat that cannot load its scheduler dies on the way, before or after that
+        line. So the process of this start must get there and stay: at INFO or DEBUG, its own
+        line (matched by invocation and PID) and the process idle, then `BEAT_SETTLE`s more;
+        without the line (a quieter loglevel), idle, then the watch. Both within the verification
+        timeout; a process still busy (or still without its line) then has run that long."""
         says = bool(self.p.get("beat_logs_start"))
         invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip() if says else ""
-        deadline = time.time() + float(self.p["watch"])
-        logged = 0.0
-        while time.time() < deadline:
+        timeout = float(self.p["verify"]["timeout"])
+        bound = time.time() + timeout
+        ready, cpu = 0.0, None
+        while True:
             time.sleep(0.2)
-            info = self.show(unit)
+            now, info = time.time(), self.show(unit)
             if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
                 raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
                                  f"{info.get('SubState')}); see its journal")
-            if says and not logged and STARTING in self.beat_log(unit, invocation, pid):
-                logged = time.time()
-                deadline = logged + waits.BEAT_SETTLE
-        ran = f"started its scheduler, ran {waits.BEAT_SETTLE}s more" if logged else f"ran {self.p['watch']}s"
-        return f"Beat runs from releases/{release} ({ran})"
+            was, cpu = cpu, self.cpu_time(pid)
+            if ready:
+                if now >= ready:
+                    settled = f"{waits.BEAT_SETTLE}s" if says else f"{self.p['watch']}s"
+                    return f"Beat runs from releases/{release} (set up its scheduler, ran {settled} more)"
+            elif cpu is not None and cpu == was and (not says or STARTING in self.beat_log(unit, invocation, pid)):
+                ready = now + (waits.BEAT_SETTLE if says else float(self.p["watch"]))
+            elif now >= bound:
+                why = "without its start line" if says and cpu == was else "still busy"
+                return f"Beat runs from releases/{release} (ran {timeout:.0f}s, {why})"
+
+    @staticmethod
+    def cpu_time(pid: str) -> int | None:
+        """The CPU time (clock ticks, every thread) of a process asleep, or None when it runs, waits
+        for a disk or is gone: two equal readings 0.2s apart tell a process that is idle."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(fields[11]) + int(fields[12]) if fields[0] == "S" else None
 
     def beat_log(self, unit: str, invocation: str, pid: str) -> str:
         this_start = f"_SYSTEMD_INVOCATION_ID={invocation}" if invocation else f"_SYSTEMD_UNIT={unit}"

@@ -4,6 +4,7 @@ what it asks of systemd and Celery, and where each failure leaves the host (no h
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 
@@ -259,6 +260,7 @@ def test_beat_that_stops_right_after_its_start_is_a_failure(host, monkeypatch):
     systemd = FakeSystemd({"shop-beat.service": "active"})
     monkeypatch.setattr(cutover, "run", systemd)
     program = cutover.Cutover(params(phase="beat", watch=1.0))
+    monkeypatch.setattr(program, "cpu_time", lambda pid: 1)
     ticks = iter(range(1000))
     monkeypatch.setattr(cutover.time, "time", lambda: next(ticks) * 0.1)
     monkeypatch.setattr(cutover.time, "sleep", lambda s: systemd.crash("shop-beat.service"))
@@ -587,17 +589,12 @@ def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fe
     assert state.queues == "" and "report" not in [r["op"] for r in FakeAgent.requests]
 
 
-@pytest.mark.parametrize("logged_at, loglevel, outcome", [
-    (0.5, "INFO", "started its scheduler, ran 1s more"), (2.9, "INFO", "started its scheduler, ran 1s more"),
-    (None, "INFO", "ran 3.0s"), (None, "WARNING", "ran 3.0s")])
-def test_beat_runs_once_its_process_logged_that_it_starts_its_scheduler(host, monkeypatch, logged_at, loglevel,
-                                                                         outcome):
-    """At INFO Beat's proof is this start's own "beat: Starting..." and a second more (a full one,
-    even when the line comes late); without the line, or at a quieter loglevel, the watch."""
+def beat_program(host, monkeypatch, logged_at=None, loglevel="INFO", busy_until=0.0, dies_at=None):
+    """watch_beat on a fake clock: this start's line appears at `logged_at`, its process uses CPU
+    until `busy_until` and is gone at `dies_at`."""
     _tmp, params = host
     systemd = FakeSystemd({"shop-beat.service": "active"})
-    now = [0.0]
-    reads = []
+    now, reads = [0.0], []
 
     def run(argv, timeout=60):
         if argv[0] == "journalctl":
@@ -609,20 +606,74 @@ def test_beat_runs_once_its_process_logged_that_it_starts_its_scheduler(host, mo
             return subprocess.CompletedProcess(argv, 0, "abc123\n", "")
         return systemd(argv, timeout)
 
+    def sleep(s):
+        now[0] = round(now[0] + s, 3)
+        if dies_at is not None and now[0] >= dies_at:
+            systemd.crash("shop-beat.service")
+
     monkeypatch.setattr(cutover, "run", run)
     p = params(phase="beat", watch=3.0)
     p["beat_logs_start"] = loglevel == "INFO"
+    p["verify"]["timeout"] = 15
     program = cutover.Cutover(p)
+    monkeypatch.setattr(program, "cpu_time", lambda pid: 100 + int(min(now[0], busy_until) * 100))
     monkeypatch.setattr(cutover.time, "time", lambda: now[0])
-    monkeypatch.setattr(cutover.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
-    assert outcome in program.watch_beat("shop-beat.service", "42", NEW)
-    if logged_at is not None:
-        assert now[0] >= logged_at + 1.0  # the whole second after the line
-        assert now[0] < 3.0 or logged_at > 2.0
+    monkeypatch.setattr(cutover.time, "sleep", sleep)
+    return program, now, reads
+
+
+@pytest.mark.parametrize("logged_at, loglevel, busy_until, ready_at", [
+    (0.5, "INFO", 0.0, 1.5), (2.9, "INFO", 0.0, 3.9), (0.5, "INFO", 2.0, 3.2), (None, "WARNING", 2.0, 5.2)])
+def test_beat_runs_once_its_process_set_up_its_scheduler_and_ran_on(host, monkeypatch, logged_at, loglevel,
+                                                                    busy_until, ready_at):
+    """At INFO Beat's proof is this start's own "beat: Starting...", its process idle (asleep in
+    the tick loop: its scheduler was set up), and a second more; at a quieter loglevel: idle, then
+    the watch. However late the line or the idle come, within the verification timeout."""
+    program, now, reads = beat_program(host, monkeypatch, logged_at, loglevel, busy_until)
+    settled = "1s" if loglevel == "INFO" else "3.0s"
+    assert program.watch_beat("shop-beat.service", "42", NEW) == \
+        f"Beat runs from releases/{NEW} (set up its scheduler, ran {settled} more)"
+    assert ready_at <= now[0] <= ready_at + 0.45
     if loglevel == "INFO":
         assert "_PID=42" in reads[0] and "_SYSTEMD_INVOCATION_ID=abc123" in reads[0]
     else:
         assert not reads
+
+
+def test_a_beat_that_dies_loading_its_scheduler_late_is_a_failure(host, monkeypatch):
+    """On a busy host Beat may take longer than the watch to import the app; a scheduler it cannot
+    load kills it before it logs its start line (the banner loads it): however late, a failure."""
+    program, now, _reads = beat_program(host, monkeypatch, logged_at=None, busy_until=20, dies_at=6.0)
+    with pytest.raises(StepFailed, match="stopped after it started"):
+        program.watch_beat("shop-beat.service", "42", NEW)
+    program, now, _reads = beat_program(host, monkeypatch, logged_at=1.0, busy_until=20, dies_at=2.5)
+    with pytest.raises(StepFailed, match="stopped after it started"):  # or after the line, still busy
+        program.watch_beat("shop-beat.service", "42", NEW)
+
+
+@pytest.mark.parametrize("logged_at, busy_until, why", [(None, 0.0, "without its start line"),
+                                                        (1.0, 99.0, "still busy")])
+def test_a_beat_that_never_shows_it_is_ready_has_run_the_verification_timeout(host, monkeypatch, logged_at,
+                                                                              busy_until, why):
+    program, now, _reads = beat_program(host, monkeypatch, logged_at=logged_at, busy_until=busy_until)
+    assert program.watch_beat("shop-beat.service", "42", NEW) == f"Beat runs from releases/{NEW} (ran 15s, {why})"
+    assert 15 <= now[0] < 15.5
+
+
+def test_cpu_time_reads_this_process_only_asleep():
+    from deploy_kit.remote.beat import BeatSteps
+
+    assert BeatSteps.cpu_time(str(os.getpid())) is None  # it runs, reading its own stat
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.time() + 10
+        while BeatSteps.cpu_time(str(sleeper.pid)) is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert isinstance(BeatSteps.cpu_time(str(sleeper.pid)), int)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert BeatSteps.cpu_time(str(sleeper.pid)) is None  # gone
 
 
 def test_a_journalctl_that_fails_is_read_as_no_line(host, monkeypatch):
@@ -639,7 +690,9 @@ def test_the_plan_says_how_beat_is_proven_at_its_loglevel():
     from dataclasses import replace
 
     stage = stage_of()
-    for level, says in (("INFO", "after it logged that it starts its scheduler"), ("warning", "still runs 3.0s later")):
+    info = "until it logged that it starts its scheduler and is idle (within 60.0s), then still runs 1s later"
+    quieter = "until it is idle (its scheduler set up) (within 60.0s), then still runs 3.0s later"
+    for level, says in (("INFO", info), ("warning", quieter)):
         s = replace(stage, beat=replace(stage.beat, loglevel=level))
         params = plan.cutover_params(s, s.host(s.beat.host), NEW, OLD, Mode.DEPLOY, "r1", "beat")
         assert says in dict(plan.handover_lines(params))["wait for beat"]

@@ -296,7 +296,7 @@ def test_the_budget_covers_every_named_wait_of_the_cutover_both_ways():
                 join = q * c.REMOTE_CONTROL
                 retire = q * c.REMOTE_CONTROL_QUICK + n * (3 * c.SYSTEMCTL + c.HANDOFF + 2 * c.REMOTE_CONTROL_QUICK) \
                     + (c.REPORT if p["report"] else 0)
-                beat = c.SYSTEMCTL + stop + verify + watch + c.BEAT_SETTLE  # stop_timeout: Beat's own
+                beat = c.SYSTEMCTL + stop + 2 * verify + watch + c.BEAT_SETTLE  # stop_timeout: Beat's own
                 forward = start + greet + tasks + join + watch + retire + c.SYSTEMCTL + beat
                 give_back = (q * c.REMOTE_CONTROL_QUICK + n * (c.STOP_MARGIN + 5 * c.SYSTEMCTL + c.REMOTE_CONTROL_QUICK)
                              + c.RESTORE + c.AGENT_CLOSE)
