@@ -61,10 +61,13 @@ class Build:
     python: str  # the host's Python version, part of the environment's key
     queues: tuple[str, ...] = ()  # (one host) compare the task names waiting there with the release's
     strict: bool = False  # ... and a task it lacks is an error, not a warning
+    installer: str = "pip"  # who installs a new environment: "uv" (pip where it cannot), "pip", "pip (index)"
 
     def lines(self) -> list[Line]:
+        by = "uv (pip where uv cannot)" if self.installer == "uv" else self.installer
         env = "reuse the current release's environment (hard links)" if self.reuse_env else \
-            f"new environment from {len(self.wheels)} wheel(s): {', '.join(self.wheels) or 'none needed'}"
+            (f"new environment installed by {by}; wheels sent: {', '.join(self.wheels) or 'none (the host has them)'}"
+             if self.installer != "pip (index)" else "new environment installed by pip from the package index")
         queued = [("", f"... and the task names waiting in {', '.join(self.queues)} against those it registers "
                        f"({'an error' if self.strict else 'a warning'} for any it lacks)")] if self.queues else []
         return [("", f"unpack, {env}"), ("", "release check as the service, in one Python: manage.py check; "
@@ -352,7 +355,8 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                           f"at {source.sha[:10]} ({len(source.archive) // 1024} KiB of code)",
                           Build(source.name, reuse, () if reuse else wheels.get(host.name, ()),
                                 f.target.get("python", ""),
-                                tuple(queues.queue_names(stage)) if host.name == asked else (), strict)))
+                                tuple(queues.queue_names(stage)) if host.name == asked else (), strict,
+                                app.installer if app.install == "wheels" else "pip (index)")))
     steps.append(Step(stage.migrate_host.name, Phase.MIGRATE, "migrations, once per stage, before the switch",
                       Script(migrate_script(stage, source.name, token))))
     targets = {h.name: source.name for h in stage.hosts}

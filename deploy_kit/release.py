@@ -248,7 +248,7 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
     in a reused environment (then it is built afresh once). `planned`: the wheels the plan said
     this host gets (`--plan` printed them): the first attempt sends those, no other."""
     extra: list[str] = []
-    sent = 0
+    sent = sent_bytes = 0  # over every attempt
     allow_reuse = True
     for attempt in range(6):
         files = [w for w in wheelhouse.files(extra) if w.name not in host_wheels] if send_wheels else []
@@ -263,9 +263,9 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
             f'tar -x -C "$d"; {q(str(stage.app.python))} "$d/build.py" "$d"'))
         result = remote.run(command, payload, sudo=True, what=f"building release {source.name}",
                             timeout=timeout, check=False)
-        outcome = read_outcome(result.stdout)
+        outcome, sent_bytes = read_outcome(result.stdout), sent_bytes + len(payload)
         if outcome.status == BuildStatus.BUILT:
-            return Built(remote.name, source.name, outcome.reused_env, sent + len(files), len(payload),
+            return Built(remote.name, source.name, outcome.reused_env, sent + len(files), sent_bytes,
                          outcome.unregistered, outcome.queued_error)
         if outcome.status == BuildStatus.NEEDS_WHEELS and not send_wheels:
             send_wheels = True

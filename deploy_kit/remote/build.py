@@ -15,6 +15,7 @@ The last line on stdout is a `contracts.BuildOutcome`; details go to stderr. Pyt
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -125,6 +126,7 @@ def install_with_uv(p: dict, venv: str, requirements: str) -> bool:
                     shutil.copyfileobj(src, dst)
             os.chmod(binary + ".incoming", 0o755)
             os.replace(binary + ".incoming", binary)
+            prune_installers(p, binary)
         sh(p["python"], "-m", "venv", "--without-pip", venv)
         seeds = ["pip", *(["setuptools"] if sys.version_info < (3, 12) else [])]  # as `python -m venv` does
         cache = tempfile.mkdtemp(prefix="uv-cache-", dir=os.path.dirname(p["cache"]))  # beside the wheels:
@@ -150,6 +152,18 @@ def install_with_uv(p: dict, venv: str, requirements: str) -> bool:
     print(f"uv could not install the requirements ({why}); pip installs them", file=sys.stderr)
     shutil.rmtree(venv, ignore_errors=True)
     return False
+
+
+def prune_installers(p: dict, binary: str) -> None:
+    """A new uv replaces the one before it (38 MB unpacked, its wheel 17 MB): removed once the new
+    binary is in place, best effort. A deploy-kit that goes back to it sends it again."""
+    keep = os.path.basename(binary)
+    for folder, ours in ((os.path.dirname(binary), lambda n: n.startswith("uv-") and n != keep),
+                         (p["cache"], lambda n: n.startswith("uv-") and n.endswith(".whl") and n != p["installer"])):
+        for name in os.listdir(folder):
+            if ours(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
 
 
 def link_shared(p: dict, building: str) -> None:

@@ -193,6 +193,20 @@ def test_a_new_environment_is_installed_by_uv_from_its_wheel_without_pip(host):
     assert os.access(srv / ".deploy-kit/tools/uv-0.13.9", os.X_OK)
 
 
+def test_a_new_uv_replaces_the_one_before_it_on_the_host(host):
+    params, stage_dir, srv, _ran, _checks = host
+    wheels, tools = srv / ".deploy-kit/wheels", srv / ".deploy-kit/tools"
+    fake_uv_wheel(wheels, "exit 0", name="uv-0.12.0-py3-none-manylinux_2_17_x86_64.whl")
+    tools.mkdir(parents=True)
+    (tools / "uv-0.12.0").write_text("old")
+    (wheels / "celery-5.6.0-py3-none-any.whl").write_text("kept")
+    params.update(env_key="other", wheels_sent=True, installer=fake_uv_wheel(wheels, "exit 0"))
+    assert build.build(params, str(stage_dir)).status == BuildStatus.BUILT
+    assert sorted(os.listdir(tools)) == ["uv-0.13.9"]
+    assert sorted(n for n in os.listdir(wheels) if n.endswith(".whl")) == [
+        "celery-5.6.0-py3-none-any.whl", params["installer"]]
+
+
 def test_when_uv_fails_the_venv_it_began_is_removed_and_pip_takes_over(host, capsys):
     params, _stage_dir, srv, ran, _checks = host
     params.update(installer=fake_uv_wheel(srv / ".deploy-kit/wheels", "echo 'cannot find foo' >&2; exit 2"))

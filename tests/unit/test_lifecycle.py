@@ -152,7 +152,22 @@ def test_the_plan_says_per_host_what_will_happen(fake):
     assert "deploy-kit.shop.prod.default.2026-11-24-123000@web2" in printed  # web2's own new worker
     assert "web1 restart beat:" in printed and "web2 restart beat:" not in printed
     assert f"{NEW[:4]}" in printed and "celery-5.5.0-py3-none-any.whl" in printed
+    assert "new environment installed by uv (pip where uv cannot); wheels sent: celery-5.5.0" in printed
     assert "shop-beat.service" in printed
+
+
+def test_the_plan_says_who_installs_a_new_environment():
+    from dataclasses import replace
+
+    from deploy_kit.plan import Build
+
+    for app, says in (({"installer": "pip"}, "new environment installed by pip; wheels sent: none (the host has them)"),
+                      ({"install": "index"}, "new environment installed by pip from the package index")):
+        stage = stage_of()
+        stage = replace(stage, app=replace(stage.app, **app))
+        build = Build("r1", False, (), "3.11", installer=stage.app.installer if stage.app.install == "wheels"
+                      else "pip (index)")
+        assert says in build.lines()[0][1]
 
 
 def test_a_failed_host_brings_the_other_back_and_exits_5(fake):

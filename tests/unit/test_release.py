@@ -151,6 +151,7 @@ class FakeRemote:
         from deploy_kit.ssh import ScriptResult
 
         self.calls += 1
+        self.sent = getattr(self, "sent", 0) + len(stdin)
         assert kwargs["check"] is False
         return ScriptResult(0, "building\n" + self.outcomes.pop(0) + "\n", self.stderr)
 
@@ -190,8 +191,9 @@ def test_a_host_that_cannot_reuse_the_environment_gets_the_wheels_then():
 def test_a_distribution_pip_misses_is_fetched_and_sent():
     remote = FakeRemote('{"status": "missing_distribution", "reused_env": false, "missing": "tzdata"}',
                         '{"status": "built", "reused_env": false, "missing": ""}')
-    build(remote)
+    built = build(remote)
     assert remote.calls == 2
+    assert built.bytes_sent == remote.sent  # both attempts' bundles, as "built ... KiB" says
 
 
 def test_a_release_failing_its_check_in_a_reused_environment_is_built_afresh_once_then_refused():
