@@ -1,7 +1,10 @@
 """Wheels for a host's Python, fetched on the control machine (hosts need no package index).
 
 `pip download` runs here with the host's Python version, ABI and platform, into a cache
-keyed by requirements and target, so an unchanged deploy downloads nothing.
+keyed by requirements and target, so an unchanged deploy downloads nothing. pip evaluates the
+environment markers of dependencies with this machine's Python, so what only the host's needs
+(redis wants async-timeout before Python 3.11.3; Debian 12 has 3.11.2) is added by reading the
+wheels' own metadata with the host's markers.
 """
 
 from __future__ import annotations
@@ -10,8 +13,14 @@ import fcntl
 import hashlib
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
+from email.parser import HeaderParser
 from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from deploy_kit.errors import WheelError
 
@@ -42,6 +51,40 @@ class Target:
                 args += ["--platform", f"{legacy}_{self.machine}"] if legacy else []
         args += ["--platform", f"linux_{self.machine}", "--platform", "any"]
         return args
+
+    def markers(self) -> dict[str, str]:
+        """The environment markers of a CPython `python` on Linux `machine`."""
+        major, minor = self.python.split(".")[:2]
+        return {**default_environment(), "python_version": f"{major}.{minor}", "python_full_version": self.python,
+                "implementation_name": "cpython", "implementation_version": self.python,
+                "platform_python_implementation": "CPython", "platform_machine": self.machine,
+                "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix"}
+
+
+def needed_on(target: Target, directory: Path, here: dict[str, str] | None = None) -> list[str]:
+    """The requirements of the wheels in `directory` that the target's markers select and this
+    machine's (`here`) did not, and that no wheel there provides (those behind an extra are left
+    to pip on the host)."""
+    have = {canonicalize_name(w.name.split("-", 1)[0]) for w in directory.glob("*.whl")}
+    env, here, missing = target.markers(), default_environment() if here is None else here, []
+    for wheel in sorted(directory.glob("*.whl")):
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+                metadata = HeaderParser().parsestr(archive.read(name).decode("utf-8", "replace"))
+        except (OSError, StopIteration, zipfile.BadZipFile):
+            continue
+        for line in metadata.get_all("Requires-Dist") or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or "extra" in str(req.marker) or canonicalize_name(req.name) in have:
+                continue
+            if req.marker.evaluate(env) and not req.marker.evaluate(here):
+                req.marker = None
+                missing.append(str(req))
+    return sorted(set(missing))
 
 
 # The installer sent with the wheels (app.installer = "uv"): one static binary, and the pip and
@@ -89,16 +132,24 @@ class Wheelhouse:
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two deploys at once: one downloads, the other waits for it
-            if not done.exists():
+            if not done.exists() or needed_on(self.target, directory):  # (a cache made before needed_on)
                 self._download(directory, extra)
                 done.write_text("")
         return sorted(directory.glob("*.whl"))
 
     def _download(self, directory: Path, extra: list[str]) -> None:
-        requirements = directory / "requirements.txt"
-        requirements.write_text(self.requirements + "".join(f"\n{r}" for r in extra) + "\n")
         for name, text in self.constraints.items():
             (directory / name).write_text(text)
+        for _ in range(5):  # each round may bring wheels whose own requirements the host's markers select
+            self._pip_download(directory, extra)
+            more = [r for r in needed_on(self.target, directory) if r not in extra]
+            if not more:
+                return
+            extra = [*extra, *more]
+
+    def _pip_download(self, directory: Path, extra: list[str]) -> None:
+        requirements = directory / "requirements.txt"
+        requirements.write_text(self.requirements + "".join(f"\n{r}" for r in extra) + "\n")
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
              "--dest", str(directory), *self.target.pip_args(), "-r", str(requirements)],

@@ -249,3 +249,46 @@ def test_wheels_are_fetched_for_every_glibc_the_host_runs_wheels_of():
     assert platforms[0] == "manylinux_2_36_x86_64" and "manylinux_2_17_x86_64" in platforms
     assert {"manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64", "any"} <= set(platforms)
     assert "manylinux_2_37_x86_64" not in platforms
+
+
+def fake_wheel(directory, name: str, *requires: str) -> None:
+    import zipfile
+    dist = name.split("-")[0]
+    with zipfile.ZipFile(directory / name, "w") as archive:
+        archive.writestr(f"{dist}-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: " + dist + "\n"
+                         + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+
+def test_what_only_the_hosts_python_needs_is_read_from_the_wheels_metadata(tmp_path):
+    """pip evaluates dependencies' markers with this machine's Python: redis needs async-timeout
+    on Debian 12's 3.11.2, not on a newer Python here. An extra's requirement is left to pip."""
+    from deploy_kit.wheels import Target, needed_on
+    fake_wheel(tmp_path, "redis-8.1.0-py3-none-any.whl", 'async-timeout>=4.0.3; python_full_version < "3.11.3"',
+               'hiredis>=3.2; extra == "hiredis"', 'typing-extensions; python_version < "3.8"',
+               'Packaging; platform_machine == "aarch64"', "kombu")
+    fake_wheel(tmp_path, "kombu-5.6.0-py3-none-any.whl")
+    here = Target("3.12.1", "x86_64", "2.36").markers()
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here) == ["async-timeout>=4.0.3"]
+    assert needed_on(Target("3.11.2", "aarch64", "2.36"), tmp_path, here) == ["Packaging", "async-timeout>=4.0.3"]
+    assert needed_on(Target("3.12.4", "x86_64", "2.36"), tmp_path, here) == []
+    fake_wheel(tmp_path, "async_timeout-5.0.1-py3-none-any.whl")  # fetched: nothing more
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here) == []
+
+
+def test_the_wheelhouse_fetches_again_what_the_hosts_markers_add(tmp_path, monkeypatch):
+    from deploy_kit import wheels
+    asked = []
+
+    def pip_download(self, directory, extra):
+        asked.append(list(extra))
+        fake_wheel(directory, "redis-8.1.0-py3-none-any.whl", 'async-timeout>=4.0.3; python_full_version < "3.11.3"')
+        if "async-timeout>=4.0.3" in extra:
+            fake_wheel(directory, "async_timeout-5.0.1-py3-none-any.whl")
+
+    monkeypatch.setattr(wheels.Wheelhouse, "_pip_download", pip_download)
+    monkeypatch.setattr(wheels, "default_environment", lambda: {"python_full_version": "3.12.1"})
+    house = wheels.Wheelhouse("redis\n", wheels.Target("3.11.2", "x86_64", "2.36"), tmp_path)
+    assert [w.name for w in house.files()] == ["async_timeout-5.0.1-py3-none-any.whl", "redis-8.1.0-py3-none-any.whl"]
+    assert asked == [[], ["async-timeout>=4.0.3"]]
+    house.files()
+    assert len(asked) == 2  # cached
