@@ -179,6 +179,10 @@ class Progress:
             entry = journal.parse_line(self.host, line)
         except Exception:  # noqa: BLE001 - a line we cannot read never stops the following
             return False
+        if entry is None and line.startswith("journalctl:"):  # e.g. an option this systemd lacks
+            self.run.say(self.host, f"the units' journal cannot be followed from here ({line.strip()}); "
+                                    "on the host, `journalctl -u UNIT` shows it")
+            return True
         if entry is None:
             return False
         self.cursor = entry.cursor

@@ -320,3 +320,14 @@ def test_a_running_steps_progress_note_is_said_once_and_its_end_as_usual():
     waiting.steps[0].ok, waiting.steps[0].ended, waiting.steps[0].detail = True, 2.0, "started w@x.service"
     progress.feed(f"active {waiting.to_json()}")
     assert said == ["start: w@x.service is still draining", "start: ok started w@x.service"]
+
+
+def test_a_journalctl_that_cannot_follow_is_said_and_the_following_goes_on():
+    said = []
+    run = types.SimpleNamespace(outcome=Outcome(), say=lambda h, m: said.append((h, m)))
+    progress = follow.Progress(run, "web2", CutoverState(id="run1", mode=Mode.DEPLOY, target=NEW, previous=OLD),
+                               watched=["shop-worker-default@*.service"])
+    assert progress.journal("journalctl: unrecognized option '--output-fields'\n")
+    assert said == [("web2", "the units' journal cannot be followed from here (journalctl: unrecognized option "
+                              "'--output-fields'); on the host, `journalctl -u UNIT` shows it")]
+    assert not progress.journal("bash: some other complaint") and len(said) == 1  # kept in the channel's stderr
