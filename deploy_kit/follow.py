@@ -165,6 +165,7 @@ class Progress:
         self.started = time.monotonic()
         self.watched = watched or []  # no unit here: no journal (never the whole one)
         self.cursor: str | None = None  # of the last journal line shown: a new reading goes on after it
+        self.journal_failed = False  # journalctl said it cannot follow (said once)
 
     def script(self, unit: str, path: str) -> str:
         """The host's loop that prints the state (and the journal) from where this reading is."""
@@ -180,6 +181,9 @@ class Progress:
         except Exception:  # noqa: BLE001 - a line we cannot read never stops the following
             return False
         if entry is None and line.startswith("journalctl:"):  # e.g. an option this systemd lacks
+            if self.journal_failed:  # said once, not again after each reconnect
+                return True
+            self.journal_failed = True
             self.run.say(self.host, f"the units' journal cannot be followed from here ({line.strip()}); "
                                     "on the host, `journalctl -u UNIT` shows it")
             return True

@@ -91,14 +91,13 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
     target = params["target"]
     if params.get("phase") == "beat":
         timeout, stop = params["verify"]["timeout"], params["stop_timeout"]
-        ready, then = ("it logged that it starts its scheduler and is idle", f"{waits.BEAT_SETTLE}s")
-        if not params.get("beat_logs_start"):
-            ready, then = "it is idle (its scheduler set up)", f"{params['watch']}s"
         return [("switch", f"current -> releases/{target} (a new symlink renamed over it: atomic)"),
                 ("restart beat", f"systemctl restart --no-block {params['beat_unit']} (queued: the old Beat's stop "
                                  f"may take its TimeoutStopSec, {stop}s)"),
-                ("wait for beat", f"until Beat runs from releases/{target} (within {stop + timeout}s), then until "
-                                  f"{ready} (within {timeout}s), then still runs {then} later")]
+                ("wait for beat", f"until Beat runs from releases/{target} (within {stop + timeout}s), then until it "
+                                  f"printed its banner (its scheduler class loaded) and went idle, then "
+                                  f"{waits.BEAT_SETTLE}s more; one still without both after {timeout}s has run that "
+                                  "long")]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]
@@ -264,8 +263,6 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
                      "queues": list(w.queues), "handover": w.handover,
                      "private_queue": units.private_queue(stage, w, "%i", "{host}")} for w in workers],
         "beat_unit": stage.beat.unit(app) if phase == "beat" and stage.beat else None,
-        "beat_logs_start": phase == "beat" and stage.beat is not None
-        and stage.beat.loglevel.upper() in ("DEBUG", "INFO"),  # it logs "beat: Starting..."
         "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout}, "watch": stage.verify.watch,
         "service_environment": list(units.service_environment(stage)),
         "stop_timeout": max([units.stop_timeout(stage, w) for w in workers] or [stage.systemd.stop_margin]),

@@ -263,15 +263,14 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
             f'tar -x -C "$d"; {q(str(stage.app.python))} "$d/build.py" "$d"'))
         result = remote.run(command, payload, sudo=True, what=f"building release {source.name}",
                             timeout=timeout, check=False)
-        outcome, sent_bytes = read_outcome(result.stdout), sent_bytes + len(payload)
+        outcome, sent, sent_bytes = read_outcome(result.stdout), sent + len(files), sent_bytes + len(payload)
         if outcome.status == BuildStatus.BUILT:
-            return Built(remote.name, source.name, outcome.reused_env, sent + len(files), sent_bytes,
+            return Built(remote.name, source.name, outcome.reused_env, sent, sent_bytes,
                          outcome.unregistered, outcome.queued_error)
         if outcome.status == BuildStatus.NEEDS_WHEELS and not send_wheels:
             send_wheels = True
         elif outcome.status == BuildStatus.MISSING_DISTRIBUTION and outcome.missing:
             extra.append(outcome.missing)
-            sent += len(files)
             host_wheels |= {w.name for w in files}
         elif outcome.status == BuildStatus.CHECK_FAILED and allow_reuse and outcome.reused_env:
             allow_reuse, send_wheels = False, stage.app.install == "wheels"  # maybe the reused env is stale

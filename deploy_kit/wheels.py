@@ -19,7 +19,7 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.markers import default_environment
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from deploy_kit.errors import WheelError
@@ -61,12 +61,13 @@ class Target:
                 "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix"}
 
 
-def needed_on(target: Target, directory: Path, here: dict[str, str] | None = None) -> list[str]:
-    """The requirements of the wheels in `directory` that the target's markers select and this
-    machine's (`here`) did not, and that no wheel there provides (those behind an extra are left
-    to pip on the host)."""
+def needed_on(target: Target, directory: Path, requirements: str = "", here: dict[str, str] | None = None) -> list[str]:
+    """The requirements (of `requirements`' lines, and of the wheels in `directory`) that the
+    target's markers select and this machine's (`here`) did not, and that no wheel there provides.
+    A requirement behind an extra is not looked at: the host's build asks for it if it lacks it."""
     have = {canonicalize_name(w.name.split("-", 1)[0]) for w in directory.glob("*.whl")}
-    env, here, missing = target.markers(), default_environment() if here is None else here, []
+    lines = [line.split(" #", 1)[0].strip() for line in requirements.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("-", "#")) and "://" not in line]
     for wheel in sorted(directory.glob("*.whl")):
         try:
             with zipfile.ZipFile(wheel) as archive:
@@ -74,17 +75,23 @@ def needed_on(target: Target, directory: Path, here: dict[str, str] | None = Non
                 metadata = HeaderParser().parsestr(archive.read(name).decode("utf-8", "replace"))
         except (OSError, StopIteration, zipfile.BadZipFile):
             continue
-        for line in metadata.get_all("Requires-Dist") or []:
-            try:
-                req = Requirement(line)
-            except InvalidRequirement:
-                continue
+        lines += metadata.get_all("Requires-Dist") or []
+    env, here, missing = target.markers(), default_environment() if here is None else here, []
+    for line in lines:
+        try:
+            req = Requirement(line)
             if req.marker is None or "extra" in str(req.marker) or canonicalize_name(req.name) in have:
                 continue
-            if req.marker.evaluate(env) and not req.marker.evaluate(here):
-                req.marker = None
-                missing.append(str(req))
+            wanted = req.marker.evaluate(env) and not req.marker.evaluate(here)
+        except Exception:  # noqa: BLE001 - InvalidRequirement, or a marker an older packaging cannot compare
+            continue
+        if wanted:
+            req.marker = None
+            missing.append(str(req))
     return sorted(set(missing))
+
+
+COMPLETE = "with the host's markers\n"  # a cache directory's `.complete`: nothing more to fetch
 
 
 # The installer sent with the wheels (app.installer = "uv"): one static binary, and the pip and
@@ -132,9 +139,9 @@ class Wheelhouse:
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two deploys at once: one downloads, the other waits for it
-            if not done.exists() or needed_on(self.target, directory):  # (a cache made before needed_on)
+            if not done.exists() or done.read_text() != COMPLETE:  # (or made before the host's markers counted)
                 self._download(directory, extra)
-                done.write_text("")
+                done.write_text(COMPLETE)
         return sorted(directory.glob("*.whl"))
 
     def _download(self, directory: Path, extra: list[str]) -> None:
@@ -142,7 +149,7 @@ class Wheelhouse:
             (directory / name).write_text(text)
         for _ in range(5):  # each round may bring wheels whose own requirements the host's markers select
             self._pip_download(directory, extra)
-            more = [r for r in needed_on(self.target, directory) if r not in extra]
+            more = [r for r in needed_on(self.target, directory, self.requirements) if r not in extra]
             if not more:
                 return
             extra = [*extra, *more]

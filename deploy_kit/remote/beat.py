@@ -2,9 +2,8 @@
 
 Beat runs on one host and must never run twice: its restart is queued (the old Beat's stop may
 take its whole TimeoutStopSec, e.g. without a broker), then it must run from the target release,
-bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must get
-to its scheduler's tick loop (idle, and at INFO after its start line) and still run a second after
-(at a quieter loglevel: after the watch).
+bounded by Beat's stop timeout plus the verify timeout. Then the process of that start must show
+that it loaded its scheduler (its banner), get to its tick loop (idle) and still run a second.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import time
 from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.agent_client import StepFailed
 
-STARTING = "beat: Starting..."  # Celery's Beat logs it at INFO, then sets up its scheduler
+BANNER = ". maxinterval -> "  # the last line of Beat's banner, printed once it loaded its scheduler class
 
 
 class BeatSteps:
@@ -52,17 +51,15 @@ class BeatSteps:
 
     def watch_beat(self, unit: str, pid: str, release: str) -> str:
         """Beat started is not Beat running: it imports the app (seconds; more on a busy host),
-        logs "beat: Starting..." (at INFO or DEBUG), sets up its scheduler and then sleeps in its
-        tick loop. A Beat that cannot load its scheduler dies on the way, before or after that
-        line. So the process of this start must get there and stay: at INFO or DEBUG, its own
-        line (matched by invocation and PID) and the process idle, then `BEAT_SETTLE`s more;
-        without the line (a quieter loglevel), idle, then the watch. Both within the verification
-        timeout; a process still busy (or still without its line) then has run that long."""
-        says = bool(self.p.get("beat_logs_start"))
-        invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip() if says else ""
+        loads its scheduler class and prints its banner (at every loglevel: a class it cannot
+        load kills it first), sets its scheduler up, then sleeps in its tick loop. So the process
+        of this start must print its banner (this invocation's, this PID's), then be idle (asleep,
+        its CPU time still), then still run `BEAT_SETTLE`s. Within the verification timeout; a
+        Beat alive then without both has run that long, and is said so."""
+        invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip()
         timeout = float(self.p["verify"]["timeout"])
         bound = time.time() + timeout
-        ready, cpu = 0.0, None
+        bannered, ready, cpu = False, 0.0, None
         while True:
             time.sleep(0.2)
             now, info = time.time(), self.show(unit)
@@ -70,15 +67,18 @@ class BeatSteps:
                 raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
                                  f"{info.get('SubState')}); see its journal")
             was, cpu = cpu, self.cpu_time(pid)
+            idle = cpu is not None and cpu == was
             if ready:
                 if now >= ready:
-                    settled = f"{waits.BEAT_SETTLE}s" if says else f"{self.p['watch']}s"
-                    return f"Beat runs from releases/{release} (set up its scheduler, ran {settled} more)"
-            elif cpu is not None and cpu == was and (not says or STARTING in self.beat_log(unit, invocation, pid)):
-                ready = now + (waits.BEAT_SETTLE if says else float(self.p["watch"]))
+                    return (f"Beat runs from releases/{release} (loaded its scheduler, idle, ran "
+                            f"{waits.BEAT_SETTLE}s more)")
+            elif bannered and idle:
+                ready = now + waits.BEAT_SETTLE
             elif now >= bound:
-                why = "without its start line" if says and cpu == was else "still busy"
+                why = "still busy" if bannered else "its banner never showed in the journal"
                 return f"Beat runs from releases/{release} (ran {timeout:.0f}s, {why})"
+            elif not bannered:
+                bannered = BANNER in self.beat_log(unit, invocation, pid)
 
     @staticmethod
     def cpu_time(pid: str) -> int | None:
@@ -93,4 +93,4 @@ class BeatSteps:
 
     def beat_log(self, unit: str, invocation: str, pid: str) -> str:
         this_start = f"_SYSTEMD_INVOCATION_ID={invocation}" if invocation else f"_SYSTEMD_UNIT={unit}"
-        return self.journalctl(this_start, f"_PID={pid}")
+        return self.journalctl(this_start, f"_PID={pid}", lines=5000)  # the banner comes early

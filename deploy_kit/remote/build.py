@@ -155,15 +155,13 @@ def install_with_uv(p: dict, venv: str, requirements: str) -> bool:
 
 
 def prune_installers(p: dict, binary: str) -> None:
-    """A new uv replaces the one before it (38 MB unpacked, its wheel 17 MB): removed once the new
-    binary is in place, best effort. A deploy-kit that goes back to it sends it again."""
-    keep = os.path.basename(binary)
-    for folder, ours in ((os.path.dirname(binary), lambda n: n.startswith("uv-") and n != keep),
-                         (p["cache"], lambda n: n.startswith("uv-") and n.endswith(".whl") and n != p["installer"])):
-        for name in os.listdir(folder):
-            if ours(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
+    """A new uv replaces the one before it (38 MB unpacked), best effort, once it is in place.
+    Wheels stay: the app may need one of that name too."""
+    tools = os.path.dirname(binary)
+    for name in os.listdir(tools):
+        if name.startswith("uv-") and name != os.path.basename(binary):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(tools, name))
 
 
 def link_shared(p: dict, building: str) -> None:

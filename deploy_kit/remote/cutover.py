@@ -378,10 +378,10 @@ class Cutover(BeatSteps):
             argv += ["-u", unit]
         return run(argv).stdout.splitlines()[-60:]
 
-    def journalctl(self, *args: str) -> str:
+    def journalctl(self, *args: str, lines: int = 50) -> str:
         """The messages (only) of the last journal entries that match `args`; "" when journalctl fails."""
         try:
-            return run(["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "50", *args], timeout=10).stdout
+            return run(["journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines), *args], timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 

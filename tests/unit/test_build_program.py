@@ -203,8 +203,8 @@ def test_a_new_uv_replaces_the_one_before_it_on_the_host(host):
     params.update(env_key="other", wheels_sent=True, installer=fake_uv_wheel(wheels, "exit 0"))
     assert build.build(params, str(stage_dir)).status == BuildStatus.BUILT
     assert sorted(os.listdir(tools)) == ["uv-0.13.9"]
-    assert sorted(n for n in os.listdir(wheels) if n.endswith(".whl")) == [
-        "celery-5.6.0-py3-none-any.whl", params["installer"]]
+    assert sorted(n for n in os.listdir(wheels) if n.endswith(".whl")) == [  # the app may need an uv wheel
+        "celery-5.6.0-py3-none-any.whl", "uv-0.12.0-py3-none-manylinux_2_17_x86_64.whl", params["installer"]]
 
 
 def test_when_uv_fails_the_venv_it_began_is_removed_and_pip_takes_over(host, capsys):

@@ -331,3 +331,4 @@ def test_a_journalctl_that_cannot_follow_is_said_and_the_following_goes_on():
     assert said == [("web2", "the units' journal cannot be followed from here (journalctl: unrecognized option "
                               "'--output-fields'); on the host, `journalctl -u UNIT` shows it")]
     assert not progress.journal("bash: some other complaint") and len(said) == 1  # kept in the channel's stderr
+    assert progress.journal("journalctl: unrecognized option '--output-fields'") and len(said) == 1  # a reconnect

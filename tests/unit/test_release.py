@@ -268,11 +268,32 @@ def test_what_only_the_hosts_python_needs_is_read_from_the_wheels_metadata(tmp_p
                'Packaging; platform_machine == "aarch64"', "kombu")
     fake_wheel(tmp_path, "kombu-5.6.0-py3-none-any.whl")
     here = Target("3.12.1", "x86_64", "2.36").markers()
-    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here) == ["async-timeout>=4.0.3"]
-    assert needed_on(Target("3.11.2", "aarch64", "2.36"), tmp_path, here) == ["Packaging", "async-timeout>=4.0.3"]
-    assert needed_on(Target("3.12.4", "x86_64", "2.36"), tmp_path, here) == []
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here=here) == ["async-timeout>=4.0.3"]
+    assert needed_on(Target("3.11.2", "aarch64", "2.36"), tmp_path, here=here) == ["Packaging", "async-timeout>=4.0.3"]
+    assert needed_on(Target("3.12.4", "x86_64", "2.36"), tmp_path, here=here) == []
     fake_wheel(tmp_path, "async_timeout-5.0.1-py3-none-any.whl")  # fetched: nothing more
-    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here) == []
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here=here) == []
+    requirements = ('celery[redis]==5.7.0  # the app\n-c constraints.txt\nexceptiongroup; python_version < "3.12"\n'
+                    'tomli>=2 ; python_version < "3.11"\nhttps://example.invalid/x.whl\n')
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, requirements, here) == ["exceptiongroup"]
+
+
+def test_a_marker_that_cannot_be_evaluated_is_left_out(tmp_path, monkeypatch):
+    from packaging.markers import Marker
+
+    from deploy_kit.wheels import Target, needed_on
+    fake_wheel(tmp_path, "redis-8.1.0-py3-none-any.whl", 'async-timeout>=4.0.3; python_full_version < "3.11.3"',
+               'odd; platform_release >= "5.10"', "not a requirement !!")
+    evaluate = Marker.evaluate
+
+    def picky(self, environment=None):
+        if "platform_release" in str(self):
+            raise ValueError("Invalid version: '6.1.0-27-amd64'")  # packaging 22 did
+        return evaluate(self, environment)
+
+    monkeypatch.setattr(Marker, "evaluate", picky)
+    here = Target("3.12.1", "x86_64", "2.36").markers()
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, here=here) == ["async-timeout>=4.0.3"]
 
 
 def test_the_wheelhouse_fetches_again_what_the_hosts_markers_add(tmp_path, monkeypatch):
@@ -292,3 +313,8 @@ def test_the_wheelhouse_fetches_again_what_the_hosts_markers_add(tmp_path, monke
     assert asked == [[], ["async-timeout>=4.0.3"]]
     house.files()
     assert len(asked) == 2  # cached
+    (next((tmp_path / "wheels").rglob(".complete"))).write_text("")  # a cache made before the host's markers counted
+    house.files()
+    assert len(asked) == 3  # looked at once more
+    house.files()
+    assert len(asked) == 3
