@@ -96,8 +96,8 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                                  f"may take its TimeoutStopSec, {stop}s)"),
                 ("wait for beat", f"until Beat runs from releases/{target} (within {stop + timeout}s), then until it "
                                   f"printed its banner (its scheduler class loaded) and went idle, then "
-                                  f"{waits.BEAT_SETTLE}s more; one still without both after {timeout}s has run that "
-                                  "long")]
+                                  f"{waits.BEAT_SETTLE}s more (without the banner in the journal: idle "
+                                  f"{params['watch']}s); one still busy after {timeout}s has run that long")]
     workers = params["workers"]
     if not workers:
         return [("switch", f"current -> releases/{target} (atomic rename; no worker runs on this host)")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -61,23 +62,36 @@ class Target:
                 "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix"}
 
 
+def requirement_lines(requirements: str) -> list[tuple[str, str]]:
+    """(requirement, its options such as `--hash=...`) of each requirement of a requirements
+    file's text: continuations joined, comments, option lines and URLs left out."""
+    found = []
+    for line in re.sub(r"\\\n", " ", requirements).splitlines():
+        line = re.sub(r"(^|\s)#.*", "", line).strip()
+        if line and not line.startswith("-") and "://" not in line:
+            requirement, _, options = line.partition(" --")
+            found.append((requirement.strip(), " ".join(f"--{options}".split()) if options else ""))
+    return found
+
+
 def needed_on(target: Target, directory: Path, requirements: str = "", here: dict[str, str] | None = None) -> list[str]:
     """The requirements (of `requirements`' lines, and of the wheels in `directory`) that the
-    target's markers select and this machine's (`here`) did not, and that no wheel there provides.
-    A requirement behind an extra is not looked at: the host's build asks for it if it lacks it."""
+    target's markers select and this machine's (`here`) did not, and that no wheel there provides,
+    as requirements file lines. With hashes (pip then wants a hash for each) only the file's own
+    lines, their hashes kept. One behind an extra is left out: the host's build asks for it."""
     have = {canonicalize_name(w.name.split("-", 1)[0]) for w in directory.glob("*.whl")}
-    lines = [line.split(" #", 1)[0].strip() for line in requirements.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("-", "#")) and "://" not in line]
-    for wheel in sorted(directory.glob("*.whl")):
+    lines = requirement_lines(requirements)
+    hashed = any("--hash" in options for _, options in lines)
+    for wheel in [] if hashed else sorted(directory.glob("*.whl")):
         try:
             with zipfile.ZipFile(wheel) as archive:
                 name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
                 metadata = HeaderParser().parsestr(archive.read(name).decode("utf-8", "replace"))
         except (OSError, StopIteration, zipfile.BadZipFile):
             continue
-        lines += metadata.get_all("Requires-Dist") or []
+        lines += [(r, "") for r in metadata.get_all("Requires-Dist") or []]
     env, here, missing = target.markers(), default_environment() if here is None else here, []
-    for line in lines:
+    for line, options in lines:
         try:
             req = Requirement(line)
             if req.marker is None or "extra" in str(req.marker) or canonicalize_name(req.name) in have:
@@ -87,7 +101,7 @@ def needed_on(target: Target, directory: Path, requirements: str = "", here: dic
             continue
         if wanted:
             req.marker = None
-            missing.append(str(req))
+            missing.append(f"{req} {options}".strip())
     return sorted(set(missing))
 
 

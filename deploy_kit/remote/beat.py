@@ -54,12 +54,13 @@ class BeatSteps:
         loads its scheduler class and prints its banner (at every loglevel: a class it cannot
         load kills it first), sets its scheduler up, then sleeps in its tick loop. So the process
         of this start must print its banner (this invocation's, this PID's), then be idle (asleep,
-        its CPU time still), then still run `BEAT_SETTLE`s. Within the verification timeout; a
-        Beat alive then without both has run that long, and is said so."""
+        its CPU time still), then still run `BEAT_SETTLE`s. Without the banner in the journal
+        (CELERY_QUIET, a journald that keeps no info lines), idle the whole watch. Within the
+        verification timeout; a Beat alive then without either has run that long, said so."""
         invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip()
-        timeout = float(self.p["verify"]["timeout"])
+        timeout, watch = float(self.p["verify"]["timeout"]), float(self.p["watch"])
         bound = time.time() + timeout
-        bannered, ready, cpu = False, 0.0, None
+        bannered, ready, cpu, idle_since = False, 0.0, None, 0.0
         while True:
             time.sleep(0.2)
             now, info = time.time(), self.show(unit)
@@ -68,14 +69,18 @@ class BeatSteps:
                                  f"{info.get('SubState')}); see its journal")
             was, cpu = cpu, self.cpu_time(pid)
             idle = cpu is not None and cpu == was
+            idle_since = (idle_since or now) if idle else 0.0
             if ready:
                 if now >= ready:
                     return (f"Beat runs from releases/{release} (loaded its scheduler, idle, ran "
                             f"{waits.BEAT_SETTLE}s more)")
             elif bannered and idle:
                 ready = now + waits.BEAT_SETTLE
+            elif idle_since and now - idle_since >= watch:  # its banner unseen (CELERY_QUIET, journald's level)
+                return (f"Beat runs from releases/{release} (idle for {watch:g}s; its banner never showed in "
+                        "the journal)")
             elif now >= bound:
-                why = "still busy" if bannered else "its banner never showed in the journal"
+                why = "still busy" if bannered else "still busy, its banner never showed in the journal"
                 return f"Beat runs from releases/{release} (ran {timeout:.0f}s, {why})"
             elif not bannered:
                 bannered = BANNER in self.beat_log(unit, invocation, pid)

@@ -278,6 +278,22 @@ def test_what_only_the_hosts_python_needs_is_read_from_the_wheels_metadata(tmp_p
     assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, requirements, here) == ["exceptiongroup"]
 
 
+def test_a_hashed_requirements_file_keeps_its_hashes_and_gets_no_unhashed_line(tmp_path):
+    """`uv export` and `pip-compile --generate-hashes` write continued lines with hashes; pip then
+    refuses any requirement without one, so only the file's own lines come back, hashes kept."""
+    from deploy_kit.wheels import Target, needed_on, requirement_lines
+    fake_wheel(tmp_path, "redis-8.1.0-py3-none-any.whl", 'async-timeout>=4.0.3; python_full_version < "3.11.3"')
+    requirements = ("redis==8.1.0 \\\n    --hash=sha256:aaa\n"
+                    "async-timeout==5.0.1 ; python_full_version < '3.11.3' \\\n    --hash=sha256:bbb \\\n"
+                    "    --hash=sha256:ccc\n"
+                    "exceptiongroup==1.2.0 ; python_version < '3.12'\t# via anyio\n")
+    assert requirement_lines(requirements)[1] == ("async-timeout==5.0.1 ; python_full_version < '3.11.3'",
+                                                  "--hash=sha256:bbb --hash=sha256:ccc")
+    here = Target("3.12.1", "x86_64", "2.36").markers()
+    assert needed_on(Target("3.11.2", "x86_64", "2.36"), tmp_path, requirements, here) == [
+        "async-timeout==5.0.1 --hash=sha256:bbb --hash=sha256:ccc", "exceptiongroup==1.2.0"]
+
+
 def test_a_marker_that_cannot_be_evaluated_is_left_out(tmp_path, monkeypatch):
     from packaging.markers import Marker
 
