@@ -2,9 +2,9 @@
 
 `pip download` runs here with the host's Python version, ABI and platform, into a cache
 keyed by requirements and target, so an unchanged deploy downloads nothing. pip evaluates the
-environment markers of dependencies with this machine's Python, so what only the host's needs
-(redis wants async-timeout before Python 3.11.3; Debian 12 has 3.11.2) is added by reading the
-wheels' own metadata with the host's markers.
+environment markers with this machine's Python, so what only the host's needs (redis wants
+async-timeout before Python 3.11.3; Debian 12 has 3.11.2) is added: the requirements' lines and
+the fetched wheels' metadata are read again with the host's markers (`needed_on`).
 """
 
 from __future__ import annotations
