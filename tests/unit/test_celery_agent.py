@@ -119,7 +119,7 @@ def test_a_handoff_waits_until_the_node_started_what_it_took_and_says_what_it_st
         assert celery_agent.handoff(app, [node], 1, time.time()) == f"no task is held by {node}"
         first, second = block.delay(), block.delay()  # one runs, one waits in the node: reserved
         for _ in range(50):
-            if app.control.inspect(destination=[node], timeout=1).reserved().get(node):
+            if (app.control.inspect(destination=[node], timeout=1).reserved() or {}).get(node):  # None: late
                 break
         with pytest.raises(celery_agent.StillHeld, match=r"still holds 1 task\(s\) it has not started"):
             celery_agent.handoff(app, [node], 1, time.time())
@@ -137,9 +137,9 @@ def test_a_task_a_live_worker_holds_until_its_eta_is_live_never_stranded(app):
     with start_worker(app, perform_ping_check=False, shutdown_timeout=10):
         later = app.send_task("celery.accumulate", args=[1], countdown=60)
         try:
-            for _ in range(10):
+            for _ in range(10):  # on a busy machine a reply may come after the survey's wait: ask again
                 found = celery_agent.survey(app)
-                if later.id in found["live"]:
+                if later.id in found["live"] and found["complete"]:
                     break
             assert later.id in found["live"] and found["complete"]
         finally:
