@@ -108,6 +108,19 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
     def queue(w: dict[str, Any]) -> str:
         return w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
 
+    if params.get("hand_back"):
+        return [
+            ("start", "; ".join(new(w) + (" beside the running instance" if w["handover"] else
+                                          " once the instance that runs stopped (restart in place)")
+                                + f", consuming {', '.join(w['queues'])} at once" for w in workers)
+             + f" (it ran when this run began: no new proof, the broker may be what failed; one still draining is "
+               f"waited for first, at most {params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
+            ("watch", f"the instances keep running for {params['watch']}s"),
+            ("retire", "the failed release's instances stop taking tasks, start what they took already, and drain "
+                       "in the background (warm shutdown)"),
+            ("switch", f"current -> releases/{target} (atomic rename); enable the instances"),
+            ("on failure", "stop them (warm shutdown: they may hold user tasks); the failed release keeps serving"),
+        ]
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
                             else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
@@ -250,9 +263,10 @@ def migrate_script(stage: Stage, release: str, token: str) -> str:
 
 
 def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, mode: Mode, run_id: str,
-                   phase: str = "workers", report: bool = False) -> dict[str, Any]:
+                   phase: str = "workers", report: bool = False, hand_back: bool = False) -> dict[str, Any]:
     """The cutover program's parameters: the workers' handover on a host, or Beat on its host;
-    with `report`, the reporting host's cutover also reads the queue summary the run ends with."""
+    with `report`, the reporting host's cutover also reads the queue summary the run ends with;
+    with `hand_back`, a failed deploy's way back to the release the host ran (no new proof)."""
     app = stage.app
     workers = stage.workers_on(host) if phase == "workers" else ()
     return {
@@ -270,6 +284,7 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
         "run_dir": str(units.RUN_DIR / app.name),
         "mark_bad_on_failure": mode == Mode.DEPLOY and phase == "workers",
         "report": queues.queue_names(stage) if report and workers and reads_queues(stage, host) else [],
+        "hand_back": hand_back,
     }
 
 
@@ -281,13 +296,14 @@ def reads_queues(stage: Stage, host: Host) -> bool:
 
 
 def cutover_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
-                  run_id: str, report: bool = False) -> list[Step]:
+                  run_id: str, report: bool = False, hand_back: bool = False) -> list[Step]:
     """The workers' handover on every host of `targets` at once (with `report`, the one host with
-    workers also reads the queue summary: `reads_queues`)."""
-    return [Step(h.name, Phase.CUTOVER, f"{mode.value}: hand the workers over to {targets[h.name]} "
+    workers also reads the queue summary: `reads_queues`; `hand_back`: see `cutover_params`)."""
+    verb = "hand the workers back" if hand_back else "hand the workers over"
+    return [Step(h.name, Phase.CUTOVER, f"{mode.value}: {verb} to {targets[h.name]} "
                  f"(from {previous.get(h.name) or 'none'})",
                  Cutover(cutover_params(stage, h, targets[h.name], previous.get(h.name), mode, run_id,
-                                        report=report), h.name))
+                                        report=report, hand_back=hand_back), h.name))
             for h in stage.hosts if h.name in targets]
 
 
@@ -364,7 +380,7 @@ def deploy(stage: Stage, facts: Mapping[str, HostFacts], source: Source, run_id:
                           delete={h: cleanup(stage, f, source.name) for h, f in facts.items()},
                           moves={h: (c, source.name) for h, c in current.items()})
     back = {h: c for h, c in current.items() if c}
-    on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r")
+    on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r", hand_back=True)
     on_failure += [Step(h, Phase.UNDO, "first deploy: back to no release",
                         Script(unswitch_script(stage, h, source.name))) for h, c in current.items() if not c]
     on_failure += [Step(h.name, Phase.MARK_BAD, f"mark {source.name} bad",

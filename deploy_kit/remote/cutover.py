@@ -10,6 +10,11 @@ Phase "workers" (every host at once): for each worker service, a handover
 then `current` moves to the target (atomic rename) and the instance is enabled at boot.
 A service with `handover = false` restarts in place instead (stop the old, then start, verify
 and join the new: the queue waits, but verification is never starved by user tasks).
+A deploy's hand-back (`hand_back`: another host or Beat failed after this host's workers took
+over) starts the release this host ran when the run began on the real queues at once, without
+a new proof: it was live minutes ago, and what failed may be the broker every proof needs. It
+is watched, then the new instances retire as above; a host never stays on the failed release
+because the broker went away.
 
 Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
     switch `current`, restart Beat (queued: its stop may take its whole TimeoutStopSec), wait until it
@@ -137,8 +142,13 @@ class Cutover(BeatSteps):
         os.makedirs(self.p["run_dir"], mode=0o755, exist_ok=True)
         for worker in workers:
             unit = self.instance(worker, release)
-            with open(self.handover_file(worker, release), "w") as handle:  # its private queue only, until it joins
-                handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
+            if self.p.get("hand_back"):  # the real queues at once: it may take user tasks from its start
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.handover_file(worker, release))
+                self.joined.append((worker, self.node(worker, unit)))
+            else:
+                with open(self.handover_file(worker, release), "w") as handle:  # its private queue, until it joins
+                    handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
             if not worker["handover"]:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
@@ -404,8 +414,9 @@ class Cutover(BeatSteps):
             self.step("switch", self.switch, target)
             return
         self.step("start", self.start, target, workers)
-        self.step("verify", self.verify, target, workers)
-        self.step("join", self.join, target, workers)
+        if not self.p.get("hand_back"):
+            self.step("verify", self.verify, target, workers)
+            self.step("join", self.join, target, workers)
         self.step("watch", self.watch, target, workers)
         self.step("retire", self.retire, target, workers)
         self.step("switch", self.enable, target, workers)

@@ -226,6 +226,64 @@ def test_steps_describe_what_the_program_runs(host, monkeypatch):
     assert [s.name for s in ran.steps] == [name for name, _ in described[:-1]]  # --plan shows what runs
 
 
+def hand_back(params, watch=0.0):
+    """A failed deploy's way back on a host whose workers took over: NEW runs, OLD drained."""
+    p = params(Mode.ROLLBACK, target=OLD, previous=NEW, watch=watch)
+    p["hand_back"] = True
+    return p
+
+
+def on_new(tmp):
+    os.unlink(tmp / "current")
+    os.symlink(f"releases/{NEW}", tmp / "current")
+
+
+def test_a_hand_back_without_a_broker_still_puts_the_release_the_host_ran_back(host, monkeypatch):
+    """The broker stopped after this host's workers took over and another host failed: no proof
+    and no remote control can work, yet the host must end on the release it ran (CI once ended
+    split: this host's way back verified, failed, and stayed on the failed release)."""
+    tmp, params = host
+    on_new(tmp)
+    (tmp / "run").mkdir()
+    (tmp / "run" / f"default@{OLD}.env").write_text("DEPLOY_KIT_QUEUES=stale\n")
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    down = "Error 111 connecting to 10.0.0.1:6379. Connection refused."
+    FakeAgent.fail = {op: down for op in ("hello", "verify", "add_consumer", "cancel_consumer", "handoff",
+                                          "discard_queue", "report", "restore_stranded")}
+    p = hand_back(params)
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
+    described = plan.handover_lines(p, "web2")
+    assert [s.name for s in state.steps] == [name for name, _ in described[:-1]] == \
+        ["start", "watch", "retire", "switch"]  # --plan shows what runs
+    assert not (tmp / "run" / f"default@{OLD}.env").exists()  # the real queues from its start
+    verbs = systemd.verbs()
+    assert verbs.index(f"start {UNIT.format(OLD)}") < verbs.index(f"stop --no-block {UNIT.format(NEW)}")
+    assert f"enable --quiet {UNIT.format(OLD)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
+    assert "could not be told to stop consuming" in state.steps[2].detail
+    assert os.readlink(tmp / "current") == f"releases/{OLD}"
+
+
+def test_a_hand_back_whose_instance_crashes_stops_it_warm_and_leaves_the_host_as_it_was(host, monkeypatch):
+    tmp, params = host
+    on_new(tmp)
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    real = systemd.__call__
+
+    def crashing(argv, timeout=60):
+        done = real(argv, timeout)
+        if argv[:3] == ["systemctl", "start", UNIT.format(OLD)]:
+            systemd.crash(UNIT.format(OLD))
+        return done
+
+    state = run_program(monkeypatch, crashing, hand_back(params, watch=1.0))
+    assert state.status == CutoverStatus.FELL_BACK and "crashed" in state.failure and state.live == NEW
+    verbs = systemd.verbs()
+    assert f"stop --no-block {UNIT.format(OLD)}" in verbs  # it took from the real queues: warm
+    assert not any(v.startswith("kill") for v in verbs)
+    assert not any(UNIT.format(NEW) in v for v in verbs)  # the instance that serves was never touched
+
+
 def test_restart_in_place_stops_the_old_worker_first_and_starts_it_again_on_failure(host, monkeypatch):
     tmp, params = host
     p = params()
