@@ -22,6 +22,7 @@ class Agent:
     """The Celery agent (`celery_agent.py`) as the service, spoken to one JSON line at a time."""
 
     pending = b""  # what was read of its output past the last complete line
+    refusal = ""  # why it did not start, as its greeting said
 
     def __init__(self, params: dict, release: str, purpose: str = "handover"):
         directory = os.path.join(params["releases_dir"], release)
@@ -49,6 +50,7 @@ class Agent:
             if line is not None:
                 answer = json.loads(line)
                 if request is not None and answer.get("id") != self.asked:
+                    self.refusal = self.refusal or self.refused(answer)
                     continue
                 if not answer["ok"]:
                     raise StepFailed(answer["detail"])
@@ -76,7 +78,24 @@ class Agent:
         line, _, self.pending = self.pending.partition(b"\n")
         return line.decode(errors="replace")
 
+    @staticmethod
+    def refused(answer: dict) -> str:
+        """Why it did not start, when `answer` is a greeting that says so (it then ends)."""
+        return "" if answer.get("ok") or answer.get("id") is not None else str(answer.get("detail", ""))
+
     def ended(self) -> StepFailed:
+        """Why it ended: what its greeting said (the broker cannot be reached, say: a request sent
+        before the greeting was read finds it gone), else the last line of its stderr."""
+        if not self.refusal:
+            try:
+                self.proc.wait(timeout=1)  # it ended: what is left of its output is there to read
+                rest = self.pending + os.read(self.proc.stdout.fileno(), 65536)
+                self.refusal = next((self.refused(json.loads(line)) for line in rest.splitlines()
+                                     if line.strip() and self.refused(json.loads(line))), "")
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+        if self.refusal:
+            return StepFailed(self.refusal)
         err = self.proc.stderr.read().strip().splitlines()
         return StepFailed("the Celery agent ended: " + (err[-1] if err else "no output"))
 

@@ -167,3 +167,23 @@ def test_two_answers_in_one_read_are_both_seen_a_late_one_then_the_awaited_one()
     finally:
         agent.proc.kill()
         agent.proc.wait()
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_an_agent_that_could_not_start_says_why_to_the_first_request(written):
+    """The agent greets with its failure (the broker cannot be reached) and ends. A request sent
+    without waiting for the greeting (a hand-back's first one) fails with that cause, whether it
+    could still be written or found the agent gone, not with "the Celery agent ended"."""
+    from deploy_kit.remote.agent_client import Agent, StepFailed
+
+    agent = Agent.__new__(Agent)
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, json\nsys.stdout.write(json.dumps({'ok': False, 'detail': "
+         "'the broker cannot be reached (Error 111)'}) + '\\n'); sys.stdout.flush()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent.asked, agent.pending = 0, b""
+    if written:
+        agent.proc.wait()
+    with pytest.raises(StepFailed, match=r"^the broker cannot be reached \(Error 111\)$"):
+        agent.ask({"op": "cancel_consumer", "queue": "celery", "node": "n"}, 10)
+    agent.proc.wait()

@@ -154,6 +154,9 @@ def test_the_plan_says_per_host_what_will_happen(fake):
     assert f"{NEW[:4]}" in printed and "celery-5.5.0-py3-none-any.whl" in printed
     assert "new environment installed by uv (pip where uv cannot); wheels sent: celery-5.5.0" in printed
     assert "shop-beat.service" in printed
+    back = printed[printed.index("web2 only if the cutover fails: cutover: rollback: hand the workers back"):]
+    assert "web2 start: shop-worker-default@2026-11-24-120000.service beside the running instance, consuming " \
+           "celery at once (it ran when this run began: no new proof" in back  # the hand-back needs no broker
 
 
 @pytest.mark.parametrize("app, says", [
