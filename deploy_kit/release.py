@@ -269,6 +269,12 @@ def build_on(remote: RemoteHost, stage: Stage, source: Source, wheelhouse: wheel
                          outcome.unregistered, outcome.queued_error)
         if outcome.status == BuildStatus.NEEDS_WHEELS and not send_wheels:
             send_wheels = True
+        elif outcome.status == BuildStatus.MISSING_DISTRIBUTION and outcome.missing and wheelhouse.hashed:
+            raise HostError(remote.name, f"pip there wants {outcome.missing}, which the requirements file does not "
+                            "list, and its hashes make pip want a hash for every requirement (nothing was "
+                            f"switched). Fix: regenerate it for the hosts' Python {python_version or 'version'} (e.g. "
+                            "`pip-compile --generate-hashes` run with that Python), or add the requirement with its "
+                            "hash, then deploy again")
         elif outcome.status == BuildStatus.MISSING_DISTRIBUTION and outcome.missing:
             extra.append(outcome.missing)
             host_wheels |= {w.name for w in files}

@@ -126,6 +126,11 @@ class Wheelhouse:
         self.installer = installer
         self._installer: list[Path] | None = None
 
+    @property
+    def hashed(self) -> bool:
+        """The requirements carry hashes: pip then wants one for every requirement it installs."""
+        return any("--hash" in options for _, options in requirement_lines(self.requirements))
+
     def installer_wheels(self) -> list[Path]:
         """uv's wheel and the seeds' (fetched once); none when uv has no wheel for the host."""
         if self._installer is None:

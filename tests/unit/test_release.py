@@ -157,6 +157,8 @@ class FakeRemote:
 
 
 class FakeWheelhouse:
+    hashed = False
+
     def __init__(self):
         self.asked: list[list[str]] = []
 
@@ -194,6 +196,21 @@ def test_a_distribution_pip_misses_is_fetched_and_sent():
     built = build(remote)
     assert remote.calls == 2
     assert built.bytes_sent == remote.sent  # both attempts' bundles, as "built ... KiB" says
+
+
+def test_a_distribution_a_hashed_requirements_file_lacks_is_refused_with_the_fix(monkeypatch):
+    """No unhashed line is added to a file with hashes (pip would refuse it, and the pins are the
+    user's): the build stops before anything switched, naming what is missing and how to fix it."""
+    from deploy_kit.errors import HostError
+
+    monkeypatch.setattr(FakeWheelhouse, "hashed", True)
+    remote = FakeRemote('{"status": "missing_distribution", "reused_env": false, "missing": "async-timeout"}')
+    with pytest.raises(HostError, match=r"wants async-timeout.*nothing was switched.*Fix: regenerate it for the "
+                                        r"hosts' Python 3\.11\.2"):
+        build(remote, python_version="3.11.2")
+    assert remote.calls == 1
+    assert release.wheels.Wheelhouse("celery==5.5.0 --hash=sha256:ab\n", None, None).hashed  # type: ignore[arg-type]
+    assert not release.wheels.Wheelhouse("celery==5.5.0\n", None, None).hashed  # type: ignore[arg-type]
 
 
 def test_a_release_failing_its_check_in_a_reused_environment_is_built_afresh_once_then_refused():
