@@ -18,7 +18,8 @@ from deploy_kit.errors import EXIT_OK, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK, D
 from deploy_kit.remote.contracts import CutoverState, CutoverStatus, Mode
 
 S = CutoverStatus
-# The host runs the release it ran before the deploy, verified (or was never touched).
+# The host runs the release it ran before the deploy (or was never touched): its old workers never
+# stopped, or a hand-back started them again and confirmed them where the broker allowed it.
 _BACK = (S.ROLLED_BACK, S.NOT_STARTED)
 # The host runs a known, verified release; the lock can go.
 _KNOWN = (S.DONE, S.ROLLED_BACK, S.FELL_BACK, S.NOT_STARTED)

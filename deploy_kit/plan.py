@@ -109,17 +109,23 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
         return w["private_queue"].replace("{host}", hostname or "{host}").replace("%i", target)
 
     if params.get("hand_back"):
+        in_place = [w["service"] for w in workers if not w["handover"]]
         return [
             ("start", "; ".join(new(w) + (" beside the running instance" if w["handover"] else
-                                          " once the instance that runs stopped (restart in place)")
-                                + f", consuming {', '.join(w['queues'])} at once" for w in workers)
-             + f" (it ran when this run began: no new proof, the broker may be what failed; one still draining is "
-               f"waited for first, at most {params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
+                                          " once the failed release's instance stopped (restart in place: the queue "
+                                          "waits)") + f", consuming {', '.join(w['queues'])} at once" for w in workers)
+             + f" (it ran when this run began: no new proof; one still draining is waited for first, at most "
+               f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
+            ("confirm", f"each instance consumes its queues again, asked by remote control within "
+                        f"{params['verify']['timeout']}s (the broker cannot be reached: not confirmed, the watch "
+                        "decides)"),
             ("watch", f"the instances keep running for {params['watch']}s"),
             ("retire", "the failed release's instances stop taking tasks, start what they took already, and drain "
-                       "in the background (warm shutdown)"),
+                       "in the background (warm shutdown)" + (f"; {', '.join(in_place)}: stopped at the start already"
+                                                              if in_place else "")),
             ("switch", f"current -> releases/{target} (atomic rename); enable the instances"),
-            ("on failure", "stop them (warm shutdown: they may hold user tasks); the failed release keeps serving"),
+            ("on failure", "stop them (warm shutdown: they may hold user tasks); the failed release's instances start "
+                           "again (one still draining once its drain ended); nothing is marked bad"),
         ]
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]

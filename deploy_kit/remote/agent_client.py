@@ -47,14 +47,16 @@ class Agent:
         deadline = time.time() + timeout
         while True:
             line = self.line()
-            if line is not None:
-                answer = json.loads(line)
+            answer = self.answer(line) if line is not None else None
+            if answer is not None:
                 if request is not None and answer.get("id") != self.asked:
                     self.refusal = self.refusal or self.refused(answer)
+                    if self.refusal:  # it did not start, and ends: no answer will come
+                        raise StepFailed(self.refusal)
                     continue
-                if not answer["ok"]:
-                    raise StepFailed(answer["detail"])
-                return answer["detail"]
+                if not answer.get("ok"):
+                    raise StepFailed(str(answer.get("detail", "")))
+                return str(answer.get("detail", ""))
             reason = alive()
             if reason:
                 raise StepFailed(reason)
@@ -79,6 +81,15 @@ class Agent:
         return line.decode(errors="replace")
 
     @staticmethod
+    def answer(line: str) -> dict | None:
+        """A line of its output as an answer; None for anything else (a stray print of the app's)."""
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            return None
+        return answer if isinstance(answer, dict) and "ok" in answer else None
+
+    @staticmethod
     def refused(answer: dict) -> str:
         """Why it did not start, when `answer` is a greeting that says so (it then ends)."""
         return "" if answer.get("ok") or answer.get("id") is not None else str(answer.get("detail", ""))
@@ -90,8 +101,8 @@ class Agent:
             try:
                 self.proc.wait(timeout=1)  # it ended: what is left of its output is there to read
                 rest = self.pending + os.read(self.proc.stdout.fileno(), 65536)
-                self.refusal = next((self.refused(json.loads(line)) for line in rest.splitlines()
-                                     if line.strip() and self.refused(json.loads(line))), "")
+                answers = [self.answer(line.decode(errors="replace")) for line in rest.splitlines()]
+                self.refusal = next((self.refused(a) for a in answers if a is not None and self.refused(a)), "")
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
         if self.refusal:

@@ -12,9 +12,11 @@ A service with `handover = false` restarts in place instead (stop the old, then 
 and join the new: the queue waits, but verification is never starved by user tasks).
 A deploy's hand-back (`hand_back`: another host or Beat failed after this host's workers took
 over) starts the release this host ran when the run began on the real queues at once, without
-a new proof: it was live minutes ago, and what failed may be the broker every proof needs. It
-is watched, then the new instances retire as above; a host never stays on the failed release
-because the broker went away.
+a new proof: it was live minutes ago, and what failed may be the broker every proof needs.
+    confirm  each instance consumes its queues again (remote control); without a broker nothing
+             can be confirmed, or asked of the agent later: the watch decides
+then watch, retire the failed release's instances and switch, as above. A host never stays on
+the failed release because the broker went away.
 
 Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
     switch `current`, restart Beat (queued: its stop may take its whole TimeoutStopSec), wait until it
@@ -23,7 +25,9 @@ Phase "beat" (its one host: after every host's workers in a deploy, before them 
 Failure before the join: the new instance is killed at once (it held no user task); the old
 one never stopped. Failure during the watch: the new instance leaves the real queues and
 stops; a warm shutdown returns what it held to the queue. Either way the host runs what it
-ran, and a deploy marks the target bad. Progress goes to a JSON state file (`contracts`).
+ran, and a deploy marks the target bad. A hand-back that fails stops its instances warm (they
+consumed the real queues from their start) and starts again what it stopped or retired; it
+marks nothing bad. Progress goes to a JSON state file (`contracts`).
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class Cutover(BeatSteps):
         self.started_units: list = []  # new instances this run started (stopped again on failure)
         self.stopped: list = []  # (worker, old unit) a restart in place stopped (started again on failure)
         self.retired: list = []  # (worker, old unit) retired by this run (started again on failure)
-        self.joined: list = []  # (worker, node) that joined the real queues
+        self.joined: list = []  # (worker, node) that joined the real queues (a hand-back's: from their start)
+        self.unreachable = ""  # why a hand-back's agent could not start: nothing more is asked of it
         self.restarts: dict = {}
         self.agent: Agent | None = None
 
@@ -152,8 +157,8 @@ class Cutover(BeatSteps):
             if not worker["handover"]:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
+                        self.stopped.append((worker, old))  # before the stop: one that times out starts again too
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + waits.STOP_MARGIN)
-                        self.stopped.append((worker, old))
             self.wait_drained(unit)
             self.started_units.append(unit)  # before the start: a start that fails half-way is given back too
             self.systemctl("start", unit)  # Type=simple: returns once the process runs
@@ -201,6 +206,36 @@ class Cutover(BeatSteps):
                  "timeout": timeout, "nonce": nonce}, timeout + waits.VERIFY_MARGIN, alive=lambda: self.crashed(units)))
         return "; ".join(done)
 
+    def confirm(self, release: str, workers: list) -> str:
+        """A hand-back's check, instead of a proof: once the agent is up, each instance consumes its
+        real queues within the verification timeout. An agent that cannot start (the broker cannot
+        be reached, say) confirms nothing, and is asked nothing more; the watch still runs."""
+        assert self.agent is not None
+        timeout = float(self.p["verify"]["timeout"])
+        units = [self.instance(w, release) for w in workers]
+        try:
+            self.agent.ask(None, timeout, alive=lambda: self.crashed(units))
+        except StepFailed as exc:
+            crash = self.crashed(units)
+            if crash:
+                raise StepFailed(crash) from None
+            self.unreachable = str(exc)
+            return f"not confirmed ({exc}); the watch decides"
+        deadline, confirmed = time.time() + timeout, []
+        for worker in workers:
+            node = self.node(worker, self.instance(worker, release))
+            while True:
+                consumed = self.agent.ask({"op": "queues", "node": node}, waits.REMOTE_CONTROL,
+                                          alive=lambda: self.crashed(units)).split(",")
+                lacking = [q for q in worker["queues"] if q not in consumed]
+                if not lacking:
+                    break
+                if time.time() > deadline:
+                    raise StepFailed(f"{node} does not consume {', '.join(lacking)} after {timeout:.0f}s")
+                time.sleep(0.5)
+            confirmed.append(node)
+        return "consuming again: " + ", ".join(confirmed)
+
     def join(self, release: str, workers: list) -> str:
         assert self.agent is not None
         for worker in workers:
@@ -232,6 +267,9 @@ class Cutover(BeatSteps):
                 if old != self.instance(worker, release) and all(old != u for _, u, _ in olds):
                     olds.append((worker, old, (worker, old) not in self.stopped and self.cancel(worker, old, untold)))
         told, since = [self.node(w, u) for w, u, t in olds if t], time.time()
+        if self.unreachable and olds:
+            untold.append(f"they were not told to stop consuming first ({self.unreachable}): their warm shutdowns "
+                          "stop them")
         if self.p.get("report"):  # while the fetch the old nodes sent before the cancel ends
             self.state.queues = self.read_queues(self.p["report"])
         untold += self.handoff(told, since) if told else []
@@ -247,6 +285,8 @@ class Cutover(BeatSteps):
 
     def cancel(self, worker: dict, old: str, untold: list) -> bool:
         """Best effort: the warm shutdown stops consuming anyway."""
+        if self.unreachable:
+            return False
         for queue in worker["queues"]:
             try:
                 self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": self.node(worker, old)},
@@ -315,7 +355,7 @@ class Cutover(BeatSteps):
 
     def give_back(self) -> str:
         """Stop what this run started; the old instances never stopped serving."""
-        for worker, node in self.joined:
+        for worker, node in [] if self.unreachable else self.joined:
             for queue in worker["queues"]:
                 try:
                     self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": node}, waits.REMOTE_CONTROL_QUICK)
@@ -358,7 +398,7 @@ class Cutover(BeatSteps):
                 time.sleep(waits.RESTORE_SETTLE)  # so a message a live worker just took shows in its reserved tasks
                 queues = sorted({q for w, _ in draining for q in w["queues"]})
                 try:
-                    if self.agent is None:
+                    if self.agent is None or self.unreachable:
                         return ""
                     return self.agent.ask({"op": "restore_stranded", "queues": queues}, waits.REMOTE_CONTROL)
                 except StepFailed as exc:
@@ -368,7 +408,7 @@ class Cutover(BeatSteps):
 
     def discard_private(self, worker: dict, release: str) -> None:
         """Best effort: a private queue nobody consumes again leaves nothing behind in the broker."""
-        if self.agent is None:
+        if self.agent is None or self.unreachable:
             return
         with contextlib.suppress(StepFailed):
             self.agent.ask({"op": "discard_queue", "queue": self.private_queue(worker, release)},
@@ -414,7 +454,9 @@ class Cutover(BeatSteps):
             self.step("switch", self.switch, target)
             return
         self.step("start", self.start, target, workers)
-        if not self.p.get("hand_back"):
+        if self.p.get("hand_back"):
+            self.step("confirm", self.confirm, target, workers)
+        else:
             self.step("verify", self.verify, target, workers)
             self.step("join", self.join, target, workers)
         self.step("watch", self.watch, target, workers)

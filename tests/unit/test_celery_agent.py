@@ -187,3 +187,23 @@ def test_an_agent_that_could_not_start_says_why_to_the_first_request(written):
     with pytest.raises(StepFailed, match=r"^the broker cannot be reached \(Error 111\)$"):
         agent.ask({"op": "cancel_consumer", "queue": "celery", "node": "n"}, 10)
     agent.proc.wait()
+
+
+def test_stray_output_of_the_app_is_not_taken_for_an_answer():
+    """What the app prints on the agent's stdout (text, or JSON that is no answer) is skipped."""
+    from deploy_kit.remote.agent_client import Agent
+
+    agent = Agent.__new__(Agent)
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, json\nprint('importing settings'); print(1); print('[]')\n"
+         "print(json.dumps({'ok': True, 'detail': 'ready'}))\nsys.stdin.readline(); print('{\"x\": 1}')\n"
+         "print(json.dumps({'ok': True, 'detail': 'celery', 'id': 1})); sys.stdout.flush()\n"
+         "import time; time.sleep(30)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent.asked, agent.pending = 0, b""
+    try:
+        assert agent.ask(None, 10) == "ready"
+        assert agent.ask({"op": "queues", "node": "n"}, 10) == "celery"
+    finally:
+        agent.proc.kill()
+        agent.proc.wait()

@@ -62,6 +62,7 @@ class FakeAgent:
     """The Celery agent: answers each request as the test says."""
 
     fail: dict[str, str] = {}
+    answers: dict[str, str] = {"queues": "celery"}  # what an op answers ("ok" when not named)
     requests: list[dict] = []
     on_request = None
 
@@ -78,7 +79,7 @@ class FakeAgent:
             raise StepFailed(reason)
         if op in FakeAgent.fail:
             raise StepFailed(FakeAgent.fail[op])
-        return "ok"
+        return FakeAgent.answers.get(op, "ok")
 
     def close(self):
         pass
@@ -92,6 +93,7 @@ def host(tmp_path, monkeypatch):
         (releases / name).mkdir(parents=True)
     os.symlink(f"releases/{OLD}", tmp_path / "current")
     FakeAgent.fail, FakeAgent.requests, FakeAgent.on_request = {}, [], None
+    FakeAgent.answers = {"queues": "celery"}
     monkeypatch.setattr(cutover, "Agent", FakeAgent)
     monkeypatch.setattr(cutover.time, "sleep", lambda s: None)
 
@@ -255,13 +257,88 @@ def test_a_hand_back_without_a_broker_still_puts_the_release_the_host_ran_back(h
     assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
     described = plan.handover_lines(p, "web2")
     assert [s.name for s in state.steps] == [name for name, _ in described[:-1]] == \
-        ["start", "watch", "retire", "switch"]  # --plan shows what runs
+        ["start", "confirm", "watch", "retire", "switch"]  # --plan shows what runs
     assert not (tmp / "run" / f"default@{OLD}.env").exists()  # the real queues from its start
     verbs = systemd.verbs()
     assert verbs.index(f"start {UNIT.format(OLD)}") < verbs.index(f"stop --no-block {UNIT.format(NEW)}")
     assert f"enable --quiet {UNIT.format(OLD)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
-    assert "could not be told to stop consuming" in state.steps[2].detail
+    assert "not confirmed (Error 111" in state.steps[1].detail
+    assert "not told to stop consuming first (Error 111" in state.steps[3].detail
+    assert [r["op"] for r in FakeAgent.requests] == ["hello"]  # nothing more asked of an agent that ended
     assert os.readlink(tmp / "current") == f"releases/{OLD}"
+
+
+def test_a_hand_back_with_a_broker_confirms_its_instances_consume_then_retires_the_failed_release(host, monkeypatch):
+    tmp, params = host
+    on_new(tmp)
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    state = run_program(monkeypatch, systemd, hand_back(params))
+    assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
+    assert state.steps[1].detail == f"consuming again: default.{OLD}@{os.uname().nodename}"
+    ops = [r["op"] for r in FakeAgent.requests]
+    assert ops[:2] == ["hello", "queues"] and ops.index("queues") < ops.index("cancel_consumer") < ops.index("handoff")
+    assert "verify" not in ops and "add_consumer" not in ops
+
+
+def test_a_hand_back_whose_instance_does_not_consume_fails_and_the_failed_release_serves_on(host, monkeypatch):
+    tmp, params = host
+    on_new(tmp)
+    clock = [1000.0]
+    monkeypatch.setattr(cutover.time, "time", lambda: clock[0])
+    monkeypatch.setattr(cutover.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    FakeAgent.answers = {"queues": "other"}
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    p = hand_back(params)
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.FELL_BACK and state.live == NEW
+    assert f"does not consume celery after {p['verify']['timeout']:.0f}s" in state.failure
+    verbs = systemd.verbs()
+    assert f"stop --no-block {UNIT.format(OLD)}" in verbs and not any(UNIT.format(NEW) in v for v in verbs)
+
+
+def test_a_hand_back_whose_start_fails_leaves_the_failed_release_serving(host, monkeypatch):
+    tmp, params = host
+    on_new(tmp)
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    real = systemd.__call__
+
+    def refusing(argv, timeout=60):
+        if argv[:3] == ["systemctl", "start", UNIT.format(OLD)]:
+            systemd.calls.append(argv)
+            return subprocess.CompletedProcess(argv, 1, "", "Job failed")
+        return real(argv, timeout)
+
+    state = run_program(monkeypatch, refusing, hand_back(params))
+    assert state.status == CutoverStatus.FELL_BACK and "Job failed" in state.failure and state.live == NEW
+    verbs = systemd.verbs()
+    assert f"stop --no-block {UNIT.format(OLD)}" in verbs  # warm: it may have taken a task
+    assert not any(UNIT.format(NEW) in v for v in verbs)
+
+
+def test_a_hand_back_of_a_restart_in_place_worker_stops_the_failed_release_first(host, monkeypatch):
+    tmp, params = host
+    on_new(tmp)
+    systemd = FakeSystemd({UNIT.format(NEW): "active"})
+    p = hand_back(params)
+    p["workers"][0]["handover"] = False
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
+    verbs = systemd.verbs()
+    assert verbs.index(f"stop {UNIT.format(NEW)}") < verbs.index(f"start {UNIT.format(OLD)}")  # the queue waits
+    assert f"stop --no-block {UNIT.format(NEW)}" not in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
+    assert "stopped at the start already" in dict(plan.handover_lines(p))["retire"]
+
+
+def test_a_hand_back_to_an_instance_still_draining_waits_for_its_drain(host, monkeypatch):
+    tmp, params = host
+    on_new(tmp)
+    systemd = DrainingSystemd({UNIT.format(NEW): "active"}, UNIT.format(OLD), polls=5)
+    p = hand_back(params)
+    systemd.run_dir = p["run_dir"]
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
+    assert systemd.narrowed_at_start == [False]  # the real queues at once
+    assert systemd.verbs().count(f"start {UNIT.format(OLD)}") == 1
 
 
 def test_a_hand_back_whose_instance_crashes_stops_it_warm_and_leaves_the_host_as_it_was(host, monkeypatch):
