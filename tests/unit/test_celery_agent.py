@@ -146,19 +146,24 @@ def test_a_task_a_live_worker_holds_until_its_eta_is_live_never_stranded(app):
             later.revoke()
 
 
-def test_two_answers_in_one_read_are_both_seen_a_late_one_then_the_awaited_one():
-    """A request given up on is answered late, together with the next one's answer: both arrive
-    in one read. The next request gets its answer at once (none is left unseen in a buffer)."""
+def scripted_agent(program: str, asked: int = 0):
+    """The agent client speaking to `program` (Python) instead of the Celery agent."""
     from deploy_kit.remote.agent_client import Agent
 
     agent = Agent.__new__(Agent)
-    agent.proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json\nsys.stdin.readline(); sys.stdin.readline()\n"
-         "sys.stdout.write(json.dumps({'ok': True, 'detail': 'late', 'id': 1}) + '\\n' + "
-         "json.dumps({'ok': True, 'detail': 'this one', 'id': 2}) + '\\n'); sys.stdout.flush()\n"
-         "import time; time.sleep(30)"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-    agent.asked, agent.pending = 1, b""
+    agent.proc = subprocess.Popen([sys.executable, "-c", "import sys, json, time\n" + program], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent.asked, agent.pending = asked, b""
+    return agent
+
+
+def test_two_answers_in_one_read_are_both_seen_a_late_one_then_the_awaited_one():
+    """A request given up on is answered late, together with the next one's answer: both arrive
+    in one read. The next request gets its answer at once (none is left unseen in a buffer)."""
+    agent = scripted_agent(
+        "sys.stdin.readline(); sys.stdin.readline()\n"
+        "sys.stdout.write(json.dumps({'ok': True, 'detail': 'late', 'id': 1}) + '\\n' + "
+        "json.dumps({'ok': True, 'detail': 'this one', 'id': 2}) + '\\n'); sys.stdout.flush()\ntime.sleep(30)", asked=1)
     agent.proc.stdin.write('{"op": "report", "id": 1}\n')
     try:
         started = time.time()
@@ -174,14 +179,10 @@ def test_an_agent_that_could_not_start_says_why_to_the_first_request(written):
     """The agent greets with its failure (the broker cannot be reached) and ends. A request sent
     without waiting for the greeting (a hand-back's first one) fails with that cause, whether it
     could still be written or found the agent gone, not with "the Celery agent ended"."""
-    from deploy_kit.remote.agent_client import Agent, StepFailed
+    from deploy_kit.remote.agent_client import StepFailed
 
-    agent = Agent.__new__(Agent)
-    agent.proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json\nsys.stdout.write(json.dumps({'ok': False, 'detail': "
-         "'the broker cannot be reached (Error 111)'}) + '\\n'); sys.stdout.flush()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-    agent.asked, agent.pending = 0, b""
+    agent = scripted_agent("sys.stdout.write(json.dumps({'ok': False, 'detail': "
+                           "'the broker cannot be reached (Error 111)'}) + '\\n'); sys.stdout.flush()")
     if written:
         agent.proc.wait()
     with pytest.raises(StepFailed, match=r"^the broker cannot be reached \(Error 111\)$"):
@@ -191,16 +192,11 @@ def test_an_agent_that_could_not_start_says_why_to_the_first_request(written):
 
 def test_stray_output_of_the_app_is_not_taken_for_an_answer():
     """What the app prints on the agent's stdout (text, or JSON that is no answer) is skipped."""
-    from deploy_kit.remote.agent_client import Agent
-
-    agent = Agent.__new__(Agent)
-    agent.proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json\nprint('importing settings'); print(1); print('[]')\n"
-         "print(json.dumps({'ok': True, 'detail': 'ready'}))\nsys.stdin.readline(); print('{\"x\": 1}')\n"
-         "print(json.dumps({'ok': True, 'detail': 'celery', 'id': 1})); sys.stdout.flush()\n"
-         "import time; time.sleep(30)"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-    agent.asked, agent.pending = 0, b""
+    agent = scripted_agent("print('importing settings'); print(1); print('[]')\n"
+                           "print(json.dumps({'ok': True, 'detail': 'ready'}))\n"
+                           "sys.stdin.readline(); print('{\"x\": 1}')\n"
+                           "print(json.dumps({'ok': True, 'detail': 'celery', 'id': 1})); sys.stdout.flush()\n"
+                           "time.sleep(30)")
     try:
         assert agent.ask(None, 10) == "ready"
         assert agent.ask({"op": "queues", "node": "n"}, 10) == "celery"

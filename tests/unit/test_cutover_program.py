@@ -28,17 +28,22 @@ class FakeSystemd:
         self.units = {name: {"ActiveState": state, "SubState": "running", "NRestarts": "0", "MainPID": "42"}
                       for name, state in running.items()}
         self.calls: list[list[str]] = []
-        self.crash_on_start: set[str] = set()
+        self.crash_on_start: set[str] = set()  # units that crash as they start
+        self.refuse_start: set[str] = set()  # units whose start job fails
 
     def __call__(self, argv, timeout=60):
         self.calls.append(argv)
         out, code = "", 0
         if argv[0] == "systemctl":
             verb, args = argv[1], [a for a in argv[2:] if not a.startswith("-")]
+            if verb == "start" and self.refuse_start & set(args):
+                return subprocess.CompletedProcess(argv, 1, "", "Job failed")
             if verb == "start":
                 for name in args:
                     self.units[name] = {"ActiveState": "active", "SubState": "running", "NRestarts": "0",
                                         "MainPID": "99"}
+                    if name in self.crash_on_start:
+                        self.crash(name)
             elif verb in ("stop", "kill"):
                 for name in args:
                     self.units.setdefault(name, {})["ActiveState"] = "inactive"
@@ -300,15 +305,8 @@ def test_a_hand_back_whose_start_fails_leaves_the_failed_release_serving(host, m
     tmp, params = host
     on_new(tmp)
     systemd = FakeSystemd({UNIT.format(NEW): "active"})
-    real = systemd.__call__
-
-    def refusing(argv, timeout=60):
-        if argv[:3] == ["systemctl", "start", UNIT.format(OLD)]:
-            systemd.calls.append(argv)
-            return subprocess.CompletedProcess(argv, 1, "", "Job failed")
-        return real(argv, timeout)
-
-    state = run_program(monkeypatch, refusing, hand_back(params))
+    systemd.refuse_start.add(UNIT.format(OLD))
+    state = run_program(monkeypatch, systemd, hand_back(params))
     assert state.status == CutoverStatus.FELL_BACK and "Job failed" in state.failure and state.live == NEW
     verbs = systemd.verbs()
     assert f"stop --no-block {UNIT.format(OLD)}" in verbs  # warm: it may have taken a task
@@ -345,15 +343,8 @@ def test_a_hand_back_whose_instance_crashes_stops_it_warm_and_leaves_the_host_as
     tmp, params = host
     on_new(tmp)
     systemd = FakeSystemd({UNIT.format(NEW): "active"})
-    real = systemd.__call__
-
-    def crashing(argv, timeout=60):
-        done = real(argv, timeout)
-        if argv[:3] == ["systemctl", "start", UNIT.format(OLD)]:
-            systemd.crash(UNIT.format(OLD))
-        return done
-
-    state = run_program(monkeypatch, crashing, hand_back(params, watch=1.0))
+    systemd.crash_on_start.add(UNIT.format(OLD))
+    state = run_program(monkeypatch, systemd, hand_back(params, watch=1.0))
     assert state.status == CutoverStatus.FELL_BACK and "crashed" in state.failure and state.live == NEW
     verbs = systemd.verbs()
     assert f"stop --no-block {UNIT.format(OLD)}" in verbs  # it took from the real queues: warm
