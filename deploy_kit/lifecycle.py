@@ -3,12 +3,12 @@
     deploy                                            rollback
     lock+check  lock every host; every check probe    lock+check  lock every host; read releases
     release     pack once here; build on each host;   beat        Beat first, on its host
-                one also checks the queued tasks      cutover     the workers hand back on
-    migrate     once, on the migrate host                         every host at once
-    cutover     every host at once, detached:         queues      read while the run finishes
-                the new release's workers prove       finish      history, unlock
-                themselves, then take over; if one
-                host fails, the others hand back
+                one also checks the queued tasks      cutover     the workers move back on
+    migrate     once, on the migrate host                         every host at once; if one
+    cutover     every host at once, detached:                     fails, the others and Beat
+                the new release's workers prove                   return to what they ran
+                themselves, then take over; if one    queues      read while the run finishes
+                host fails, the others hand back      finish      history, unlock
     queues      read while Beat moves
     beat        Beat, on its host, after every host
     finish      history, cleanup, unlock
@@ -90,9 +90,10 @@ def rollback(stage: Stage, *, to: str | None, say: Say, now: datetime | None = N
         run.outcome.release = run.history.release = the_plan.release  # each host records its own move
         with run.shielded(WAIT_FOR_HOSTS, stop_after=False):
             beat = run.cutover(the_plan.phase(Phase.BEAT))
-            if outcome.verdict(Mode.ROLLBACK, beat).ok:
-                beat.update(run.cutover(the_plan.phase(Phase.CUTOVER)))
-            return finish(run, the_plan, beat, facts)
+            results = run.cutover(the_plan.phase(Phase.CUTOVER)) if outcome.verdict(Mode.ROLLBACK, beat).ok else {}
+            if not outcome.verdict(Mode.ROLLBACK, {**beat, **results}).ok:
+                results, _ = roll_back(run, the_plan, results, beat)
+            return finish(run, the_plan, {**beat, **results}, facts)
 
 
 def plan(stage: Stage, *, ref: str | None, say: Say, now: datetime | None = None, strict: bool = False) -> Plan:
@@ -205,10 +206,11 @@ def undo(run: Run, facts: Mapping[str, HostFacts], exc: BaseException) -> None:
 def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
               beat: Mapping[str, CutoverState]) -> tuple[dict[str, CutoverState], bool]:
     """A host failed (or Beat did): the hosts whose workers took over hand back too, so the stage
-    runs one release. Beat's own step already went back on its host. The release is marked bad
-    only where a host found a fault in it (never for a launch refused or not started); whether
-    it was marked is returned with each host's final state. A host that cannot be reached for
-    this is a note (or, for a first deploy's way back, UNKNOWN), never an error hiding the rest."""
+    runs one release. In a deploy, Beat's own step already went back on its host; in a rollback
+    (Beat first) Beat that moved goes back after them. A deploy's release is marked bad only
+    where a host found a fault in it (never for a launch refused or not started); whether it was
+    marked is returned with each host's final state. A host that cannot be reached for this is a
+    note (or, for a first deploy's way back, UNKNOWN), never an error hiding the rest."""
     hosts = outcome.to_roll_back(results, beat)
     if hosts:
         run.say("", f"handing {', '.join(hosts)} back too, so every host runs the same release")
@@ -218,15 +220,26 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
         final[host] = state
         if state.status == CutoverStatus.DONE:
             state.status = CutoverStatus.ROLLED_BACK
+    beat = dict(beat)
+    moved = [s for s in the_plan.on_failure if s.phase == Phase.BEAT and beat.get(s.host) and
+             beat[s.host].status == CutoverStatus.DONE]
+    for host, state in run.cutover(moved).items():  # a rollback's Beat, which moved first
+        beat[host] = state if state.status == CutoverStatus.DONE else CutoverState(**{
+            **state.__dict__, "status": CutoverStatus.ROLLBACK_FAILED,
+            "rollback_failure": f"Beat could not go back ({state.failure or state.status.value}): it runs "
+                                f"{state.live or 'no release'}"})
+        if state.status == CutoverStatus.DONE:
+            state.status = CutoverStatus.ROLLED_BACK
     fresh = [s for s in the_plan.on_failure if s.phase == Phase.UNDO and s.host in hosts]
     stuck = attempt(run, fresh, what="returning to no release")
     for step in fresh:
-        back = {"status": CutoverStatus.UNKNOWN, "rollback_failure": f"could not return to no release: "
-                f"{stuck[step.host]}"} if step.host in stuck else {"status": CutoverStatus.ROLLED_BACK, "live": ""}
-        final[step.host] = CutoverState(**{**results[step.host].__dict__, **back})
+        undone = {"status": CutoverStatus.UNKNOWN, "rollback_failure": f"could not return to no release: "
+                  f"{stuck[step.host]}"} if step.host in stuck else {"status": CutoverStatus.ROLLED_BACK, "live": ""}
+        final[step.host] = CutoverState(**{**results[step.host].__dict__, **undone})
     for host, state in beat.items():  # Beat that could not go back outweighs its workers' way back
         if state.status not in (CutoverStatus.DONE, CutoverStatus.ROLLED_BACK):
             final[host] = state
+        final.setdefault(host, state)  # a Beat host without workers to move
     ran = [*results.values(), *beat.values()]
     faulty = any(s.status not in (CutoverStatus.DONE, CutoverStatus.NOT_STARTED) and not follow.refused(s)
                  for s in ran)

@@ -5,8 +5,8 @@
     a host's state unknown or mixed         exit 6          : act now; lock kept while unknown
 
 A deploy whose cutover failed on some host rolls the hosts that switched back (`to_roll_back`),
-so the stage runs one release. A rollback that failed somewhere is always exit 6: the stage
-did not get where the user asked.
+so the stage runs one release; so does a rollback (and its Beat, which moved first). A rollback
+that failed somewhere is always exit 6: the stage did not get where the user asked.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ def failure(mode: Mode, results: Mapping[str, CutoverState], release: str,
     if mode == Mode.DEPLOY:
         lines.append(f"release {release} is marked bad and kept for inspection" if marked_bad else
                      f"release {release} is not marked bad: no host found a fault in it (kept)")
-    if not decided.consistent:
+    if mode == Mode.ROLLBACK and all(s.status in (S.FELL_BACK, *_BACK) for s in results.values()):
+        lines.append("every host runs the release it ran before this rollback")
+    elif not decided.consistent:
         lines.append("the hosts do not all run the same release: act now (`fab status`, then `fab rollback "
                      "--to RELEASE` or a new deploy)")
     if not decided.known:

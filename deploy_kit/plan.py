@@ -319,12 +319,14 @@ def reported(steps: Iterable[Step]) -> bool:
 
 
 def beat_steps(stage: Stage, targets: Mapping[str, str], previous: Mapping[str, str | None], mode: Mode,
-               run_id: str) -> list[Step]:
-    """Beat on its one host: after every host's workers in a deploy, before them in a rollback."""
+               run_id: str, back: bool = False) -> list[Step]:
+    """Beat on its one host: after every host's workers in a deploy, before them in a rollback
+    (`back`: after the workers a failed rollback handed back)."""
     if stage.beat is None or stage.beat.host not in targets:
         return []
     host = stage.host(stage.beat.host)
-    when = "after every host's workers" if mode == Mode.DEPLOY else "first, so it sends no task the old release lacks"
+    when = "after every host's workers" if mode == Mode.DEPLOY else "after the workers handed back" if back else \
+        "first, so it sends no task the old release lacks"
     return [Step(host.name, Phase.BEAT, f"Beat moves to {targets[host.name]}, {when}",
                  Cutover(cutover_params(stage, host, targets[host.name], previous.get(host.name), mode,
                                         run_id + "b", "beat"), host.name))]
@@ -414,7 +416,12 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
     steps += cutover_steps(stage, moving, current, Mode.ROLLBACK, run_id, report=True)
     steps += [] if reported(steps) else summary_steps(stage, alongside="the finish")
     steps += finish_steps(stage, [h.name for h in stage.hosts], moves={h: (current[h], t) for h, t in moving.items()})
-    return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps))
+    # A host failed: the hosts that moved hand back, then Beat, so the stage runs what it ran.
+    back = {h: c for h, c in current.items() if h in moving and c}
+    on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r", hand_back=True)
+    on_failure += beat_steps(stage, {h: c for h, c in current.items() if c}, targets, Mode.ROLLBACK, run_id + "r",
+                             back=True)
+    return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps), tuple(on_failure))
 
 
 def migration_warning(facts: HostFacts, leaving: str | None, target: str) -> str:

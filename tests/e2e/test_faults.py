@@ -417,3 +417,32 @@ def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox
     assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage), output
     serving(stage, good)
     assert deploy(sandbox_config).returncode == 0
+
+
+def test_a_rollback_that_fails_on_one_host_returns_the_other_and_beat(stage, sandbox_config):
+    """The release rolled back to cannot start on dktest2 (a drop-in of its instance there fails):
+    dktest1, whose workers and Beat moved already, returns to the release it ran, so the stage
+    runs one release; exit 6 (the rollback did not happen), the message says every host runs
+    what it ran, unlocked; Beat runs from that release; the next deploy works."""
+    back_to = current_release(stage, 0)
+    assert deploy(sandbox_config).returncode == 0
+    ran = current_release(stage, 0)
+    broken = f"/etc/systemd/system/exampleapp-worker-default@{back_to}.service.d"
+    on_host(stage, 1, f"mkdir -p {broken} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {broken}/zz-e2e.conf"
+                      " && systemctl daemon-reload")
+    try:
+        proc = fab("rollback", "--stage", TEST_SANDBOX, "--to", back_to, config_file=sandbox_config, timeout=900)
+    finally:
+        on_host(stage, 1, f"rm -rf {broken} && systemctl daemon-reload")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 6, output
+    assert f"{H1} wait for beat: ok Beat runs from releases/{back_to}" in output  # Beat moved first
+    assert f"handing {H1} back too" in output and f"{H1} confirm: ok consuming again" in output
+    assert f"{H1} wait for beat: ok Beat runs from releases/{ran}" in output  # ... and back
+    assert "every host runs the release it ran before this rollback" in output and "act now" not in output
+    assert "Traceback" not in output
+    assert [current_release(stage, i) for i in (0, 1)] == [ran, ran] and unlocked(stage)
+    beat_cwd = on_host(stage, 0, "readlink /proc/$(systemctl show -p MainPID --value exampleapp-beat)/cwd").strip()
+    assert beat_cwd == f"{RELEASES}/{ran}"
+    serving(stage, ran)
+    assert deploy(sandbox_config).returncode == 0

@@ -93,7 +93,7 @@ class FakeRun(Run):
         if isinstance(action, Cutover):
             mode = Mode(action.params["mode"])
             table = self.cutover_status if mode == Mode.DEPLOY else self.rollback_status
-            status = table.get(remote.name, CutoverStatus.DONE)
+            status = table.get(f"{remote.name}:{action.params['id']}", table.get(remote.name, CutoverStatus.DONE))
             live = action.params["target"] if status == CutoverStatus.DONE else action.params["previous"]
             return CutoverState(id=action.params["id"], mode=mode, target=action.params["target"],
                                 previous=action.params["previous"], status=status, live=live,
@@ -204,6 +204,41 @@ def test_a_failed_way_back_is_exit_6(fake):
     with pytest.raises(DeployFailed) as caught:
         lifecycle.deploy(stage_of(), ref="main", say=say, now=NOW)
     assert caught.value.exit_code == 6
+
+
+def rolled_back_with_web2_failing(fake) -> tuple[DeployFailed, list]:
+    on_new_after_old()
+    FakeRun.rollback_status = {**FakeRun.rollback_status, "web2": CutoverStatus.FELL_BACK}
+    printed = lifecycle.rollback_plan(stage_of(), to=None, say=say, now=NOW)
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
+    assert caught.value.exit_code == 6  # the stage did not get where it was asked to
+    ran = [s for s in fake[-1].executed if s.phase in (Phase.BEAT, Phase.CUTOVER)]
+    back = [s for s in printed.on_failure if s.host == "web1"]
+    assert ran[3:] == back  # what --plan printed as the way back, the very steps
+    assert [(s.phase, s.action.params["target"], s.action.params["hand_back"]) for s in back] == \
+        [(Phase.CUTOVER, NEW, True), (Phase.BEAT, NEW, False)]  # the workers hand back, then Beat
+    return caught.value, ran
+
+
+def test_a_rollback_that_fails_on_one_host_hands_the_others_and_beat_back(fake):
+    failed, ran = rolled_back_with_web2_failing(fake)
+    assert [(s.host, s.phase) for s in ran[:3]] == [("web1", Phase.BEAT), ("web1", Phase.CUTOVER),
+                                                    ("web2", Phase.CUTOVER)]
+    text = str(failed)
+    assert "web1: back on " + NEW in text and f"web2: could not switch, stayed on {NEW}" in text
+    assert "every host runs the release it ran before this rollback" in text and "act now" not in text
+    finish = [s.action for s in fake[-1].executed if s.phase == Phase.FINISH]
+    assert finish and all(f.unlock for f in finish)
+
+
+def test_a_rollback_whose_beat_cannot_go_back_says_so_and_keeps_the_lock(fake):
+    FakeRun.rollback_status = {"web1:20261124123000rb": CutoverStatus.FELL_BACK}
+    failed, _ = rolled_back_with_web2_failing(fake)
+    text = str(failed)
+    assert f"Beat could not go back (verify failed): it runs {OLD}" in text and "act now" in text
+    finish = [s.action for s in fake[-1].executed if s.phase == Phase.FINISH]
+    assert finish and not any(f.unlock for f in finish)
 
 
 def test_a_failed_preflight_changes_nothing_and_releases_the_lock(fake):
