@@ -435,6 +435,7 @@ def test_a_rollback_that_fails_on_one_host_returns_the_other_and_beat(stage, san
     finally:
         on_host(stage, 1, f"rm -rf {broken} && systemctl daemon-reload")
     output = proc.stdout + proc.stderr
+    print(output)
     assert proc.returncode == 6, output
     assert f"{H1} wait for beat: ok Beat runs from releases/{back_to}" in output  # Beat moved first
     assert f"handing {H1} back too" in output and f"{H1} confirm: ok consuming again" in output
