@@ -207,7 +207,7 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
               beat: Mapping[str, CutoverState]) -> tuple[dict[str, CutoverState], bool]:
     """A host failed (or Beat did): the hosts whose workers took over hand back too, so the stage
     runs one release. In a deploy, Beat's own step already went back on its host; in a rollback
-    (Beat first) Beat that moved goes back after them. A deploy's release is marked bad only
+    (Beat first) Beat that moved goes back after them, once every host's workers are back. A deploy's release is marked bad only
     where a host found a fault in it (never for a launch refused or not started); whether it was
     marked is returned with each host's final state. A host that cannot be reached for this is a
     note (or, for a first deploy's way back, UNKNOWN), never an error hiding the rest."""
@@ -215,21 +215,26 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
     if hosts:
         run.say("", f"handing {', '.join(hosts)} back too, so every host runs the same release")
     final = dict(results)
-    for host, state in run.cutover([s for s in the_plan.on_failure
-                                    if s.phase == Phase.CUTOVER and s.host in hosts]).items():
+    returned = run.cutover([s for s in the_plan.on_failure if s.phase == Phase.CUTOVER and s.host in hosts])
+    for host, state in returned.items():
         final[host] = state
         if state.status == CutoverStatus.DONE:
             state.status = CutoverStatus.ROLLED_BACK
     beat = dict(beat)
-    moved = [s for s in the_plan.on_failure if s.phase == Phase.BEAT and beat.get(s.host) and
-             beat[s.host].status == CutoverStatus.DONE]
-    for host, state in run.cutover(moved).items():  # a rollback's Beat, which moved first
-        beat[host] = state if state.status == CutoverStatus.DONE else CutoverState(**{
-            **state.__dict__, "status": CutoverStatus.ROLLBACK_FAILED,
-            "rollback_failure": f"Beat could not go back ({state.failure or state.status.value}): it runs "
-                                f"{state.live or 'no release'}"})
+    workers_back = all(s.status == CutoverStatus.ROLLED_BACK for s in returned.values()) and all(
+        s.status in (CutoverStatus.FELL_BACK, CutoverStatus.NOT_STARTED) for h, s in final.items() if h not in returned)
+    moved = [s for s in the_plan.on_failure if s.phase == Phase.BEAT and workers_back and beat.get(s.host) and
+             beat[s.host].status == CutoverStatus.DONE]  # a rollback's Beat: only once every host's workers are back
+    for host, state in run.cutover(moved).items():  # a rollback's Beat, which moved first, follows them
         if state.status == CutoverStatus.DONE:
             state.status = CutoverStatus.ROLLED_BACK
+            if host in final:  # Beat's step moved that host's `current` (its workers' state says where from)
+                final[host] = CutoverState(**{**final[host].__dict__, "live": state.live})
+        elif state.status == CutoverStatus.FELL_BACK:  # it stayed on the rollback's target
+            state = CutoverState(**{**state.__dict__, "status": CutoverStatus.ROLLBACK_FAILED,
+                                    "rollback_failure": f"Beat could not go back ({state.failure}): it runs "
+                                                        f"{state.live or 'no release'}"})
+        beat[host] = state
     fresh = [s for s in the_plan.on_failure if s.phase == Phase.UNDO and s.host in hosts]
     stuck = attempt(run, fresh, what="returning to no release")
     for step in fresh:

@@ -2,6 +2,7 @@
 
     every host DONE                         success, exit 0, lock released
     a host failed, the others back          exit 5 (deploy) : every host runs what it ran before
+                                            exit 6 (rollback): the same, said so
     a host's state unknown or mixed         exit 6          : act now; lock kept while unknown
 
 A deploy whose cutover failed on some host rolls the hosts that switched back (`to_roll_back`),
@@ -93,7 +94,7 @@ def failure(mode: Mode, results: Mapping[str, CutoverState], release: str,
     if mode == Mode.DEPLOY:
         lines.append(f"release {release} is marked bad and kept for inspection" if marked_bad else
                      f"release {release} is not marked bad: no host found a fault in it (kept)")
-    if mode == Mode.ROLLBACK and all(s.status in (S.FELL_BACK, *_BACK) for s in results.values()):
+    if mode == Mode.ROLLBACK and decided.known and all(now.get(h) == before.get(h) for h in before):
         lines.append("every host runs the release it ran before this rollback")
     elif not decided.consistent:
         lines.append("the hosts do not all run the same release: act now (`fab status`, then `fab rollback "

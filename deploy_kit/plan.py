@@ -112,20 +112,21 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
         in_place = [w["service"] for w in workers if not w["handover"]]
         return [
             ("start", "; ".join(new(w) + (" beside the running instance" if w["handover"] else
-                                          " once the failed release's instance stopped (restart in place: the queue "
-                                          "waits)") + f", consuming {', '.join(w['queues'])} at once" for w in workers)
+                                          " once the running instance stopped (restart in place: the queue waits)")
+                                + f", consuming {', '.join(w['queues'])} at once" for w in workers)
              + f" (it ran when this run began: no new proof; one still draining is waited for first, at most "
                f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
             ("confirm", f"each instance consumes its queues again, asked by remote control within "
                         f"{params['verify']['timeout']}s (the broker cannot be reached: not confirmed, the watch "
                         "decides)"),
             ("watch", f"the instances keep running for {params['watch']}s"),
-            ("retire", "the failed release's instances stop taking tasks, start what they took already, and drain "
-                       "in the background (warm shutdown)" + (f"; {', '.join(in_place)}: stopped at the start already"
-                                                              if in_place else "")),
+            ("retire", f"the instances of {params['previous']} stop taking tasks, start what they took already, and "
+                       "drain in the background (warm shutdown)" + (f"; {', '.join(in_place)}: stopped at the start "
+                                                                    "already" if in_place else "")),
             ("switch", f"current -> releases/{target} (atomic rename); enable the instances"),
-            ("on failure", "stop them (warm shutdown: they may hold user tasks); the failed release's instances start "
-                           "again (one still draining once its drain ended); nothing is marked bad"),
+            ("on failure", "stop them (warm shutdown: they may hold user tasks); the instances of "
+                           f"{params['previous']} start again (one still draining once its drain ended); nothing is "
+                           "marked bad"),
         ]
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
@@ -419,8 +420,7 @@ def rollback(stage: Stage, facts: Mapping[str, HostFacts], run_id: str, to: str 
     # A host failed: the hosts that moved hand back, then Beat, so the stage runs what it ran.
     back = {h: c for h, c in current.items() if h in moving and c}
     on_failure = cutover_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r", hand_back=True)
-    on_failure += beat_steps(stage, {h: c for h, c in current.items() if c}, targets, Mode.ROLLBACK, run_id + "r",
-                             back=True)
+    on_failure += beat_steps(stage, back, targets, Mode.ROLLBACK, run_id + "r", back=True)
     return Plan(Mode.ROLLBACK, next(iter(targets.values()), ""), tuple(steps), tuple(on_failure))
 
 

@@ -51,8 +51,9 @@ def holder_of(who: str, since: str, token: str) -> LockHolder:
 class FakeRun(Run):
     """A Run whose steps are answered from canned host states instead of SSH."""
 
-    cutover_status: dict[str, CutoverStatus] = {}
+    cutover_status: dict[str, CutoverStatus] = {}  # by host, or "host:cutover id"
     rollback_status: dict[str, CutoverStatus] = {}
+    live_override: dict[str, str] = {}  # "host:cutover id" -> the release it reports live
     held: set[str] = set()
     facts_override: dict[str, dict] = {}
     unregistered: dict[str, int] = {}
@@ -95,6 +96,7 @@ class FakeRun(Run):
             table = self.cutover_status if mode == Mode.DEPLOY else self.rollback_status
             status = table.get(f"{remote.name}:{action.params['id']}", table.get(remote.name, CutoverStatus.DONE))
             live = action.params["target"] if status == CutoverStatus.DONE else action.params["previous"]
+            live = self.live_override.get(f"{remote.name}:{action.params['id']}", live)
             return CutoverState(id=action.params["id"], mode=mode, target=action.params["target"],
                                 previous=action.params["previous"], status=status, live=live,
                                 failure="" if status == CutoverStatus.DONE else "verify failed",
@@ -107,6 +109,7 @@ class FakeRun(Run):
 @pytest.fixture
 def fake(monkeypatch):
     FakeRun.cutover_status, FakeRun.rollback_status, FakeRun.held, FakeRun.facts_override = {}, {}, set(), {}
+    FakeRun.live_override = {}
     FakeRun.unregistered = {}
     monkeypatch.setattr(queues, "ask", lambda remote, stage, requests, release=None: ["{}"])
     runs = []
@@ -206,10 +209,14 @@ def test_a_failed_way_back_is_exit_6(fake):
     assert caught.value.exit_code == 6
 
 
+RUN = NOW.strftime("%Y%m%d%H%M%S")  # the run's id; its Beat step's is RUN + "b", its way back's RUN + "r" and "rb"
+
+
 def rolled_back_with_web2_failing(fake) -> tuple[DeployFailed, list]:
     on_new_after_old()
     FakeRun.rollback_status = {**FakeRun.rollback_status, "web2": CutoverStatus.FELL_BACK}
     printed = lifecycle.rollback_plan(stage_of(), to=None, say=say, now=NOW)
+    assert {s.action.params["id"] for s in printed.on_failure} == {RUN + "r", RUN + "rb"}
     with pytest.raises(DeployFailed) as caught:
         lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
     assert caught.value.exit_code == 6  # the stage did not get where it was asked to
@@ -233,12 +240,48 @@ def test_a_rollback_that_fails_on_one_host_hands_the_others_and_beat_back(fake):
 
 
 def test_a_rollback_whose_beat_cannot_go_back_says_so_and_keeps_the_lock(fake):
-    FakeRun.rollback_status = {"web1:20261124123000rb": CutoverStatus.FELL_BACK}
+    FakeRun.rollback_status = {f"web1:{RUN}rb": CutoverStatus.FELL_BACK}
     failed, _ = rolled_back_with_web2_failing(fake)
     text = str(failed)
     assert f"Beat could not go back (verify failed): it runs {OLD}" in text and "act now" in text
     finish = [s.action for s in fake[-1].executed if s.phase == Phase.FINISH]
     assert finish and not any(f.unlock for f in finish)
+
+
+def test_a_rollback_whose_hand_back_fails_is_split_and_says_act_now(fake):
+    """web1's hand-back fails (it stays on the rollback's target): the stage is split, and Beat
+    stays with web1's `current`; the message says so, not that every host runs what it ran."""
+    on_new_after_old()
+    FakeRun.rollback_status = {"web2": CutoverStatus.FELL_BACK, f"web1:{RUN}r": CutoverStatus.FELL_BACK}
+    FakeRun.live_override = {f"web1:{RUN}r": OLD}
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
+    ran = [(s.host, s.action.params["id"]) for s in fake[-1].executed if s.phase in (Phase.BEAT, Phase.CUTOVER)]
+    assert ran[3:] == [("web1", RUN + "r")]  # no Beat back: its host's workers did not go back
+    text = str(caught.value)
+    assert caught.value.exit_code == 6 and "act now" in text and "every host runs" not in text
+
+
+def test_a_rollback_whose_beat_host_fails_brings_beat_and_its_current_back(fake):
+    """Beat's step moved web1's `current` first; web1's workers then fail (they never left NEW):
+    Beat goes back with the others, and web1 is said to run NEW, as it does."""
+    on_new_after_old()
+    FakeRun.rollback_status = {f"web1:{RUN}": CutoverStatus.FELL_BACK}
+    FakeRun.live_override = {f"web1:{RUN}": OLD}  # `current` as Beat's step left it
+    with pytest.raises(DeployFailed) as caught:
+        lifecycle.rollback(stage_of(), to=None, say=say, now=NOW)
+    ran = [(s.host, s.action.params["id"]) for s in fake[-1].executed if s.phase in (Phase.BEAT, Phase.CUTOVER)]
+    assert ran[3:] == [("web2", RUN + "r"), ("web1", RUN + "rb")]
+    text = str(caught.value)
+    assert f"web1: could not switch, stayed on {NEW}" in text and f"web2: back on {NEW}" in text
+    assert "every host runs the release it ran before this rollback" in text
+
+
+def test_a_rollback_without_a_beat_move_brings_no_beat_back(fake):
+    on_new_after_old()
+    FakeRun.facts_override["web1"]["paths"]["current"]["target"] = f"releases/{OLD}"  # web1 is there already
+    printed = lifecycle.rollback_plan(stage_of(), to=OLD, say=say, now=NOW)
+    assert [(s.host, s.phase) for s in printed.on_failure] == [("web2", Phase.CUTOVER)]
 
 
 def test_a_failed_preflight_changes_nothing_and_releases_the_lock(fake):
