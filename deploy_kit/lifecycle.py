@@ -207,10 +207,11 @@ def roll_back(run: Run, the_plan: Plan, results: Mapping[str, CutoverState],
               beat: Mapping[str, CutoverState]) -> tuple[dict[str, CutoverState], bool]:
     """A host failed (or Beat did): the hosts whose workers took over hand back too, so the stage
     runs one release. In a deploy, Beat's own step already went back on its host; in a rollback
-    (Beat first) Beat that moved goes back after them, once every host's workers are back. A deploy's release is marked bad only
-    where a host found a fault in it (never for a launch refused or not started); whether it was
-    marked is returned with each host's final state. A host that cannot be reached for this is a
-    note (or, for a first deploy's way back, UNKNOWN), never an error hiding the rest."""
+    (Beat first) Beat that moved goes back after them, once every host's workers are back. A
+    deploy's release is marked bad only where a host found a fault in it (never for a launch
+    refused or not started); whether it was marked is returned with each host's final state. A
+    host that cannot be reached for this is a note (or, for a first deploy's way back, UNKNOWN),
+    never an error hiding the rest."""
     hosts = outcome.to_roll_back(results, beat)
     if hosts:
         run.say("", f"handing {', '.join(hosts)} back too, so every host runs the same release")

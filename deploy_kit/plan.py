@@ -117,8 +117,8 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
              + f" (it ran when this run began: no new proof; one still draining is waited for first, at most "
                f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
             ("confirm", f"each instance consumes its queues again, asked by remote control within "
-                        f"{params['verify']['timeout']}s (the broker cannot be reached: not confirmed, the watch "
-                        "decides)"),
+                        f"{params['verify']['timeout']}s (if the broker cannot be reached, nothing can be "
+                        "confirmed: the watch decides)"),
             ("watch", f"the instances keep running for {params['watch']}s"),
             ("retire", f"the instances of {params['previous']} stop taking tasks, start what they took already, and "
                        "drain in the background (warm shutdown)" + (f"; {', '.join(in_place)}: stopped at the start "
@@ -273,7 +273,8 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
                    phase: str = "workers", report: bool = False, hand_back: bool = False) -> dict[str, Any]:
     """The cutover program's parameters: the workers' handover on a host, or Beat on its host;
     with `report`, the reporting host's cutover also reads the queue summary the run ends with;
-    with `hand_back`, a failed deploy's way back to the release the host ran (no new proof)."""
+    with `hand_back`, a failed deploy's or rollback's way back to the release the host ran when
+    the run began (no new proof)."""
     app = stage.app
     workers = stage.workers_on(host) if phase == "workers" else ()
     return {

@@ -10,13 +10,14 @@ Phase "workers" (every host at once): for each worker service, a handover
 then `current` moves to the target (atomic rename) and the instance is enabled at boot.
 A service with `handover = false` restarts in place instead (stop the old, then start, verify
 and join the new: the queue waits, but verification is never starved by user tasks).
-A deploy's hand-back (`hand_back`: another host or Beat failed after this host's workers took
-over) starts the release this host ran when the run began on the real queues at once, without
-a new proof: it was live minutes ago, and what failed may be the broker every proof needs.
+A hand-back (`hand_back`: in a deploy or a rollback, another host or Beat failed after this
+host's workers moved) starts the release this host ran when the run began, on the real queues
+at once and without a new proof: it was live minutes ago, and what failed may be the broker
+every proof needs.
     confirm  each instance consumes its queues again (remote control); without a broker nothing
              can be confirmed, or asked of the agent later: the watch decides
-then watch, retire the failed release's instances and switch, as above. A host never stays on
-the failed release because the broker went away.
+then watch, retire the instances of the release it leaves and switch, as above. A host never
+stays on that release because the broker went away.
 
 Phase "beat" (its one host: after every host's workers in a deploy, before them in a rollback):
     switch `current`, restart Beat (queued: its stop may take its whole TimeoutStopSec), wait until it
