@@ -20,6 +20,9 @@ from deploy_kit.session import Session
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
 MIN_FREE_KB = 512 * 1024
+# A deploy's probe leaves the current release's app alone: a release that fails to import must not
+# stop the deploy that fixes it, and the one that matters is checked by the build.
+NEW_RELEASE_CHECKED = "a deploy checks the new release's instead (its build imports it as the service)"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
     venv_python = units.python(app)
     if not has_release:
         rows.append(_skip("celery in release", "no release yet"))
+    elif not facts.current_app:
+        rows.append(_skip("celery in release", NEW_RELEASE_CHECKED))
     elif not facts.release_python:
         rows.append(_fail("celery in release", f"{venv_python} does not exist: the release has no "
                           "virtualenv where the units expect it", f"redeploy (`fab deploy --stage {stage.name}`)"))
@@ -168,7 +173,8 @@ def evaluate(stage: Stage, host: Host, facts: HostFacts) -> tuple[Check, ...]:
                           "broker runs, and that this host may reach it"))
 
     if facts.app_import is None:
-        rows.append(_skip("celery app", "no release yet" if not has_release else "needs the env file"))
+        rows.append(_skip("celery app", "no release yet" if not has_release else
+                          NEW_RELEASE_CHECKED if not facts.current_app else "needs the env file"))
     elif facts.app_import.ok:
         rows.append(_ok("celery app", f"-A {app.celery_app} imports as the service: {facts.app_import.detail}"))
     else:

@@ -78,6 +78,7 @@ class HostFacts:
     release_runs: bool | None = None
     broker: Probe | None = None
     app_import: Probe | None = None
+    current_app: bool = True  # False: the current release's Celery app was left alone (a deploy's probe)
 
     def path(self, name: str) -> PathInfo | None:
         return self.paths.get(name)
@@ -95,7 +96,10 @@ def paths(stage: Stage) -> dict[str, str]:
     }
 
 
-def params(stage: Stage, host: Host, check: bool, lock: LockHolder | None = None) -> dict[str, Any]:
+def params(stage: Stage, host: Host, check: bool, lock: LockHolder | None = None,
+           current_app: bool = True) -> dict[str, Any]:
+    """With `check`, every `fab check` probe; without `current_app`, not those of the current
+    release's Celery app (a deploy: its build runs the new release's as the service instead)."""
     app = stage.app
     wanted = units.units_for(stage, host)
     return {
@@ -108,6 +112,7 @@ def params(stage: Stage, host: Host, check: bool, lock: LockHolder | None = None
         "python": str(app.python),
         "release_python": str(units.python(app)),
         "check": check,
+        "current_app": current_app,
         "state_dir": str(app.deploy_to / STATE_DIR),
         "lock": lock.to_data() if lock else None,
     }
@@ -151,6 +156,7 @@ def parse(output: str) -> HostFacts:
         release_runs=data.get("release_runs"),
         broker=probe(data.get("broker")),
         app_import=probe(data.get("app_import")),
+        current_app=bool(data.get("current_app", True)),
     )
 
 

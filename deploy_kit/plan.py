@@ -46,7 +46,8 @@ class Probe:
         lock, check = self.params.get("lock"), self.params["check"]
         return [*([("lock", f"mkdir {self.params['state_dir']}/lock (atomic), holder {lock['who']} from "
                     f"{lock['host']}; refused while another run holds it")] if lock else []),
-                ("check", "every `fab check` probe, the broker and the Celery app as the service" if check
+                ("check", "every `fab check` probe but the current release's Celery app (the build imports "
+                 "the new release's as the service); the broker as the service" if check
                  else "read the releases and the units (no checks)"),
                 ("", "python3 - < deploy_kit/remote/hostprobe.py (as root; one round trip)")]
 
@@ -237,7 +238,7 @@ def current_release(facts: HostFacts) -> str | None:
 def lock_steps(stage: Stage, holder: LockHolder | None, *, check: bool) -> list[Step]:
     what = "take the lock, then every `fab check` probe" if check else "take the lock, read the releases"
     return [Step(h.name, Phase.LOCK, what if holder else "read-only probe",
-                 Probe(hostfacts.params(stage, h, check, holder))) for h in stage.hosts]
+                 Probe(hostfacts.params(stage, h, check, holder, current_app=False))) for h in stage.hosts]
 
 
 def reuses_env(facts: HostFacts, source: Source) -> bool:

@@ -13,6 +13,11 @@ import time
 
 from deploy_kit.remote import contracts, hostlib
 
+# The agent's command line: its program comes as the first line of its standard input, never on the
+# command line, which systemd-run writes into a transient unit file that systemd reads again (and
+# warns about, line by line) at every daemon-reload while the agent runs.
+READ_FIRST_LINE = "import json, sys; exec(json.loads(sys.stdin.readline()))"
+
 
 class StepFailed(Exception):
     """A step of the cutover failed; its text says why, in the user's terms."""
@@ -29,9 +34,14 @@ class Agent:
         python = os.path.join(directory, params["venv"], "bin", "python")
         self.proc = subprocess.Popen(
             hostlib.service_argv(params["service_environment"], directory,
-                                 [python, "-c", _agent_program(), params["app"]["celery_app"], purpose]),
+                                 [python, "-c", READ_FIRST_LINE, params["app"]["celery_app"], purpose]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
+        try:  # its program, as its first line; the requests follow
+            self.proc.stdin.write(json.dumps(_agent_program()) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it ended already: its greeting (or its stderr) says why
+            pass
 
     def ask(self, request: dict | None, timeout: float, alive=lambda: "") -> str:
         """Send a request (None: wait for the greeting) and wait for its answer; StepFailed when it

@@ -118,9 +118,10 @@ def run(argv: list, stdin: str | None = None, timeout: float = 60) -> tuple:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def as_service(properties: list, directory: str, argv: list, timeout: float = 60, runner=None) -> dict:
+def as_service(properties: list, directory: str, argv: list, timeout: float = 60, runner=None,
+               stdin: str | None = None) -> dict:
     """Run a program as the service; it prints `ok DETAIL` or `fail DETAIL` last: {ok, detail}."""
-    code, out, err = (runner or run)(service_argv(properties, directory, argv), timeout=timeout)
+    code, out, err = (runner or run)(service_argv(properties, directory, argv), stdin=stdin, timeout=timeout)
     text = (out.strip() or err.strip() or "no output").splitlines()[-1]
     if text.startswith("ok "):
         return {"ok": True, "detail": text[3:]}

@@ -64,7 +64,8 @@ def as_service(params: dict, args: list, with_release: bool) -> dict:
     env file, working directory and sandboxing, so "works in my shell" cannot hide a failure."""
     python = params["release_python"] if with_release else params["python"]
     directory = params["paths"]["current"] if with_release else "/"
-    return hostlib.as_service(params["service_environment"], directory, [python, "-c", probes.program(), *args])
+    return hostlib.as_service(params["service_environment"], directory, [python, "-c", probes.READ_STDIN, *args],
+                              stdin=probes.program())
 
 
 def target() -> dict:
@@ -225,12 +226,14 @@ def check_facts(params: dict, facts: dict) -> dict:
     has_release = bool(facts["paths"].get("current") and facts["paths"]["current"].get("resolves")
                        and os.path.exists(params["release_python"]))
     result["release_python"] = has_release
+    result["current_app"] = params.get("current_app", True)  # else a deploy: its build checks the new one
+    with_app = has_release and result["current_app"]
     can_run = facts["user"] is not None and facts["group"] is not None \
         and facts["paths"].get("env_file") is not None
     if can_run:  # each probe is a Python start-up as the service: all at once
         with ThreadPoolExecutor(max_workers=3) as pool:
-            broker = pool.submit(as_service, params, ["broker"], has_release)
-            if has_release:
+            broker = pool.submit(as_service, params, ["broker"], with_app)
+            if with_app:
                 runs = pool.submit(hostlib.run, ["runuser", "-u", app["user"], "--", params["release_python"],
                                                  "-m", "celery", "--version"])
                 imports = pool.submit(as_service, params, ["app", app["celery_app"]], True)

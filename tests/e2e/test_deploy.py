@@ -90,16 +90,29 @@ def test_beat_runs_on_its_one_host_only(stage):
     assert on_host(stage, 1, f"test -e {unit_file} && echo yes || echo no").strip() == "no"
 
 
-def test_second_deploy_runs_the_new_commit(stage, sandbox_config, app_repo):
+def test_second_deploy_runs_the_new_commit_even_over_a_release_that_no_longer_imports(stage, sandbox_config,
+                                                                                       app_repo):
     before = current_release(stage, 0)
+    # The current release's app no longer imports (its workers run on, loaded long ago): the deploy
+    # that replaces it must not be stopped by it; the build checks the new release's instead.
+    celery_py = f"{stage.app.releases_dir}/{before}/exampleapp/celery.py"
+    on_host(stage, 0, f"cp -p {celery_py} /root/celery.py.kept && echo 'raise RuntimeError(\"broken\")' >> {celery_py}")
     sha = commit(app_repo, {TASKS: tasks_source(app_repo) + VERSION_TASK.format(version="v2")}, "add version")
-    proc = deploy(sandbox_config)
+    started = on_host(stage, 0, "date +%s").strip()
+    try:
+        proc = deploy(sandbox_config)
+    finally:
+        on_host(stage, 0, f"cp -p /root/celery.py.kept {celery_py}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "environment reused" in proc.stdout  # same requirements: no pip install
     assert sha[:10] in proc.stdout
     assert current_release(stage, 0) != before
     for index in (0, 1):
         assert call_task(stage, index, "ledger.tasks.version") == "'v2'"
+        # The agent's program came on its stdin: systemd had no program text to warn about at each reload.
+        warnings = on_host(stage, index, f"journalctl -q --no-pager --since @{started} | "
+                                         "grep -E 'transient/.*(Unknown key|Missing .=.)' || true")
+        assert warnings.strip() == "", warnings
 
 
 def test_a_release_that_breaks_the_worker_is_rolled_back_by_itself(stage, sandbox_config, app_repo):

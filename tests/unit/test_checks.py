@@ -157,6 +157,16 @@ def test_app_import_failure():
     assert "app.celery_app" in row.fix and "DJANGO_SETTINGS_MODULE" in row.fix
 
 
+def test_a_deploys_probe_leaves_the_current_release_alone_and_says_the_build_checks_the_new_one():
+    stage = stage_of()
+    data = healthy(stage, stage.host("web1"))
+    data.update(current_app=False, release_runs=None, app_import=None)
+    rows = evaluate(data)
+    assert not any(c.failed for c in rows.values())
+    for name in ("celery in release", "celery app"):
+        assert rows[name].status == checks.SKIP and "new release" in rows[name].detail
+
+
 def test_unit_that_differs_from_hosts_toml():
     stage = stage_of()
     data = healthy(stage, stage.host("web1"))

@@ -28,14 +28,14 @@ def test_service_argv_runs_as_the_units_run_in_the_given_directory():
 def test_as_service_reads_the_last_ok_or_fail_line():
     seen = []
 
-    def runner(argv, timeout=60):
-        seen.append(argv)
+    def runner(argv, stdin=None, timeout=60):
+        seen.append((argv, stdin))
         return 1, "noise\nfail redis refused the password\n", ""
 
-    result = hostlib.as_service(["User=shop"], "/", ["python", "-c", "x"], runner=runner)
+    result = hostlib.as_service(["User=shop"], "/", ["python", "-c", "x"], runner=runner, stdin="the program")
     assert result == {"ok": False, "detail": "redis refused the password", "exit_code": 1}
-    assert seen[0][:2] == ["systemd-run", "--quiet"]
-    ok = hostlib.as_service([], "/", ["true"], runner=lambda argv, timeout=60: (0, "ok 12 tasks\n", ""))
+    assert seen[0][0][:2] == ["systemd-run", "--quiet"] and seen[0][1] == "the program"
+    ok = hostlib.as_service([], "/", ["true"], runner=lambda argv, stdin=None, timeout=60: (0, "ok 12 tasks\n", ""))
     assert ok == {"ok": True, "detail": "12 tasks"}
 
 

@@ -53,8 +53,8 @@ def probe(tmp_path, monkeypatch, capsys):
     (tmp_path / "units").mkdir()
     (tmp_path / "units" / "shop-worker-default@.service").write_text("[Service]\n")
 
-    def run(lock=None, check=True):
-        params = hostfacts.params(stage, stage.host("web1"), check, lock)
+    def run(lock=None, check=True, current_app=True):
+        params = hostfacts.params(stage, stage.host("web1"), check, lock, current_app=current_app)
         params["app"].update(user="root", group="root")
         params["paths"] = {"deploy_to": str(deploy_to), "releases": str(deploy_to / "releases"),
                            "shared": str(deploy_to / "shared"), "current": str(deploy_to / "current"),
@@ -101,3 +101,13 @@ def test_the_check_facts_come_from_the_host_as_the_service_sees_it(probe):
     assert "shop-worker-default@.service" in facts.units
     as_service = [argv for argv in host.ran if argv[0] == "systemd-run"]
     assert len(as_service) == 2 and all("--wait" in argv for argv in as_service)
+
+
+def test_a_deploys_probe_runs_only_the_broker_probe_as_the_service(probe):
+    run, host, _ = probe
+    facts = run(check=True, current_app=False)
+    assert facts.broker.ok and not facts.current_app
+    assert facts.app_import is None and facts.release_runs is None
+    as_service = [argv for argv in host.ran if argv[0] == "systemd-run"]
+    assert len(as_service) == 1 and "broker" in as_service[0] and "/usr/bin/python3" in as_service[0]
+    assert not any("--version" in argv for argv in host.ran)
