@@ -15,8 +15,8 @@ from deploy_kit.remote import contracts, hostlib
 
 # The agent's command line: its program comes as the first line of its standard input, never on the
 # command line, which systemd-run writes into a transient unit file that systemd reads again (and
-# warns about, line by line) at every daemon-reload while the agent runs.
-READ_FIRST_LINE = "import json, sys; exec(json.loads(sys.stdin.readline()))"
+# warns about what it cannot read back: a newline, a `;`) at every daemon-reload while the agent runs.
+READ_FIRST_LINE = "exec(__import__('json').loads(__import__('sys').stdin.readline()))"
 
 
 class StepFailed(Exception):

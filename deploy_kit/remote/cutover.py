@@ -271,14 +271,16 @@ class Cutover(BeatSteps):
         if self.unreachable and olds:
             untold.append(f"they were not told to stop consuming first ({self.unreachable}): their warm shutdowns "
                           "stop them")
-        if self.p.get("report"):  # while the fetch the old nodes sent before the cancel ends
+        self.retired += [(worker, old) for worker, old, _ in olds]  # from now on a failure starts them again
+        if olds:  # in one call, one daemon-reload (meanwhile the fetch the old nodes sent before the cancel ends)
+            self.systemctl("disable", "--quiet", *(old for _, old, _ in olds))
+        if self.p.get("report"):  # as that fetch ends
             self.state.queues = self.read_queues(self.p["report"])
         untold += self.handoff(told, since) if told else []
+        draining = [old for worker, old, _ in olds if (worker, old) not in self.stopped]
+        if draining:
+            self.systemctl("stop", "--no-block", *draining)  # they drain in the background
         for worker, old, _ in olds:
-            if (worker, old) not in self.stopped:
-                self.systemctl("stop", "--no-block", old)  # drains in the background
-            self.systemctl("disable", "--quiet", old)
-            self.retired.append((worker, old))
             if old != worker["legacy"]:
                 self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
         return "; ".join(["draining " + (", ".join(u for _, u, _ in olds) or "nothing (no older instance ran)"),

@@ -169,4 +169,6 @@ def release_program() -> str:
     return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
 
 
-READ_STDIN = "import sys; exec(sys.stdin.read())"
+# No `;`, newline or `$` in it: systemd-run writes the command line into a transient unit file that
+# systemd reads again (and warns about what it cannot read back) at every daemon-reload meanwhile.
+READ_STDIN = "exec(__import__('sys').stdin.read())"
