@@ -115,7 +115,8 @@ def cutover(run: Run, remote: RemoteHost, action: plan.Cutover) -> CutoverState:
         watched = [u for w in params["workers"] for u in (w["template"].replace("@.", "@*."), w["legacy"],
                                                           w["template"].replace("@.", f"@{params['target']}."))]
     blank = CutoverState(id=str(params["id"]), mode=Mode(params["mode"]), target=str(params["target"]),
-                         previous=params.get("previous"), status=S.NOT_STARTED)  # type: ignore[arg-type]
+                         previous=params.get("previous"), status=S.NOT_STARTED,  # type: ignore[arg-type]
+                         hand_back=bool(params.get("hand_back")))
     deadline = time.monotonic() + budget(params)
     progress = Progress(run, remote.name, blank, watched)
     state = str(state_dir(stage.app) / waits.CUTOVER_STATE)

@@ -68,6 +68,8 @@ def _host_line(mode: Mode, state: CutoverState, now: str) -> str:
     if status in (S.ROLLBACK_FAILED, S.UNKNOWN):
         why = state.rollback_failure or state.failure or "no word from the host"
         return f"STATE UNKNOWN ({why}); `current` points to {now}: check `fab status` and the journal there now"
+    if status == S.FELL_BACK and state.hand_back:  # it had taken over; then another host or Beat failed
+        return f"could not hand back, so it stays on {now}, which it verified in this run"
     if status == S.FELL_BACK:
         return f"could not switch, stayed on {now} (verified)"
     if status == S.DONE:

@@ -127,6 +127,7 @@ class CutoverState:
     failure: str = ""  # why the forward pass failed
     rollback_failure: str = ""  # why the way back failed too
     queues: str = ""  # the queue summary read during the retire (`celery_agent.report`), or UNREAD + why
+    hand_back: bool = False  # the way back of a run that failed elsewhere (`cutover.py`), not the run's own move
 
     def to_json(self) -> str:
         data = asdict(self)

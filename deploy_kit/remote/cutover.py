@@ -56,7 +56,8 @@ class Cutover(BeatSteps):
         self.p = params
         self.host = socket.gethostname()
         self.state = CutoverState(id=params["id"], mode=Mode(params["mode"]), target=params["target"],
-                                  previous=params.get("previous"), started=time.time(), pid=os.getpid())
+                                  previous=params.get("previous"), started=time.time(), pid=os.getpid(),
+                                  hand_back=bool(params.get("hand_back")))
         self.started_units: list = []  # new instances this run started (stopped again on failure)
         self.stopped: list = []  # (worker, old unit) a restart in place stopped (started again on failure)
         self.retired: list = []  # (worker, old unit) retired by this run (started again on failure)

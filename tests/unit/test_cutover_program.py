@@ -295,7 +295,7 @@ def test_a_hand_back_whose_instance_does_not_consume_fails_and_the_failed_releas
     systemd = FakeSystemd({UNIT.format(NEW): "active"})
     p = hand_back(params)
     state = run_program(monkeypatch, systemd, p)
-    assert state.status == CutoverStatus.FELL_BACK and state.live == NEW
+    assert state.status == CutoverStatus.FELL_BACK and state.live == NEW and state.hand_back  # said as such
     assert f"does not consume celery after {p['verify']['timeout']:.0f}s" in state.failure
     verbs = systemd.verbs()
     assert f"stop --no-block {UNIT.format(OLD)}" in verbs and not any(UNIT.format(NEW) in v for v in verbs)

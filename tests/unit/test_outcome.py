@@ -55,6 +55,18 @@ def test_the_message_says_per_host_where_it_runs_and_why():
     assert "release new is marked bad" in text and "fab unlock" in text
 
 
+def test_a_host_whose_hand_back_failed_says_so_not_that_it_could_not_switch():
+    handed = CutoverState(**{**state(S.FELL_BACK, live="new").__dict__, "hand_back": True,
+                             "failure": "confirm: exampleapp-worker-default@old.service crashed"})
+    results = {"web1": handed, "web2": state(S.ROLLED_BACK, live="old")}
+    text = str(outcome.failure(Mode.DEPLOY, results, "new", {"web1": "old", "web2": "old"}))
+    assert "web1: could not hand back, so it stays on new, which it verified in this run" in text
+    assert "could not switch" not in text and "cause: confirm: exampleapp-worker-default@old.service crashed" in text
+    assert "act now" in text
+    own = str(outcome.failure(Mode.ROLLBACK, {"web1": state(S.FELL_BACK, live="old")}, "older", {"web1": "old"}))
+    assert "web1: could not switch, stayed on old (verified)" in own
+
+
 def test_live_release_is_what_the_host_reported():
     results = {"web1": state(S.DONE, live="new"), "web2": state(S.ROLLED_BACK, live=""), "web3": state(S.UNKNOWN)}
     assert outcome.live(results, {"web1": "old", "web2": None, "web3": "old"}) == \
