@@ -54,7 +54,7 @@ class Agent:
                 self.proc.stdin.flush()
             except OSError:  # it ended already (it could not reach the broker, say)
                 raise self.ended() from None
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             line = self.line()
             answer = self.answer(line) if line is not None else None
@@ -70,7 +70,7 @@ class Agent:
             reason = alive()
             if reason:
                 raise StepFailed(reason)
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise StepFailed(f"no answer within {timeout:.0f}s")
 
     def line(self) -> str | None:

@@ -33,8 +33,8 @@ class BeatSteps:
         unit = self.p["beat_unit"]
         want = os.path.realpath(os.path.join(self.p["releases_dir"], release))
         bound = float(self.p["stop_timeout"]) + float(self.p["verify"]["timeout"])  # the old one's stop, then a start
-        deadline, info = time.time() + bound, {}
-        while time.time() < deadline:
+        deadline, info = time.monotonic() + bound, {}
+        while time.monotonic() < deadline:
             info = self.show(unit)
             if info.get("ActiveState") == "failed":
                 raise StepFailed(f"{unit} failed to start; see its journal")
@@ -59,11 +59,11 @@ class BeatSteps:
         verification timeout; a Beat alive then without either has run that long, said so."""
         invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip()
         timeout, watch = float(self.p["verify"]["timeout"]), float(self.p["watch"])
-        bound = time.time() + timeout
+        bound = time.monotonic() + timeout
         bannered, ready, cpu, idle_since = False, 0.0, None, 0.0
         while True:
             time.sleep(0.2)
-            now, info = time.time(), self.show(unit)
+            now, info = time.monotonic(), self.show(unit)
             if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
                 raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
                                  f"{info.get('SubState')}); see its journal")

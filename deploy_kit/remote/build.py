@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import grp
 import json
 import os
 import re
@@ -184,6 +185,13 @@ def link_shared(p: dict, building: str) -> None:
         os.symlink(shared, target)
 
 
+def group_of(path: str) -> str:
+    try:
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError):
+        return ""
+
+
 def check(p: dict, building: str) -> dict:
     """The release check, as the service runs it (its user, env file, sandbox) in the new code, in
     one Python (`probes.release`): what it found of the queued tasks is returned."""
@@ -218,8 +226,13 @@ def build(p: dict, stage_dir: str) -> BuildOutcome:
             handle.write(p["env_key"] + "\n")
         p["reused"] = environment(p, stage_dir, building)
         link_shared(p, building)
-        sh("chown", "-R", f"root:{p['group']}", building)
-        sh("chmod", "-R", "g+rX,g-w,o-rwx", building)
+        # A reused environment's files are the current one's (hard links, 10,000 of them): owned and
+        # moded already, unless the app's group changed since.
+        kept = p["reused"] and group_of(os.path.join(building, p["venv"], "pyvenv.cfg")) == p["group"]
+        mine = [os.path.join(building, n) for n in os.listdir(building) if not (kept and n == p["venv"])]
+        sh("chown", "-R", f"root:{p['group']}", *mine)
+        sh("chmod", "-R", "g+rX,g-w,o-rwx", *mine)
+        sh("chown", f"root:{p['group']}", building)
         os.chmod(building, 0o750)
         found = check(p, building)
         os.rename(building, final)  # complete releases only ever appear under their name

@@ -62,23 +62,23 @@ def handoff(app, nodes: list, timeout: float, since: float) -> str:
     its longest running task). On Redis a BRPOP sent before the cancel may still take a message
     until its own timeout (kombu's `polling_interval`, 1 s): while the worker's loop runs, kombu
     puts that one back at once; from its warm shutdown on, only when the shutdown ends. So wait
-    out that BRPOP first (counted from `since`, when the nodes were told to stop consuming: what
-    the caller did meanwhile shortens the wait), then until no node holds a task it has not
+    out that BRPOP first (counted from `since`, the host's `time.monotonic()` when the nodes were
+    told to stop consuming: what the caller did meanwhile shortens the wait), then until no node holds a task it has not
     started (bounded; tasks with an ETA or countdown stay with it until it ends, as with any
     warm shutdown)."""
     with app.connection_for_write() as connection:
         redis = connection.transport.driver_type == "redis"
     if redis:
         interval = float((app.conf.broker_transport_options or {}).get("polling_interval") or 1)
-        time.sleep(max(0.0, since + interval + 0.2 - time.time()))
-    deadline = time.time() + timeout
+        time.sleep(max(0.0, since + interval + 0.2 - time.monotonic()))
+    deadline = time.monotonic() + timeout
     while True:
         replies = app.control.inspect(destination=list(nodes), timeout=1).reserved() or {}
         held = {node: len(replies[node]) for node in nodes if replies.get(node)}
         silent = [node for node in nodes if node not in replies]
         if not held and not silent:
             return "no task is held by " + ", ".join(nodes)
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             raise StillHeld("; ".join([*(f"{node} still holds {n} task(s) it has not started (its pool is busy)"
                                          for node, n in held.items()),
                                        *(f"{node} did not say what it holds" for node in silent)]))
@@ -354,12 +354,12 @@ def handle(app, request: dict) -> str:
         return "echoed the nonce" if echo else repr(value)[:80]
     node, queue = request.get("node", ""), request.get("queue", "")
     if op == "add_consumer":
-        deadline = time.time() + 15  # a reply can be lost while many nodes answer broadcasts
+        deadline = time.monotonic() + 15  # a reply can be lost while many nodes answer broadcasts
         while True:
             app.control.add_consumer(queue, destination=[node], reply=True, timeout=3)
             if queue in queues_of(app, node):
                 return f"{node} consumes {queue}"
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"{node} did not confirm it consumes {queue}")
             time.sleep(0.5)
     if op == "cancel_consumer":

@@ -83,7 +83,7 @@ class Cutover(BeatSteps):
             pass
 
     def step(self, name: str, action, *args):
-        entry = Step(name=name, started=time.time())
+        entry, began = Step(name=name, started=time.time()), time.monotonic()
         self.state.step = name
         self.state.steps.append(entry)
         self.save()
@@ -98,7 +98,7 @@ class Cutover(BeatSteps):
             entry.ok, entry.detail = False, f"{type(exc).__name__}: {exc}"
             raise StepFailed(entry.detail) from exc
         finally:
-            entry.ended = time.time()
+            entry.ended = entry.started + (time.monotonic() - began)  # a step of the clock is no step's time
             self.save()
 
     # --- systemd ------------------------------------------------------------------------------
@@ -180,8 +180,8 @@ class Cutover(BeatSteps):
         limit = float(self.p["stop_timeout"]) + waits.STOP_MARGIN
         self.note(f"{unit} is still draining (finishing its running tasks, at most {limit:.0f}s); "
                   "it starts once it stopped, the current release serves meanwhile")
-        deadline = time.time() + limit
-        while time.time() < deadline:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
             time.sleep(0.5)
             if self.show(unit).get("ActiveState") != "deactivating":
                 return
@@ -223,7 +223,7 @@ class Cutover(BeatSteps):
                 raise StepFailed(crash) from None
             self.unreachable = str(exc)
             return f"not confirmed ({exc}); the watch decides"
-        deadline, confirmed = time.time() + timeout, []
+        deadline, confirmed = time.monotonic() + timeout, []
         for worker in workers:
             node = self.node(worker, self.instance(worker, release))
             while True:
@@ -232,7 +232,7 @@ class Cutover(BeatSteps):
                 lacking = [q for q in worker["queues"] if q not in consumed]
                 if not lacking:
                     break
-                if time.time() > deadline:
+                if time.monotonic() > deadline:
                     raise StepFailed(f"{node} does not consume {', '.join(lacking)} after {timeout:.0f}s")
                 time.sleep(0.5)
             confirmed.append(node)
@@ -251,12 +251,15 @@ class Cutover(BeatSteps):
 
     def watch(self, release: str, workers: list) -> str:
         units = [self.instance(w, release) for w in workers]  # restart in place too: it serves alone now
-        deadline = time.time() + float(self.p["watch"])
-        while time.time() < deadline:
+        deadline = time.monotonic() + float(self.p["watch"])
+        while time.monotonic() < deadline:
             crash = self.crashed(units)
             if crash:
                 raise StepFailed(crash)
-            time.sleep(0.3)
+            time.sleep(max(0.0, min(0.3, deadline - time.monotonic())))
+        crash = self.crashed(units)  # once more at the end: the watch ends on a reading, not a sleep
+        if crash:
+            raise StepFailed(crash)
         return f"ran {self.p['watch']}s on the real queues without a crash"
 
     def retire(self, release: str, workers: list) -> str:
@@ -268,7 +271,7 @@ class Cutover(BeatSteps):
             for old in self.running(worker) + [u for w, u in self.stopped if w is worker]:
                 if old != self.instance(worker, release) and all(old != u for _, u, _ in olds):
                     olds.append((worker, old, (worker, old) not in self.stopped and self.cancel(worker, old, untold)))
-        told, since = [self.node(w, u) for w, u, t in olds if t], time.time()
+        told, since = [self.node(w, u) for w, u, t in olds if t], time.monotonic()
         if self.unreachable and olds:
             untold.append(f"they were not told to stop consuming first ({self.unreachable}): their warm shutdowns "
                           "stop them")
@@ -396,8 +399,8 @@ class Cutover(BeatSteps):
         """A worker that joined the real queues and died (or was stopped) may have left messages
         in the broker that only come back after its visibility timeout: once it is gone, put back
         what no live worker holds. One still finishing a task is left to its warm shutdown."""
-        deadline = time.time() + waits.RESTORE_WAIT
-        while time.time() < deadline:
+        deadline = time.monotonic() + waits.RESTORE_WAIT
+        while time.monotonic() < deadline:
             if all(self.show(u).get("ActiveState") in ("inactive", "failed") for _, u in draining):
                 time.sleep(waits.RESTORE_SETTLE)  # so a message a live worker just took shows in its reserved tasks
                 queues = sorted({q for w, _ in draining for q in w["queues"]})

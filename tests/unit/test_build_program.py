@@ -74,11 +74,24 @@ def test_a_release_reuses_the_matching_environment_and_is_checked_as_the_service
     assert (final / "manage.py").exists() and (final / ".venv/bin/python").exists()
     assert os.readlink(final / "media") == str(srv / "shared/media")
     assert not (srv / "releases" / f".{SOURCE.name}.building").exists()
-    assert [a[0] for a in ran if a[0] == "cp"] == ["cp"] and ran[-2][:3] == ("chown", "-R", "root:shop")
+    assert [a[0] for a in ran if a[0] == "cp"] == ["cp"] and ran[-3][:3] == ("chown", "-R", "root:shop")
+    venv = f"{srv}/releases/.{SOURCE.name}.building/.venv"
+    assert venv in ran[-3] and venv in ran[-2]  # its group is not the app's (as after a change of group)
+    assert ran[-1] == ("chown", "root:shop", f"{srv}/releases/.{SOURCE.name}.building")
     [(argv, program)] = checks  # one Python as the service: manage.py check, the app, the queued tasks
     assert argv[0] == "systemd-run" and "User=shop" in argv
     assert f"WorkingDirectory={srv}/releases/.{SOURCE.name}.building" in argv
     assert argv[-3:] == ["release", "shop", "[]"] and program == build.probes.release_program()
+
+
+def test_a_reused_environment_of_the_apps_group_is_not_chowned_again(host, monkeypatch):
+    params, stage_dir, srv, ran, _checks = host
+    monkeypatch.setattr(build, "group_of", lambda path: "shop" if path.endswith("/.venv/pyvenv.cfg") else "")
+    assert build.build(params, str(stage_dir)) == BuildOutcome(BuildStatus.BUILT, reused_env=True)
+    recursive = [argv for argv in ran if argv[:2] in (("chown", "-R"), ("chmod", "-R"))]
+    assert len(recursive) == 2 and all(any(a.endswith(f"/releases/.{SOURCE.name}.building/manage.py") for a in argv)
+                                       for argv in recursive)
+    assert not any(arg.endswith("/.venv") for argv in recursive for arg in argv)
 
 
 def test_a_release_that_fails_its_check_never_appears(host, monkeypatch):

@@ -116,18 +116,18 @@ def test_a_handoff_waits_until_the_node_started_what_it_took_and_says_what_it_st
     app.conf.task_ignore_result = False
     with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False, shutdown_timeout=10) as worker:
         node = worker.hostname
-        assert celery_agent.handoff(app, [node], 1, time.time()) == f"no task is held by {node}"
+        assert celery_agent.handoff(app, [node], 1, time.monotonic()) == f"no task is held by {node}"
         first, second = block.delay(), block.delay()  # one runs, one waits in the node: reserved
         for _ in range(50):
             if (app.control.inspect(destination=[node], timeout=1).reserved() or {}).get(node):  # None: late
                 break
         with pytest.raises(celery_agent.StillHeld, match=r"still holds 1 task\(s\) it has not started"):
-            celery_agent.handoff(app, [node], 1, time.time())
+            celery_agent.handoff(app, [node], 1, time.monotonic())
         with pytest.raises(celery_agent.StillHeld, match="gone@nowhere did not say what it holds"):
-            celery_agent.handoff(app, [node, "gone@nowhere"], 0.5, time.time())
+            celery_agent.handoff(app, [node, "gone@nowhere"], 0.5, time.monotonic())
         assert celery_agent.failure(celery_agent.StillHeld("x")) == "x"
         threading.Timer(0.5, gate.set).start()  # the pool frees: the reserved one starts
-        assert celery_agent.handoff(app, [node], 10, time.time()) == f"no task is held by {node}"
+        assert celery_agent.handoff(app, [node], 10, time.monotonic()) == f"no task is held by {node}"
         first.get(timeout=10), second.get(timeout=10)
 
 

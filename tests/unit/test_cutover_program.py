@@ -138,6 +138,24 @@ def test_a_handover_proves_the_new_worker_before_the_old_one_drains(host, monkey
     assert not any(v.startswith("kill") for v in verbs)
 
 
+def test_a_step_of_the_wall_clock_neither_shortens_the_watch_nor_shows_in_the_step_times(host, monkeypatch):
+    """NTP steps the clock, or a paused VM resumes: every wait on the host runs on the monotonic
+    clock, so the new worker is still watched for the whole watch, and each step's time is its own."""
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    mono, wall = [0.0], [1000.0]
+    monkeypatch.setattr(cutover.time, "monotonic", lambda: mono[0])
+    monkeypatch.setattr(cutover.time, "time", lambda: wall.__setitem__(0, wall[0] + 3600) or wall[0])  # jumps
+    monkeypatch.setattr(cutover.time, "sleep", lambda s: mono.__setitem__(0, mono[0] + s))
+    state = run_program(monkeypatch, systemd, params(watch=3.0))
+    assert state.status == CutoverStatus.DONE, state.failure
+    watch = next(s for s in state.steps if s.name == "watch")
+    assert watch.seconds == 3.0 and "ran 3.0s" in watch.detail
+    assert all(s.seconds <= 3.0 for s in state.steps)
+    checks = [c for c in systemd.calls if c[1:2] == ["show"] and UNIT.format(NEW) in c]
+    assert len(checks) >= 10  # a reading every 0.3 s, and one at the end
+
+
 def test_a_failed_verification_kills_the_new_worker_at_once_and_leaves_the_old_serving(host, monkeypatch):
     tmp, params = host
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
@@ -197,6 +215,7 @@ def test_a_beat_that_does_not_stop_is_given_up_within_its_stop_timeout(host, mon
     systemd = FakeSystemd({"shop-beat.service": "active"})
     clock = [1000.0]
     monkeypatch.setattr(cutover.time, "time", lambda: clock[0])
+    monkeypatch.setattr(cutover.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(cutover.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     real = systemd.__call__
 
@@ -290,6 +309,7 @@ def test_a_hand_back_whose_instance_does_not_consume_fails_and_the_failed_releas
     on_new(tmp)
     clock = [1000.0]
     monkeypatch.setattr(cutover.time, "time", lambda: clock[0])
+    monkeypatch.setattr(cutover.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(cutover.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     FakeAgent.answers = {"queues": "other"}
     systemd = FakeSystemd({UNIT.format(NEW): "active"})
@@ -388,7 +408,7 @@ def test_beat_that_stops_right_after_its_start_is_a_failure(host, monkeypatch):
     program = cutover.Cutover(params(phase="beat", watch=1.0))
     monkeypatch.setattr(program, "cpu_time", lambda pid: 1)
     ticks = iter(range(1000))
-    monkeypatch.setattr(cutover.time, "time", lambda: next(ticks) * 0.1)
+    monkeypatch.setattr(cutover.time, "monotonic", lambda: next(ticks) * 0.1)
     monkeypatch.setattr(cutover.time, "sleep", lambda s: systemd.crash("shop-beat.service"))
     with pytest.raises(StepFailed, match="stopped after it started"):
         program.watch_beat("shop-beat.service", "42", NEW)
@@ -627,7 +647,7 @@ def test_a_drain_that_outlasts_the_stop_timeout_starts_nothing_later(host, monke
     os.symlink(f"releases/{NEW}", tmp / "current")
     systemd = DrainingSystemd({UNIT.format(NEW): "active"}, UNIT.format(OLD), polls=10 ** 6)
     clock = iter(range(10 ** 6))
-    monkeypatch.setattr(cutover.time, "time", lambda: next(clock) * 1.0)
+    monkeypatch.setattr(cutover.time, "monotonic", lambda: next(clock) * 1.0)
     p = params(Mode.ROLLBACK, target=OLD, previous=NEW)
     systemd.run_dir = p["run_dir"]
     notes = []
@@ -746,6 +766,7 @@ def beat_program(host, monkeypatch, shown=(None, None), busy_until=0.0, dies_at=
     program = cutover.Cutover(p)
     monkeypatch.setattr(program, "cpu_time", lambda pid: 100 + int(min(now[0], busy_until) * 100))
     monkeypatch.setattr(cutover.time, "time", lambda: now[0])
+    monkeypatch.setattr(cutover.time, "monotonic", lambda: now[0])
     monkeypatch.setattr(cutover.time, "sleep", sleep)
     return program, now, reads
 
