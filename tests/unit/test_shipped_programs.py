@@ -74,6 +74,20 @@ def test_the_programs_a_host_program_starts_load_on_a_bare_python_too(text, tmp_
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_agents_program_on_its_stdin_runs_its_requests_and_fits_a_pipe_buffer(tmp_path):
+    """The agent's program comes as the first line of its stdin (`agent_client.READ_FIRST_LINE`),
+    its requests after it; whole, it fits a pipe's buffer, so writing it never waits for the agent."""
+    from deploy_kit.remote import agent_client
+
+    first = json.dumps(celery_agent.program()) + "\n"
+    assert len(first.encode()) < 65536
+    program = first.replace("module.main(*sys.argv[1:])", "print(sys.stdin.readline().strip())")
+    proc = subprocess.run([sys.executable, "-I", "-c", agent_client.READ_FIRST_LINE], input=program + "a request\n",
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "a request\n", proc.stderr
+    assert ";" not in agent_client.READ_FIRST_LINE + probes.READ_STDIN and "$" not in agent_client.READ_FIRST_LINE
+
+
 def test_the_readme_layout_names_every_host_module():
     layout = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("## Layout", 1)[1]
     remote_part = layout.split("- `deploy_kit/remote/`", 1)[1].split("\n- ", 1)[0]
