@@ -146,7 +146,8 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
     ]
     found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
     back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""
-    found.append(("on failure", f"stop the new instances at once; the old ones keep serving{back}"))
+    found.append(("on failure", f"stop the new instances at once; the old ones keep serving (one told to stop "
+                                f"taking tasks takes its queues again){back}"))
     return found
 
 

@@ -32,13 +32,14 @@ class Agent:
     def __init__(self, params: dict, release: str, purpose: str = "handover"):
         directory = os.path.join(params["releases_dir"], release)
         python = os.path.join(directory, params["venv"], "bin", "python")
+        program = json.dumps(_agent_program()) + "\n"  # before it starts: it waits for this line
         self.proc = subprocess.Popen(
             hostlib.service_argv(params["service_environment"], directory,
                                  [python, "-c", READ_FIRST_LINE, params["app"]["celery_app"], purpose]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
         try:  # its program, as its first line; the requests follow
-            self.proc.stdin.write(json.dumps(_agent_program()) + "\n")
+            self.proc.stdin.write(program)
             self.proc.stdin.flush()
         except OSError:  # it ended already: its greeting (or its stderr) says why
             pass

@@ -229,7 +229,8 @@ def build(p: dict, stage_dir: str) -> BuildOutcome:
         # A reused environment's files are the current one's (hard links, 10,000 of them): owned and
         # moded already, unless the app's group changed since.
         kept = p["reused"] and group_of(os.path.join(building, p["venv"], "pyvenv.cfg")) == p["group"]
-        mine = [os.path.join(building, n) for n in os.listdir(building) if not (kept and n == p["venv"])]
+        mine = [path for path in (os.path.join(building, n) for n in os.listdir(building) if not (kept and
+                n == p["venv"])) if not os.path.islink(path)]  # chmod -R follows a link it is given: into shared/
         sh("chown", "-R", f"root:{p['group']}", *mine)
         sh("chmod", "-R", "g+rX,g-w,o-rwx", *mine)
         sh("chown", f"root:{p['group']}", building)

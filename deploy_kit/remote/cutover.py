@@ -61,6 +61,8 @@ class Cutover(BeatSteps):
         self.started_units: list = []  # new instances this run started (stopped again on failure)
         self.stopped: list = []  # (worker, old unit) a restart in place stopped (started again on failure)
         self.retired: list = []  # (worker, old unit) retired by this run (started again on failure)
+        self.cancelled: list = []  # (worker, old unit) told to stop consuming (consume again on failure)
+        self.stopping: list = []  # old units whose warm shutdown this run began
         self.joined: list = []  # (worker, node) that joined the real queues (a hand-back's: from their start)
         self.unreachable = ""  # why a hand-back's agent could not start: nothing more is asked of it
         self.restarts: dict = {}
@@ -284,6 +286,7 @@ class Cutover(BeatSteps):
         draining = [old for worker, old, _ in olds if (worker, old) not in self.stopped]
         if draining:
             self.systemctl("stop", "--no-block", *draining)  # they drain in the background
+            self.stopping += draining
         for worker, old, _ in olds:
             if old != worker["legacy"]:
                 self.discard_private(worker, old.split("@", 1)[1].rsplit(".service", 1)[0])
@@ -294,6 +297,7 @@ class Cutover(BeatSteps):
         """Best effort: the warm shutdown stops consuming anyway."""
         if self.unreachable:
             return False
+        self.cancelled.append((worker, old))  # before the first: one that times out may have been done
         for queue in worker["queues"]:
             try:
                 self.agent.ask({"op": "cancel_consumer", "queue": queue, "node": self.node(worker, old)},
@@ -361,7 +365,9 @@ class Cutover(BeatSteps):
     # --- giving back --------------------------------------------------------------------------
 
     def give_back(self) -> str:
-        """Stop what this run started; the old instances never stopped serving."""
+        """Stop what this run started; the old instances serve again (they never stopped, or take
+        their queues again, or start again)."""
+        again = self.consume_again()
         for worker, node in [] if self.unreachable else self.joined:
             for queue in worker["queues"]:
                 try:
@@ -388,12 +394,38 @@ class Cutover(BeatSteps):
             self.discard_private(worker, self.p["target"])
         for unit in self.started_units:  # enabled by a switch that then failed: never at boot
             run(["systemctl", "disable", "--quiet", unit])
-        restarted = list(dict.fromkeys(old for _, old in self.stopped + self.retired))
+        restarted, problems = list(dict.fromkeys(old for _, old in self.stopped + self.retired)), []
         for old in restarted:  # stopped by a restart in place, or retired: it serves again, and at boot
-            self.systemctl("enable", "--quiet", old)
-            self.systemctl("start", "--no-block", old)  # a draining one starts once its stop is done
+            for verb in (("enable", "--quiet"), ("start", "--no-block")):  # a draining one starts once stopped
+                try:
+                    self.systemctl(*verb, old)
+                except StepFailed as exc:  # the others still start
+                    problems.append(str(exc))
+        if problems:
+            raise StepFailed("; ".join(problems))
         return "stopped " + (", ".join(stopped) or "nothing") + \
-            ("; started " + ", ".join(restarted) if restarted else "") + (f"; {detail}" if detail else "")
+            ("; started " + ", ".join(restarted) if restarted else "") + \
+            ("; consuming again: " + ", ".join(again) if again else "") + (f"; {detail}" if detail else "")
+
+    def consume_again(self) -> list:
+        """The old instances told to stop consuming whose warm shutdown never began (the retire
+        failed in between): they take their queues again by remote control, their running tasks
+        untouched; without an agent that can, a restart (warm shutdown, then a fresh start)."""
+        again = []
+        for worker, old in self.cancelled:
+            if old in self.stopping:
+                continue
+            try:
+                if self.agent is None or self.unreachable:
+                    raise StepFailed(self.unreachable or "no agent")
+                for queue in worker["queues"]:
+                    self.agent.ask({"op": "add_consumer", "queue": queue, "node": self.node(worker, old)},
+                                   waits.REMOTE_CONTROL)
+                again.append(old)
+            except StepFailed:
+                run(["systemctl", "restart", "--no-block", old])
+                again.append(f"{old} (restarted)")
+        return again
 
     def restore(self, draining: list) -> str:
         """A worker that joined the real queues and died (or was stopped) may have left messages

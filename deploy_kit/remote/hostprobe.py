@@ -232,7 +232,7 @@ def check_facts(params: dict, facts: dict) -> dict:
         and facts["paths"].get("env_file") is not None
     if can_run:  # each probe is a Python start-up as the service: all at once
         with ThreadPoolExecutor(max_workers=3) as pool:
-            broker = pool.submit(as_service, params, ["broker"], with_app)
+            broker = pool.submit(as_service, params, ["broker"], has_release)  # kombu's, not the app's
             if with_app:
                 runs = pool.submit(hostlib.run, ["runuser", "-u", app["user"], "--", params["release_python"],
                                                  "-m", "celery", "--version"])

@@ -78,6 +78,8 @@ def test_a_release_reuses_the_matching_environment_and_is_checked_as_the_service
     venv = f"{srv}/releases/.{SOURCE.name}.building/.venv"
     assert venv in ran[-3] and venv in ran[-2]  # its group is not the app's (as after a change of group)
     assert ran[-1] == ("chown", "root:shop", f"{srv}/releases/.{SOURCE.name}.building")
+    # A linked path is never named to chmod -R, which would follow it into shared/ (uploads lose o+r).
+    assert not any(arg.endswith("/media") for argv in ran[-3:-1] for arg in argv)
     [(argv, program)] = checks  # one Python as the service: manage.py check, the app, the queued tasks
     assert argv[0] == "systemd-run" and "User=shop" in argv
     assert f"WorkingDirectory={srv}/releases/.{SOURCE.name}.building" in argv

@@ -156,6 +156,59 @@ def test_a_step_of_the_wall_clock_neither_shortens_the_watch_nor_shows_in_the_st
     assert len(checks) >= 10  # a reading every 0.3 s, and one at the end
 
 
+class FailingSystemd(FakeSystemd):
+    """A systemctl whose VERB of the units named fails."""
+
+    def __init__(self, running, verb, units):
+        super().__init__(running)
+        self.verb, self.failing = verb, set(units)
+
+    def __call__(self, argv, timeout=60):
+        if argv[0] == "systemctl" and argv[1] == self.verb and self.failing & set(argv[2:]):
+            self.calls.append(argv)
+            return subprocess.CompletedProcess(argv, 1, "", f"Failed to {self.verb} unit")
+        return super().__call__(argv, timeout)
+
+
+def test_a_retire_that_fails_after_the_cancel_has_the_old_worker_consume_again(host, monkeypatch):
+    """Told to stop consuming, then the retire fails before its warm shutdown began: the old
+    instance takes its queues again (remote control), so the release it runs still serves."""
+    _tmp, params = host
+    systemd = FailingSystemd({UNIT.format(OLD): "active"}, "disable", [UNIT.format(OLD)])
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.ROLLED_BACK and state.live == OLD, state.rollback_failure
+    old_node = f"default.{OLD}@{os.uname().nodename}"
+    asked = [(r["op"], r.get("node")) for r in FakeAgent.requests]
+    assert asked.index(("cancel_consumer", old_node)) < asked.index(("add_consumer", old_node))
+    assert not any(v.startswith("stop") and UNIT.format(OLD) in v for v in systemd.verbs())
+    assert f"consuming again: {UNIT.format(OLD)}" in state.steps[-2].detail
+
+    def no_answer_for_the_old_node(request):
+        if request.get("op") == "add_consumer" and request.get("node") == old_node:
+            raise StepFailed("no answer within 30s")
+
+    FakeAgent.requests.clear()  # an agent that cannot: a restart (warm shutdown, then a fresh start)
+    FakeAgent.on_request = no_answer_for_the_old_node
+    systemd = FailingSystemd({UNIT.format(OLD): "active"}, "disable", [UNIT.format(OLD)])
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.ROLLED_BACK and f"{UNIT.format(OLD)} (restarted)" in state.steps[-2].detail
+    assert f"restart --no-block {UNIT.format(OLD)}" in systemd.verbs()
+
+
+def test_giving_back_starts_every_old_instance_even_when_one_cannot_be_enabled(host, monkeypatch):
+    _tmp, params = host
+    systemd = FailingSystemd({UNIT.format(OLD): "active", "shop-worker-default.service": "active"}, "enable",
+                             ["shop-worker-default.service"])
+    program = cutover.Cutover(params())
+    monkeypatch.setattr(cutover, "run", systemd)
+    worker = program.p["workers"][0]
+    program.retired = [(worker, "shop-worker-default.service"), (worker, UNIT.format(OLD))]
+    with pytest.raises(StepFailed, match="enable"):
+        program.give_back()
+    verbs = systemd.verbs()
+    assert "start --no-block shop-worker-default.service" in verbs and f"start --no-block {UNIT.format(OLD)}" in verbs
+
+
 def test_a_failed_verification_kills_the_new_worker_at_once_and_leaves_the_old_serving(host, monkeypatch):
     tmp, params = host
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
@@ -718,12 +771,15 @@ def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fe
     _tmp, params = host
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
     p = dict(params(), report=["default"])
+    cancelled_at = []
+    FakeAgent.on_request = lambda r: r.get("op") == "cancel_consumer" and cancelled_at.append(time.monotonic())
     state = run_program(monkeypatch, systemd, p)
+    FakeAgent.on_request = None
     ops = [r["op"] for r in FakeAgent.requests]
     assert state.status == CutoverStatus.DONE and state.queues == "ok"
     assert ops.index("cancel_consumer") < ops.index("report") < ops.index("handoff")
     report, handoff = (next(r for r in FakeAgent.requests if r["op"] == op) for op in ("report", "handoff"))
-    assert report["queues"] == ["default"] and handoff["since"] <= time.time()
+    assert report["queues"] == ["default"] and cancelled_at[0] <= handoff["since"] <= time.monotonic()
 
     FakeAgent.requests.clear()
     FakeAgent.fail = {"report": "the broker cannot be reached"}

@@ -104,10 +104,12 @@ def test_the_check_facts_come_from_the_host_as_the_service_sees_it(probe):
 
 
 def test_a_deploys_probe_runs_only_the_broker_probe_as_the_service(probe):
-    run, host, _ = probe
+    run, host, deploy_to = probe
     facts = run(check=True, current_app=False)
     assert facts.broker.ok and not facts.current_app
     assert facts.app_import is None and facts.release_runs is None
     as_service = [argv for argv in host.ran if argv[0] == "systemd-run"]
-    assert len(as_service) == 1 and "broker" in as_service[0] and "/usr/bin/python3" in as_service[0]
+    # With the release's Python (kombu: every broker URL the app's), never the app itself.
+    release_python = str(deploy_to / "current" / units.VENV / "bin" / "python")
+    assert len(as_service) == 1 and "broker" in as_service[0] and release_python in as_service[0]
     assert not any("--version" in argv for argv in host.ran)
