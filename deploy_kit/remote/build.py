@@ -226,11 +226,15 @@ def build(p: dict, stage_dir: str) -> BuildOutcome:
             handle.write(p["env_key"] + "\n")
         p["reused"] = environment(p, stage_dir, building)
         link_shared(p, building)
-        # A reused environment's files are the current one's (hard links, 10,000 of them): owned and
-        # moded already, unless the app's group changed since.
+        # Not named to chown/chmod -R: a linked path (chmod -R follows a link it is given, into shared/),
+        # nor a reused environment, whose 10,000 hard-linked files are the current one's, owned and
+        # moded already (unless the app's group changed since).
         kept = p["reused"] and group_of(os.path.join(building, p["venv"], "pyvenv.cfg")) == p["group"]
-        mine = [path for path in (os.path.join(building, n) for n in os.listdir(building) if not (kept and
-                n == p["venv"])) if not os.path.islink(path)]  # chmod -R follows a link it is given: into shared/
+        mine = []
+        for name in os.listdir(building):
+            path = os.path.join(building, name)
+            if not os.path.islink(path) and not (kept and name == p["venv"]):
+                mine.append(path)
         sh("chown", "-R", f"root:{p['group']}", *mine)
         sh("chmod", "-R", "g+rX,g-w,o-rwx", *mine)
         sh("chown", f"root:{p['group']}", building)
