@@ -130,14 +130,19 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                            "marked bad"),
         ]
     found = [
-        ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}" if w["handover"]
+        ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}"
+                            + (" (without mingle, about 1 s sooner: the join gives it the revoked task ids instead)"
+                               if w["mingle"] else "")
+                            if w["handover"]
                             else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
                                  f"consuming only {queue(w)}" for w in workers)
          + f" (one of that release still draining is waited for first, at most {params['stop_timeout']}s + "
            f"{waits.STOP_MARGIN}s)"),
         ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
                    + ", ".join(queue(w) for w in workers)),
-        ("join", "; ".join(f"{new(w)} consumes {', '.join(w['queues'])} too (confirmed)" for w in workers)),
+        ("join", "; ".join((f"{new(w)} gets the revoked task ids of the running instance, then " if w["handover"]
+                            else f"{new(w)} ") + f"consumes {', '.join(w['queues'])} too (confirmed)"
+                           for w in workers)),
         ("watch", f"the new instances keep running for {params['watch']}s"),
         ("retire", "the older instances stop taking tasks, start what they took already, and drain in the "
                    "background (warm shutdown)" + (f"; meanwhile the queue summary is read (waiting, unacked, "
@@ -284,7 +289,7 @@ def cutover_params(stage: Stage, host: Host, target: str, previous: str | None, 
         "app": {"name": app.name, "celery_app": app.celery_app},
         "releases_dir": str(app.releases_dir), "current": str(app.current_link), "venv": units.VENV,
         "workers": [{"service": w.name, "template": w.unit(app), "legacy": w.legacy_unit(app),
-                     "queues": list(w.queues), "handover": w.handover,
+                     "queues": list(w.queues), "handover": w.handover, "mingle": w.mingle,
                      "private_queue": units.private_queue(stage, w, "%i", "{host}")} for w in workers],
         "beat_unit": stage.beat.unit(app) if phase == "beat" and stage.beat else None,
         "verify": {"task": stage.verify.task, "timeout": stage.verify.timeout}, "watch": stage.verify.watch,

@@ -27,6 +27,7 @@ from pathlib import PurePosixPath
 
 from deploy_kit.config import App, Host, Stage, WorkerService
 from deploy_kit.remote import hostlib
+from deploy_kit.remote.contracts import HANDOVER_OPTIONS
 
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
 MANAGED_MARKER = "# Managed by deploy-kit"
@@ -180,7 +181,8 @@ def worker_unit(stage: Stage, worker: WorkerService) -> Unit:
                    if not on)
     exec_start = (f"{directory / VENV / 'bin/python'} -m celery -A {app.celery_app} worker -n {node_name(worker)} "
                   "-Q ${DEPLOY_KIT_QUEUES} "
-                  f"-c {worker.concurrency} --time-limit={worker.time_limit} --loglevel={worker.loglevel}{skip}")
+                  f"-c {worker.concurrency} --time-limit={worker.time_limit} --loglevel={worker.loglevel}{skip} "
+                  f"${HANDOVER_OPTIONS}")  # unset but in a handover: no argument
     description = f"{app.name} Celery worker {worker.name!r}, release %i (queues: {', '.join(worker.queues)})"
     content = _render(stage, description, f"{app.name}-worker-{worker.name}", exec_start,
                       stop_timeout(stage, worker), directory,

@@ -45,6 +45,9 @@ LOCK = "lock"  # the deploy lock: a directory, taken with mkdir
 LOCK_HOLDER = "holder.json"  # in LOCK: its `LockHolder`
 BAD = "BAD"  # in releases/NAME/.deploy-kit: a deploy was rolled back from it (`hostlib.mark_bad`)
 ENV_KEY = "env-key"  # in releases/NAME/.deploy-kit: the key of the environment it was built with
+# In a worker instance's handover file (/run/deploy-kit/APP/SERVICE@RELEASE.env, read by its unit
+# until it joins the real queues): worker options of that start only (mingle off: the join syncs it)
+HANDOVER_OPTIONS = "DEPLOY_KIT_HANDOVER_OPTIONS"
 
 # The cutover's waits (`remote/cutover.py`), in seconds, each named once: `follow.budget` adds
 # them up, so the control machine never gives up on a cutover that is within its own timeouts.

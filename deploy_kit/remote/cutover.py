@@ -44,7 +44,16 @@ from deploy_kit.remote import contracts as waits
 from deploy_kit.remote import hostlib
 from deploy_kit.remote.beat import BeatSteps
 from deploy_kit.remote.celery_agent import Agent, StepFailed
-from deploy_kit.remote.contracts import LIVE_LOG, UNREAD, CutoverState, CutoverStatus, LiveEvent, Mode, Step
+from deploy_kit.remote.contracts import (
+    HANDOVER_OPTIONS,
+    LIVE_LOG,
+    UNREAD,
+    CutoverState,
+    CutoverStatus,
+    LiveEvent,
+    Mode,
+    Step,
+)
 
 
 def run(argv: list, timeout: float = waits.SYSTEMCTL) -> subprocess.CompletedProcess:
@@ -132,6 +141,10 @@ class Cutover(BeatSteps):
         out = self.systemctl("list-units", "--plain", "--no-legend", "--all", pattern, worker["legacy"])
         return [u for u, state in hostlib.parse_units(out).items() if state in ("active", "activating", "reloading")]
 
+    def olds(self, worker: dict, unit: str) -> list:
+        """The worker's units that run now beside `unit` (the older instances a handover retires)."""
+        return [old for old in self.running(worker) if old != unit]
+
     def instance(self, worker: dict, release: str) -> str:
         return worker["template"].replace("@.", f"@{release}.")
 
@@ -158,6 +171,8 @@ class Cutover(BeatSteps):
             else:
                 with open(self.handover_file(worker, release), "w") as handle:  # its private queue, until it joins
                     handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
+                    if worker["mingle"] and worker["handover"] and self.olds(worker, unit):
+                        handle.write(f"{HANDOVER_OPTIONS}=--without-mingle\n")  # the join syncs it instead
             if not worker["handover"]:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
@@ -165,7 +180,10 @@ class Cutover(BeatSteps):
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + waits.STOP_MARGIN)
             self.wait_drained(unit)
             self.started_units.append(unit)  # before the start: a start that fails half-way is given back too
-            self.systemctl("start", unit)  # Type=simple: returns once the process runs
+            # Type=simple: returns once the process runs. A hand-back pulls in no other unit: with a
+            # co-located broker that is down, its start (Wants=, After=) would be waited for, maybe until
+            # it times out, while the hand-back exists for a broker in trouble (Celery reconnects).
+            self.systemctl("start", *(["--job-mode=ignore-requirements"] if self.p.get("hand_back") else []), unit)
             units.append(unit)
         self.agent = Agent(self.p, release)
         self.restarts.update({u: self.show(u).get("NRestarts", "0") for u in units})
@@ -242,14 +260,20 @@ class Cutover(BeatSteps):
 
     def join(self, release: str, workers: list) -> str:
         assert self.agent is not None
+        synced = []
         for worker in workers:
-            node = self.node(worker, self.instance(worker, release))
+            unit = self.instance(worker, release)
+            node = self.node(worker, unit)
+            olds = [self.node(worker, old) for old in self.olds(worker, unit)] if worker["handover"] else []
+            if olds:  # before its first user task: the revoked task ids mingle would have brought
+                synced.append(self.agent.ask({"op": "sync_revoked", "olds": olds, "node": node},
+                                             waits.REMOTE_CONTROL))
             for queue in worker["queues"]:
                 self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, waits.REMOTE_CONTROL)
             self.joined.append((worker, node))
             # From now on a restart of the instance (crash, reboot) consumes the real queues.
             os.unlink(self.handover_file(worker, release))
-        return "joined " + ", ".join(node for _, node in self.joined)
+        return "; ".join([*synced, "joined " + ", ".join(node for _, node in self.joined)])
 
     def watch(self, release: str, workers: list) -> str:
         units = [self.instance(w, release) for w in workers]  # restart in place too: it serves alone now
@@ -274,14 +298,14 @@ class Cutover(BeatSteps):
                 if old != self.instance(worker, release) and all(old != u for _, u, _ in olds):
                     olds.append((worker, old, (worker, old) not in self.stopped and self.cancel(worker, old, untold)))
         told, since = [self.node(w, u) for w, u, t in olds if t], time.monotonic()
+        if self.p.get("report"):  # read by the agent meanwhile (a 1.5 s broadcast), taken once switched
+            self.read_queues(self.p["report"], later=True)
         if self.unreachable and olds:
             untold.append(f"they were not told to stop consuming first ({self.unreachable}): their warm shutdowns "
                           "stop them")
         self.retired += [(worker, old) for worker, old, _ in olds]  # from now on a failure starts them again
         if olds:  # in one call, one daemon-reload (meanwhile the fetch the old nodes sent before the cancel ends)
             self.systemctl("disable", "--quiet", *(old for _, old, _ in olds))
-        if self.p.get("report"):  # as that fetch ends
-            self.state.queues = self.read_queues(self.p["report"])
         untold += self.handoff(told, since) if told else []
         draining = [old for worker, old, _ in olds if (worker, old) not in self.stopped]
         if draining:
@@ -307,12 +331,14 @@ class Cutover(BeatSteps):
                 return False
         return True
 
-    def read_queues(self, queues: list) -> str:
+    def read_queues(self, queues: list, later: bool = False) -> str:
         """The queue summary the run ends with (`celery_agent.report`), read by this cutover's agent
-        once the old instances stopped consuming; never a reason to fail."""
+        once the old instances stopped consuming; never a reason to fail. `later`: the agent reads it
+        in the background while it answers the next requests; the next call takes that reading."""
         assert self.agent is not None
         try:
-            return self.agent.ask({"op": "report", "queues": queues}, waits.REPORT)
+            return self.agent.ask({"op": "report", "queues": queues, "later": later},
+                                  waits.REMOTE_CONTROL_QUICK if later else waits.REPORT)
         except Exception as exc:  # noqa: BLE001 - StepFailed, or an answer it could not read
             return f"{UNREAD}{exc}"
 
@@ -501,6 +527,8 @@ class Cutover(BeatSteps):
         self.step("watch", self.watch, target, workers)
         self.step("retire", self.retire, target, workers)
         self.step("switch", self.enable, target, workers)
+        if self.p.get("report"):  # read since the retire's cancel
+            self.state.queues = self.read_queues(self.p["report"])
 
     def backward(self) -> None:
         previous = self.p.get("previous")

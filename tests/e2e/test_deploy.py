@@ -40,6 +40,12 @@ def tasks_source(app_repo) -> str:
     return (app_repo / "examples/exampleapp" / TASKS).read_text()
 
 
+def celery(stage, code: str) -> str:
+    """Python run on the first host as the service, in the current release (its last line)."""
+    command = units.as_service_command(stage, str(stage.app.current_link), [str(units.python(stage.app)), "-c", code])
+    return ([""] + on_host(stage, 0, command + "\n").strip().splitlines())[-1]
+
+
 def releases_on(stage, index):
     out = on_host(stage, index, f"ls {stage.app.releases_dir}")
     return sorted(out.split())
@@ -93,17 +99,30 @@ def test_beat_runs_on_its_one_host_only(stage):
 def test_second_deploy_runs_the_new_commit_even_over_a_release_that_no_longer_imports(stage, sandbox_config,
                                                                                        app_repo):
     before = current_release(stage, 0)
+    started = on_host(stage, 0, "date +%s").strip()
+    revoked = f"deploy-kit-test-revoked-{started}"  # revoked before the deploy: the new workers must know it
+    celery(stage, f"from exampleapp.celery import app\napp.control.revoke({revoked!r})\n")
     # The current release's app no longer imports (its workers run on, loaded long ago): the deploy
     # that replaces it must not be stopped by it; the build checks the new release's instead.
     celery_py = f"{stage.app.releases_dir}/{before}/exampleapp/celery.py"
     on_host(stage, 0, f"cp -p {celery_py} /root/celery.py.kept && echo 'raise RuntimeError(\"broken\")' >> {celery_py}")
     sha = commit(app_repo, {TASKS: tasks_source(app_repo) + VERSION_TASK.format(version="v2")}, "add version")
-    started = on_host(stage, 0, "date +%s").strip()
     try:
         proc = deploy(sandbox_config)
     finally:
         on_host(stage, 0, f"cp -p /root/celery.py.kept {celery_py}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # They started without mingle (about 1 s sooner) and were given the old nodes' revoked ids instead.
+    new_nodes = {units.node_name(w, current_release(stage, i), h.name)
+                 for i, h in enumerate(stage.hosts) for w in stage.workers_on(h)}
+    knows = json.loads(celery(stage, "import json\nfrom exampleapp.celery import app\n"
+                                     f"print(json.dumps({{n: {revoked!r} in ids for n, ids in "
+                                     "(app.control.inspect(timeout=2).revoked() or {}).items()}))\n"))
+    assert {n for n in new_nodes if knows.get(n)} == new_nodes, knows
+    for index in (0, 1):
+        journal = on_host(stage, index, f"journalctl -q --no-pager -o cat --since @{started} "
+                                        f"-u '{stage.app.name}-worker-*'")
+        assert "sync with deploy-kit@" in journal and "mingle: searching for neighbors" not in journal, journal
     assert "environment reused" in proc.stdout  # same requirements: no pip install
     assert sha[:10] in proc.stdout
     assert current_release(stage, 0) != before

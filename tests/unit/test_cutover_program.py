@@ -19,6 +19,7 @@ from .samples import STAGE, stage_of
 
 OLD, NEW = "2026-11-24-120000", "2026-11-24-123000"
 UNIT = "shop-worker-default@{}.service"
+HAND_BACK_START = f"start --job-mode=ignore-requirements {UNIT.format(OLD)}"  # pulls in no broker unit
 
 
 class FakeSystemd:
@@ -136,6 +137,37 @@ def test_a_handover_proves_the_new_worker_before_the_old_one_drains(host, monkey
     assert verbs.index(f"start {UNIT.format(NEW)}") < verbs.index(f"stop --no-block {UNIT.format(OLD)}")
     assert f"disable --quiet {UNIT.format(OLD)}" in verbs and f"enable --quiet {UNIT.format(NEW)}" in verbs
     assert not any(v.startswith("kill") for v in verbs)
+
+
+def test_a_handover_starts_without_mingle_and_syncs_the_revoked_ids_of_the_old_node_before_it_joins(host, monkeypatch):
+    tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    handover_file = tmp / "run" / f"default@{NEW}.env"
+    seen = []
+    FakeAgent.on_request = lambda r: seen.append(handover_file.read_text() if handover_file.exists() else "")
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.DONE
+    assert "DEPLOY_KIT_HANDOVER_OPTIONS=--without-mingle\n" in seen[0]  # this start only: the file goes at the join
+    ops = [r["op"] for r in FakeAgent.requests]
+    assert ops.index("sync_revoked") < ops.index("add_consumer")  # before its first user task
+    sync = next(r for r in FakeAgent.requests if r["op"] == "sync_revoked")
+    assert sync["olds"] == [f"default.{OLD}@{cutover.socket.gethostname()}"]
+    assert sync["node"] == f"default.{NEW}@{cutover.socket.gethostname()}"
+
+
+@pytest.mark.parametrize("case", ["no older instance", "mingle = false", "handover = false"])
+def test_a_start_with_nothing_to_sync_from_keeps_mingle_as_configured(host, monkeypatch, case):
+    tmp, params = host
+    p = params()
+    p["workers"][0].update({"mingle = false": {"mingle": False}, "handover = false": {"handover": False}}.get(case, {}))
+    systemd = FakeSystemd({} if case == "no older instance" else {UNIT.format(OLD): "active"})
+    handover_file, seen = tmp / "run" / f"default@{NEW}.env", []
+    FakeAgent.on_request = lambda r: seen.append(handover_file.read_text() if handover_file.exists() else "")
+    state = run_program(monkeypatch, systemd, p)
+    assert state.status == CutoverStatus.DONE
+    assert "DEPLOY_KIT_HANDOVER_OPTIONS" not in seen[0]
+    synced = [r for r in FakeAgent.requests if r["op"] == "sync_revoked"]
+    assert bool(synced) == (case == "mingle = false")  # the old node's ids are worth having all the same
 
 
 def test_a_step_of_the_wall_clock_neither_shortens_the_watch_nor_shows_in_the_step_times(host, monkeypatch):
@@ -337,7 +369,7 @@ def test_a_hand_back_without_a_broker_still_puts_the_release_the_host_ran_back(h
         ["start", "confirm", "watch", "retire", "switch"]  # --plan shows what runs
     assert not (tmp / "run" / f"default@{OLD}.env").exists()  # the real queues from its start
     verbs = systemd.verbs()
-    assert verbs.index(f"start {UNIT.format(OLD)}") < verbs.index(f"stop --no-block {UNIT.format(NEW)}")
+    assert verbs.index(HAND_BACK_START) < verbs.index(f"stop --no-block {UNIT.format(NEW)}")
     assert f"enable --quiet {UNIT.format(OLD)}" in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
     assert "not confirmed (Error 111" in state.steps[1].detail
     assert "not told to stop consuming first (Error 111" in state.steps[3].detail
@@ -355,6 +387,8 @@ def test_a_hand_back_with_a_broker_confirms_its_instances_consume_then_retires_t
     ops = [r["op"] for r in FakeAgent.requests]
     assert ops[:2] == ["hello", "queues"] and ops.index("queues") < ops.index("cancel_consumer") < ops.index("handoff")
     assert "verify" not in ops and "add_consumer" not in ops
+    # its start pulls in no other unit (a co-located broker that is down would be started, and waited for)
+    assert HAND_BACK_START in systemd.verbs()
 
 
 def test_a_hand_back_whose_instance_does_not_consume_fails_and_the_failed_release_serves_on(host, monkeypatch):
@@ -395,7 +429,7 @@ def test_a_hand_back_of_a_restart_in_place_worker_stops_the_failed_release_first
     state = run_program(monkeypatch, systemd, p)
     assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
     verbs = systemd.verbs()
-    assert verbs.index(f"stop {UNIT.format(NEW)}") < verbs.index(f"start {UNIT.format(OLD)}")  # the queue waits
+    assert verbs.index(f"stop {UNIT.format(NEW)}") < verbs.index(HAND_BACK_START)  # the queue waits
     assert f"stop --no-block {UNIT.format(NEW)}" not in verbs and f"disable --quiet {UNIT.format(NEW)}" in verbs
     assert "stopped at the start already" in dict(plan.handover_lines(p))["retire"]
 
@@ -409,7 +443,7 @@ def test_a_hand_back_to_an_instance_still_draining_waits_for_its_drain(host, mon
     state = run_program(monkeypatch, systemd, p)
     assert state.status == CutoverStatus.DONE and state.live == OLD, state.failure
     assert systemd.narrowed_at_start == [False]  # the real queues at once
-    assert systemd.verbs().count(f"start {UNIT.format(OLD)}") == 1
+    assert systemd.verbs().count(HAND_BACK_START) == 1
 
 
 def test_a_hand_back_whose_instance_crashes_stops_it_warm_and_leaves_the_host_as_it_was(host, monkeypatch):
@@ -766,19 +800,29 @@ def test_the_retire_lets_the_old_worker_start_what_it_took_before_it_stops_it(ho
 
 def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fetch_ends(host, monkeypatch):
     """One host's cutover reads the queue summary the run ends with (no round trip, no Python of
-    its own): after the cancel, before the handoff, which counts its wait from the cancel; a
-    summary it cannot read is said unread, never a failure."""
+    its own): the agent starts reading it after the cancel, in the background, while the handoff
+    (which counts its wait from the cancel), the stops and the switch go on; the cutover takes the
+    reading once switched. A summary it cannot read is said unread, never a failure."""
     _tmp, params = host
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
     p = dict(params(), report=["default"])
-    cancelled_at = []
-    FakeAgent.on_request = lambda r: r.get("op") == "cancel_consumer" and cancelled_at.append(time.monotonic())
+    cancelled_at, enabled = [], []  # enabled: per request, whether the switch had enabled the new instance
+
+    def on_request(request):
+        enabled.append(f"enable --quiet {UNIT.format(NEW)}" in systemd.verbs())
+        if request.get("op") == "cancel_consumer":
+            cancelled_at.append(time.monotonic())
+
+    FakeAgent.on_request = on_request
     state = run_program(monkeypatch, systemd, p)
     FakeAgent.on_request = None
     ops = [r["op"] for r in FakeAgent.requests]
     assert state.status == CutoverStatus.DONE and state.queues == "ok"
-    assert ops.index("cancel_consumer") < ops.index("report") < ops.index("handoff")
-    report, handoff = (next(r for r in FakeAgent.requests if r["op"] == op) for op in ("report", "handoff"))
+    started, taken = (i for i, r in enumerate(FakeAgent.requests) if r["op"] == "report")
+    assert ops.index("cancel_consumer") < started < ops.index("handoff") < taken
+    assert FakeAgent.requests[started]["later"] and not FakeAgent.requests[taken]["later"]
+    assert enabled[taken] and not enabled[ops.index("handoff")]  # taken once switched
+    report, handoff = FakeAgent.requests[started], next(r for r in FakeAgent.requests if r["op"] == "handoff")
     assert report["queues"] == ["default"] and cancelled_at[0] <= handoff["since"] <= time.monotonic()
 
     FakeAgent.requests.clear()

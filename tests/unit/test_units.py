@@ -72,7 +72,8 @@ def test_worker_instance_starts_celery_from_its_own_release_virtualenv():
     assert command.startswith("ExecStart=/srv/shop/releases/%i/.venv/bin/python -m celery -A shop.celery worker ")
     assert " -c 4 " in command
     assert "--time-limit=600" in command
-    assert command.endswith("--loglevel=INFO")
+    # then the options of a handover's start only (unset otherwise: no argument at all)
+    assert command.endswith("--loglevel=INFO $DEPLOY_KIT_HANDOVER_OPTIONS")
 
 
 def test_worker_node_name_escapes_the_percent_for_celery():
@@ -101,7 +102,7 @@ def test_worker_consumes_its_queues_plus_a_private_queue_unless_a_handover_narro
 def test_start_up_can_skip_mingle_and_gossip():
     stage = stage_of(STAGE.replace('concurrency = 4\n', 'concurrency = 4\nmingle = false\ngossip = false\n'))
     command = exec_start(units.worker_unit(stage, stage.workers[0]).content)
-    assert command.endswith("--loglevel=INFO --without-mingle --without-gossip")
+    assert command.endswith("--loglevel=INFO --without-mingle --without-gossip $DEPLOY_KIT_HANDOVER_OPTIONS")
     assert "--without" not in exec_start(units.worker_unit(stage, stage.workers[1]).content)
 
 
