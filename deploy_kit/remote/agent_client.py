@@ -13,11 +13,6 @@ import time
 
 from deploy_kit.remote import contracts, hostlib
 
-# The agent's command line: its program comes as the first line of its standard input, never on the
-# command line, which systemd-run writes into a transient unit file that systemd reads again (and
-# warns about what it cannot read back: a newline, a `;`) at every daemon-reload while the agent runs.
-READ_FIRST_LINE = "exec(__import__('json').loads(__import__('sys').stdin.readline()))"
-
 
 class StepFailed(Exception):
     """A step of the cutover failed; its text says why, in the user's terms."""
@@ -32,10 +27,10 @@ class Agent:
     def __init__(self, params: dict, release: str, purpose: str = "handover"):
         directory = os.path.join(params["releases_dir"], release)
         python = os.path.join(directory, params["venv"], "bin", "python")
-        program = json.dumps(_agent_program()) + "\n"  # before it starts: it waits for this line
+        program = hostlib.program_line(_agent_program())  # before it starts: it waits for this line
         self.proc = subprocess.Popen(
             hostlib.service_argv(params["service_environment"], directory,
-                                 [python, "-c", READ_FIRST_LINE, params["app"]["celery_app"], purpose]),
+                                 [python, "-c", hostlib.READ_PROGRAM, params["app"]["celery_app"], purpose]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         self.asked = 0  # requests sent so far: each carries its number, each answer the number it answers
         try:  # its program, as its first line; the requests follow

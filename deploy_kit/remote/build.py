@@ -196,9 +196,9 @@ def check(p: dict, building: str) -> dict:
     """The release check, as the service runs it (its user, env file, sandbox) in the new code, in
     one Python (`probes.release`): what it found of the queued tasks is returned."""
     python = os.path.join(building, p["venv"], "bin", "python")
-    argv = [python, "-c", probes.READ_STDIN, "release", p["celery_app"], json.dumps(p.get("queues", []))]
+    argv = [python, "-c", hostlib.READ_PROGRAM, "release", p["celery_app"], json.dumps(p.get("queues", []))]
     code, out, err = hostlib.run(hostlib.service_argv(p["service_environment"], building, argv),
-                                 stdin=probes.release_program(), timeout=600)
+                                 stdin=hostlib.program_line(probes.release_program()), timeout=600)
     answers = [line[len(probes.RESULT):] for line in out.splitlines() if line.startswith(probes.RESULT)]
     last = answers[-1] if answers else ""
     if code == 0 and last.startswith("ok "):

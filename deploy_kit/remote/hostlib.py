@@ -95,6 +95,18 @@ def is_set(value: str) -> bool:
     return bool(value.strip())
 
 
+# How a shipped program (the probes, the release check, the Celery agent) runs as the service:
+# `python -c READ_PROGRAM ARGS...`, its text as the first line of its stdin (`program_line`; what
+# follows is its own input). Never the text on the command line: systemd-run writes that into a
+# transient unit file that systemd reads again at every daemon-reload while it runs, and warns
+# about what it cannot read back (a newline, a `;`, a `$`), line by line.
+READ_PROGRAM = "exec(__import__('json').loads(__import__('sys').stdin.readline()))"
+
+
+def program_line(text: str) -> str:
+    return json.dumps(text) + "\n"
+
+
 def service_argv(properties: list, directory: str, argv: list, *, pipe: bool = True) -> list:
     """`systemd-run` running `argv` as the units run the app: their user, env file and sandboxing
     (`properties`: the units' [Service] settings), in `directory` instead of `current`."""

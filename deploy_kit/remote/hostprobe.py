@@ -64,8 +64,8 @@ def as_service(params: dict, args: list, with_release: bool) -> dict:
     env file, working directory and sandboxing, so "works in my shell" cannot hide a failure."""
     python = params["release_python"] if with_release else params["python"]
     directory = params["paths"]["current"] if with_release else "/"
-    return hostlib.as_service(params["service_environment"], directory, [python, "-c", probes.READ_STDIN, *args],
-                              stdin=probes.program())
+    return hostlib.as_service(params["service_environment"], directory, [python, "-c", hostlib.READ_PROGRAM, *args],
+                              stdin=hostlib.program_line(probes.program()))
 
 
 def target() -> dict:

@@ -163,12 +163,8 @@ def program() -> str:
 
 def release_program() -> str:
     """The release check's text, with the Celery agent's queue reading: it travels on stdin
-    (`python -c READ_STDIN release APP QUEUES`)."""
+    (`python -c hostlib.READ_PROGRAM release APP QUEUES`)."""
     agent = importlib.import_module("deploy_kit.remote.celery_agent")  # shipped with the build program, or here
     sources = [(name, hostlib.source_of(name)) for name in (*agent.SHIPPED, "probes")]
     return hostlib.bundle(sources, "module.main(sys.argv[1:])\n")
 
-
-# No `;`, newline or `$` in it: systemd-run writes the command line into a transient unit file that
-# systemd reads again (and warns about what it cannot read back) at every daemon-reload meanwhile.
-READ_STDIN = "exec(__import__('sys').stdin.read())"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from deploy_kit.remote import probes
+from deploy_kit.remote import hostlib, probes
 
 
 def run_probe(tmp_path, *args, env=None):
@@ -59,8 +59,9 @@ def _project(tmp_path, check_fails=False):
 @pytest.mark.parametrize("check_fails", [False, True])
 def test_the_release_check_runs_manage_py_check_and_imports_the_app_in_one_python(tmp_path, check_fails):
     _project(tmp_path, check_fails)
-    proc = subprocess.run([sys.executable, "-c", probes.READ_STDIN, "release", "proj.celery", "[]"],
-                          input=probes.release_program(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", hostlib.READ_PROGRAM, "release", "proj.celery", "[]"],
+                          input=hostlib.program_line(probes.release_program()), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin"})
     last = proc.stdout.strip().splitlines()[-1].removeprefix(probes.RESULT)
     if check_fails:
@@ -75,8 +76,9 @@ def test_a_celery_app_that_needs_django_set_up_fails_as_its_worker_would(tmp_pat
     _project(tmp_path)
     (tmp_path / "proj" / "celery.py").write_text(
         "from django.apps import apps\napps.check_apps_ready()\nfrom celery import Celery\napp = Celery('proj')\n")
-    proc = subprocess.run([sys.executable, "-c", probes.READ_STDIN, "release", "proj.celery", "[]"],
-                          input=probes.release_program(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", hostlib.READ_PROGRAM, "release", "proj.celery", "[]"],
+                          input=hostlib.program_line(probes.release_program()), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "proj.settings"})  # the env file's
     last = proc.stdout.strip().splitlines()[-1].removeprefix(probes.RESULT)
     assert proc.returncode == 1 and "does not import" in last and "AppRegistryNotReady" in last

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy_kit import remote
-from deploy_kit.remote import celery_agent, probes
+from deploy_kit.remote import celery_agent, hostlib, probes
 
 PROGRAMS = sorted(p.stem for p in resources.files(remote).iterdir()
                   if p.name.endswith(".py") and p.name != "__init__.py")
@@ -75,17 +75,16 @@ def test_the_programs_a_host_program_starts_load_on_a_bare_python_too(text, tmp_
 
 
 def test_the_agents_program_on_its_stdin_runs_its_requests_and_fits_a_pipe_buffer(tmp_path):
-    """The agent's program comes as the first line of its stdin (`agent_client.READ_FIRST_LINE`),
-    its requests after it; whole, it fits a pipe's buffer, so writing it never waits for the agent."""
-    from deploy_kit.remote import agent_client
-
-    first = json.dumps(celery_agent.program()) + "\n"
+    """The agent's program comes as the first line of its stdin (`hostlib.READ_PROGRAM`, as every
+    shipped program run as the service), its requests after it; whole, it fits a pipe's buffer, so
+    writing it never waits for the agent."""
+    first = hostlib.program_line(celery_agent.program())
     assert len(first.encode()) < 65536
     program = first.replace("module.main(*sys.argv[1:])", "print(sys.stdin.readline().strip())")
-    proc = subprocess.run([sys.executable, "-I", "-c", agent_client.READ_FIRST_LINE], input=program + "a request\n",
+    proc = subprocess.run([sys.executable, "-I", "-c", hostlib.READ_PROGRAM], input=program + "a request\n",
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0 and proc.stdout == "a request\n", proc.stderr
-    assert ";" not in agent_client.READ_FIRST_LINE + probes.READ_STDIN and "$" not in agent_client.READ_FIRST_LINE
+    assert not set(";$\n") & set(hostlib.READ_PROGRAM)  # what systemd cannot read back from a unit file
 
 
 def test_the_readme_layout_names_every_host_module():
