@@ -116,7 +116,8 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                                           " once the running instance stopped (restart in place: the queue waits)")
                                 + f", consuming {', '.join(w['queues'])} at once" for w in workers)
              + f" (it ran when this run began: no new proof; one still draining is waited for first, at most "
-               f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
+               f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s; its start pulls in and waits for no other unit, "
+               "not even a broker's)"),
             ("confirm", f"each instance consumes its queues again, asked by remote control within "
                         f"{params['verify']['timeout']}s (if the broker cannot be reached, nothing can be "
                         "confirmed: the watch decides)"),
@@ -131,8 +132,8 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
         ]
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}"
-                            + (" (without mingle, about 1 s sooner: the join gives it the revoked task ids instead)"
-                               if w["mingle"] else "")
+                            + (" (if an older instance runs: without mingle, about 1 s sooner, the join gives it the "
+                               "revoked task ids instead)" if w["mingle"] else "")
                             if w["handover"]
                             else f"{new(w)} once the old instance stopped (restart in place: the queue waits), "
                                  f"consuming only {queue(w)}" for w in workers)
@@ -140,7 +141,8 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
            f"{waits.STOP_MARGIN}s)"),
         ("verify", f"{params['verify']['task']} must complete within {params['verify']['timeout']}s on "
                    + ", ".join(queue(w) for w in workers)),
-        ("join", "; ".join((f"{new(w)} gets the revoked task ids of the running instance, then " if w["handover"]
+        ("join", "; ".join((f"{new(w)} gets the revoked task ids the older instance knows (if one runs; every "
+                             "node's if it is silent and mingle was skipped), then " if w["handover"]
                             else f"{new(w)} ") + f"consumes {', '.join(w['queues'])} too (confirmed)"
                            for w in workers)),
         ("watch", f"the new instances keep running for {params['watch']}s"),

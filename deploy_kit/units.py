@@ -182,11 +182,12 @@ def worker_unit(stage: Stage, worker: WorkerService) -> Unit:
     exec_start = (f"{directory / VENV / 'bin/python'} -m celery -A {app.celery_app} worker -n {node_name(worker)} "
                   "-Q ${DEPLOY_KIT_QUEUES} "
                   f"-c {worker.concurrency} --time-limit={worker.time_limit} --loglevel={worker.loglevel}{skip} "
-                  f"${HANDOVER_OPTIONS}")  # unset but in a handover: no argument
+                  f"${HANDOVER_OPTIONS}")  # empty but in a handover: no argument
     description = f"{app.name} Celery worker {worker.name!r}, release %i (queues: {', '.join(worker.queues)})"
     content = _render(stage, description, f"{app.name}-worker-{worker.name}", exec_start,
                       stop_timeout(stage, worker), directory,
-                      (f"Environment=DEPLOY_KIT_QUEUES={queues}", f"EnvironmentFile=-{handover_file(app, worker)}"))
+                      (f"Environment=DEPLOY_KIT_QUEUES={queues}", f"Environment={HANDOVER_OPTIONS}=",
+                       f"EnvironmentFile=-{handover_file(app, worker)}"))
     return Unit(worker.unit(app), content, service_environment(stage))
 
 

@@ -12,15 +12,15 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
                                                                 they took (none reserved), then their
                                                                 warm shutdowns return nothing late
     {"op": "queues", "node"}                                    what the node consumes now
-    {"op": "sync_revoked", "olds", "node"}                      the node learns the revoked task ids the
-                                                                old nodes know (mingle's sync, sent)
+    {"op": "sync_revoked", "olds", "node", "everyone"}          the node learns the revoked task ids the
+                                                                old nodes know (mingle's sync, sent);
+                                                                `everyone`: every node's when they are
+                                                                silent or gone
     {"op": "discard_queue", "queue"}                            delete a private queue, and what a
                                                                 killed worker held of it (Redis)
     {"op": "restore_stranded", "queues"}                        put back what dead workers held (Redis;
                                                                 RabbitMQ does it by itself)
-    {"op": "report", "queues", "later"}                         depths, unacked, stranded, workers (JSON);
-                                                                `later`: read in the background, and
-                                                                answered to the next `report` request
+    {"op": "report", "queues"}                                  depths, unacked, stranded, workers (JSON)
     {"op": "unregistered", "queues"}                            waiting task names the app lacks (JSON)
 
 Redis and RabbitMQ (kombu's `amqp` transport) are read each its own way: Redis's lists and its
@@ -39,7 +39,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 
 from deploy_kit.remote import hostlib
@@ -91,21 +90,26 @@ def handoff(app, nodes: list, timeout: float, since: float) -> str:
         time.sleep(0.1)
 
 
-def sync_revoked(app, olds: list, node: str) -> str:
+def sync_revoked(app, olds: list, node: str, everyone: bool) -> str:
     """What Celery's mingle does at a worker's start, done for it: a new instance starts without
     mingle (about 1 s saved) and, before it takes a user task, gets the task ids the old nodes
-    know as revoked, through the same `hello` command mingle sends (ids only, oldest first, no
-    result backend touched, unlike `revoke`). Best effort, as mingle: a silent old node is said."""
-    replies = app.control.inspect(destination=list(olds), timeout=3).revoked() or {}
-    ids = list(dict.fromkeys(task_id for old in olds for task_id in replies.get(old) or []))
+    know as revoked (their `inspect revoked`), through the same `hello` command mingle sends (ids
+    only, oldest first; `revoke` would touch the result backend for each). With `everyone` (it
+    started without mingle), when an old node is silent or gone: every node that answers within
+    1 s, as mingle asks them. The node must take them (asked again, as a reply can be lost)."""
+    replies = (app.control.inspect(destination=list(olds), timeout=3).revoked() or {}) if olds else {}
     silent = [old for old in olds if old not in replies]
-    said = "" if not silent else f" ({', '.join(silent)} did not answer)"
-    if ids:
-        answers = app.control.inspect(destination=[node], timeout=3).hello(f"deploy-kit@{socket.gethostname()}",
-                                                                           ids) or {}
-        if node not in answers:
-            raise RuntimeError(f"{node} did not take the {len(ids)} revoked task id(s) of {', '.join(olds)}")
-    return f"{node} knows the {len(ids)} revoked task id(s) of {', '.join(olds)}{said}"
+    if everyone and (silent or not olds):
+        replies.update({n: ids for n, ids in (app.control.inspect(timeout=1).revoked() or {}).items() if n != node})
+    ids = list(dict.fromkeys(task_id for ids in replies.values() for task_id in ids or []))
+    deadline = time.monotonic() + 15
+    while ids and node not in (app.control.inspect(destination=[node], timeout=3).hello(
+            f"deploy-kit@{socket.gethostname()}", ids) or {}):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{node} did not take the {len(ids)} revoked task id(s) of {', '.join(replies)}")
+    asked = ", ".join(sorted(replies)) or "no other node (none answered)"
+    return f"{node} knows the {len(ids)} revoked task id(s) of {asked}" + \
+        (f" ({', '.join(silent)} did not answer)" if silent else "")
 
 
 def discard_queue(app, queue: str) -> str:
@@ -393,46 +397,16 @@ def handle(app, request: dict) -> str:
     if op == "queues":
         return ",".join(queues_of(app, node))
     if op == "sync_revoked":
-        return sync_revoked(app, request["olds"], node)
+        return sync_revoked(app, request["olds"], node, bool(request.get("everyone")))
     if op == "discard_queue":
         return discard_queue(app, queue)
     if op == "restore_stranded":
         return restore_stranded(app, request["queues"])
     if op == "report":
-        if request.get("later"):
-            READING[json.dumps(request["queues"])] = Reading(report, app, request["queues"])
-            return "reading"
-        reading = READING.pop(json.dumps(request["queues"]), None)
-        return reading.result() if reading else report(app, request["queues"])
+        return report(app, request["queues"])
     if op == "unregistered":
         return unregistered(app, request["queues"])
     raise ValueError(f"unknown request {op!r}")
-
-
-class Reading(threading.Thread):
-    """A read-only request (the queue report) answered in the background while the agent answers
-    the next requests; `result()` waits for it. Celery's remote control can run in two threads at
-    once: kombu gives each thread its own reply queue, connections come from a pool."""
-
-    def __init__(self, function, *args):
-        super().__init__(daemon=True)
-        self.function, self.args, self.value, self.error = function, args, "", None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.value = self.function(*self.args)
-        except Exception as exc:  # noqa: BLE001 - raised to the request that takes the result
-            self.error = exc
-
-    def result(self) -> str:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-READING: dict = {}  # the report being read in the background, by its queues
 
 
 def failure(exc: Exception) -> str:

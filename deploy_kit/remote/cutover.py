@@ -73,6 +73,7 @@ class Cutover(BeatSteps):
         self.cancelled: list = []  # (worker, old unit) told to stop consuming (consume again on failure)
         self.stopping: list = []  # old units whose warm shutdown this run began
         self.joined: list = []  # (worker, node) that joined the real queues (a hand-back's: from their start)
+        self.unmingled: list = []  # new instances started without mingle: the join syncs their revoked ids
         self.unreachable = ""  # why a hand-back's agent could not start: nothing more is asked of it
         self.restarts: dict = {}
         self.agent: Agent | None = None
@@ -173,6 +174,7 @@ class Cutover(BeatSteps):
                     handle.write(f"DEPLOY_KIT_QUEUES={self.private_queue(worker, release)}\n")
                     if worker["mingle"] and worker["handover"] and self.olds(worker, unit):
                         handle.write(f"{HANDOVER_OPTIONS}=--without-mingle\n")  # the join syncs it instead
+                        self.unmingled.append(unit)
             if not worker["handover"]:
                 for old in self.running(worker):  # restart in place: the queue waits
                     if old != unit:
@@ -180,10 +182,11 @@ class Cutover(BeatSteps):
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + waits.STOP_MARGIN)
             self.wait_drained(unit)
             self.started_units.append(unit)  # before the start: a start that fails half-way is given back too
-            # Type=simple: returns once the process runs. A hand-back pulls in no other unit: with a
-            # co-located broker that is down, its start (Wants=, After=) would be waited for, maybe until
-            # it times out, while the hand-back exists for a broker in trouble (Celery reconnects).
-            self.systemctl("start", *(["--job-mode=ignore-requirements"] if self.p.get("hand_back") else []), unit)
+            # Type=simple: returns once the process runs. A hand-back neither pulls in nor waits for
+            # another unit: a co-located broker that is down (Wants=, After=) would be started and waited
+            # for, maybe until the start times out, and a hand-back is for a broker in trouble (Celery
+            # reconnects by itself).
+            self.systemctl("start", *(["--job-mode=ignore-dependencies"] if self.p.get("hand_back") else []), unit)
             units.append(unit)
         self.agent = Agent(self.p, release)
         self.restarts.update({u: self.show(u).get("NRestarts", "0") for u in units})
@@ -263,14 +266,16 @@ class Cutover(BeatSteps):
         synced = []
         for worker in workers:
             unit = self.instance(worker, release)
-            node = self.node(worker, unit)
+            node, alive = self.node(worker, unit), (lambda units=[unit]: self.crashed(units))
             olds = [self.node(worker, old) for old in self.olds(worker, unit)] if worker["handover"] else []
-            if olds:  # before its first user task: the revoked task ids mingle would have brought
-                synced.append(self.agent.ask({"op": "sync_revoked", "olds": olds, "node": node},
-                                             waits.REMOTE_CONTROL))
-            for queue in worker["queues"]:
-                self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, waits.REMOTE_CONTROL)
+            if olds or unit in self.unmingled:  # before its first user task: what mingle would have brought
+                synced.append(self.agent.ask({"op": "sync_revoked", "olds": olds, "node": node,
+                                              "everyone": unit in self.unmingled}, waits.SYNC_REVOKED, alive))
+            # From its first add_consumer on it may hold user tasks: on a failure it stops warm, and what
+            # it held returns to the queue. A crash meanwhile (it would come back unsynced) fails the join.
             self.joined.append((worker, node))
+            for queue in worker["queues"]:
+                self.agent.ask({"op": "add_consumer", "queue": queue, "node": node}, waits.REMOTE_CONTROL, alive)
             # From now on a restart of the instance (crash, reboot) consumes the real queues.
             os.unlink(self.handover_file(worker, release))
         return "; ".join([*synced, "joined " + ", ".join(node for _, node in self.joined)])
@@ -298,14 +303,14 @@ class Cutover(BeatSteps):
                 if old != self.instance(worker, release) and all(old != u for _, u, _ in olds):
                     olds.append((worker, old, (worker, old) not in self.stopped and self.cancel(worker, old, untold)))
         told, since = [self.node(w, u) for w, u, t in olds if t], time.monotonic()
-        if self.p.get("report"):  # read by the agent meanwhile (a 1.5 s broadcast), taken once switched
-            self.read_queues(self.p["report"], later=True)
         if self.unreachable and olds:
             untold.append(f"they were not told to stop consuming first ({self.unreachable}): their warm shutdowns "
                           "stop them")
         self.retired += [(worker, old) for worker, old, _ in olds]  # from now on a failure starts them again
         if olds:  # in one call, one daemon-reload (meanwhile the fetch the old nodes sent before the cancel ends)
             self.systemctl("disable", "--quiet", *(old for _, old, _ in olds))
+        if self.p.get("report"):  # as that fetch ends, and while the old nodes still answer (not once stopped:
+            self.state.queues = self.read_queues(self.p["report"])  # each question to a gone node waits 5 s)
         untold += self.handoff(told, since) if told else []
         draining = [old for worker, old, _ in olds if (worker, old) not in self.stopped]
         if draining:
@@ -331,14 +336,12 @@ class Cutover(BeatSteps):
                 return False
         return True
 
-    def read_queues(self, queues: list, later: bool = False) -> str:
+    def read_queues(self, queues: list) -> str:
         """The queue summary the run ends with (`celery_agent.report`), read by this cutover's agent
-        once the old instances stopped consuming; never a reason to fail. `later`: the agent reads it
-        in the background while it answers the next requests; the next call takes that reading."""
+        once the old instances stopped consuming; never a reason to fail."""
         assert self.agent is not None
         try:
-            return self.agent.ask({"op": "report", "queues": queues, "later": later},
-                                  waits.REMOTE_CONTROL_QUICK if later else waits.REPORT)
+            return self.agent.ask({"op": "report", "queues": queues}, waits.REPORT)
         except Exception as exc:  # noqa: BLE001 - StepFailed, or an answer it could not read
             return f"{UNREAD}{exc}"
 
@@ -527,8 +530,6 @@ class Cutover(BeatSteps):
         self.step("watch", self.watch, target, workers)
         self.step("retire", self.retire, target, workers)
         self.step("switch", self.enable, target, workers)
-        if self.p.get("report"):  # read since the retire's cancel
-            self.state.queues = self.read_queues(self.p["report"])
 
     def backward(self) -> None:
         previous = self.p.get("previous")

@@ -395,32 +395,40 @@ def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
     assert deploy(sandbox_config).returncode == 0
 
 
-def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox_config):
-    """dktest2's new workers took over; dktest1's are still starting when Redis stops, so its proof
-    fails. dktest2 must hand back although no proof and no remote control can work without the
-    broker: every host ends on the old release (exit 5), unlocked; once Redis is back, the old
-    release's workers consume tasks. (CI once ended split here: dktest2's way back waited for a
-    proof that could not come and stayed on the failed release, exit 6.)"""
+@pytest.mark.parametrize("took_over", [H2, H1])
+def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox_config, took_over):
+    """One host's new workers took over; the other's are still starting when Redis stops, so its
+    proof fails. The host that took over must hand back although no proof and no remote control
+    can work without the broker: every host ends on the old release (exit 5), unlocked; once
+    Redis is back, the old release's workers consume tasks. (CI once ended split here: dktest2's
+    way back waited for a proof that could not come and stayed on the failed release, exit 6.)
+    With dktest1, Redis's own host, handed back while a start of Redis hangs: its hand-back's start
+    must not pull one in and wait for it (the worker units have Wants=/After= on redis-server)."""
     good = current_release(stage, 0)
     slow = "/etc/systemd/system/exampleapp-worker-default@.service.d"
-    on_host(stage, 0, f"mkdir -p {slow} && printf '[Service]\\nExecStartPre=/bin/sleep 8\\n' > {slow}/zz-e2e-slow.conf"
-                      " && systemctl daemon-reload")
+    late = 1 if took_over == H1 else 0  # the host whose worker starts 8 s late
+    on_host(stage, late, f"mkdir -p {slow} && printf '[Service]\\nExecStartPre=/bin/sleep 8\\n' > "
+                         f"{slow}/zz-e2e-slow.conf && systemctl daemon-reload")
     proc = started(sandbox_config)
     lines: list[str] = []
     try:
         for line in proc.stdout:
             lines.append(line)
-            if f"{H2} join: ok" in line:  # masked: a worker's start (Wants=redis-server) does not start it again
-                on_host(stage, 0, "systemctl mask --runtime redis-server && systemctl stop redis-server")
+            if f"{took_over} join: ok" in line:
+                on_host(stage, 0, f"mkdir -p {HANGS} && printf '[Service]\\nExecStartPre=/bin/sleep 600\\n' > "
+                                  f"{HANGS}/zz-e2e-hangs.conf && systemctl daemon-reload "
+                                  "&& systemctl stop redis-server")
                 break
         lines += proc.stdout.readlines()
         code = proc.wait(timeout=900)
     finally:
-        on_host(stage, 0, f"rm -rf {slow}; systemctl unmask --runtime redis-server; systemctl daemon-reload; "
-                          "systemctl start redis-server")
+        on_host(stage, late, f"rm -rf {slow}; systemctl daemon-reload")
+        on_host(stage, 0, f"rm -f {HANGS}/zz-e2e-hangs.conf; systemctl daemon-reload; systemctl stop redis-server; "
+                          "systemctl reset-failed redis-server 2>/dev/null; systemctl start redis-server")
     output = "".join(lines)
     print(output)
     assert code == 5, output
+    assert re.search(rf"{took_over} +confirm: ", output), output  # its way back ran
     assert [current_release(stage, i) for i in (0, 1)] == [good, good] and unlocked(stage), output
     serving(stage, good)
     assert deploy(sandbox_config).returncode == 0

@@ -57,17 +57,13 @@ def test_the_report_counts_waiting_messages_and_names_the_live_consumers(app):
     assert report.complete and report.workers[0].active == 0
 
 
-def test_a_report_read_in_the_background_is_the_answer_to_the_next_report_request(app):
-    """The cutover starts the report after the cancel and takes it once switched; the agent answers
-    other requests (remote control too) meanwhile."""
-    from deploy_kit import queues
-
+def test_the_revoked_ids_of_an_old_node_are_given_with_mingles_own_hello(app):
     with start_worker(app, perform_ping_check=False, shutdown_timeout=10) as worker:
-        assert celery_agent.handle(app, {"op": "report", "queues": ["celery"], "later": True}) == "reading"
-        assert celery_agent.handle(app, {"op": "queues", "node": worker.hostname}) == "celery"
-        report = queues.parse(celery_agent.handle(app, {"op": "report", "queues": ["celery"]}))
-    assert report.complete and [w.node for w in report.workers] == [worker.hostname]
-    assert not celery_agent.READING  # taken: the next report is read anew
+        app.control.revoke("a-revoked-task-id")
+        said = celery_agent.handle(app, {"op": "sync_revoked", "olds": [worker.hostname], "node": worker.hostname})
+        everyone = celery_agent.sync_revoked(app, [], worker.hostname, everyone=True)  # no other node answers
+    assert said == f"{worker.hostname} knows the 1 revoked task id(s) of {worker.hostname}"
+    assert everyone == f"{worker.hostname} knows the 0 revoked task id(s) of no other node (none answered)"
 
 
 def test_the_late_answer_of_a_request_given_up_on_never_answers_the_next(tmp_path):

@@ -19,7 +19,7 @@ from .samples import STAGE, stage_of
 
 OLD, NEW = "2026-11-24-120000", "2026-11-24-123000"
 UNIT = "shop-worker-default@{}.service"
-HAND_BACK_START = f"start --job-mode=ignore-requirements {UNIT.format(OLD)}"  # pulls in no broker unit
+HAND_BACK_START = f"start --job-mode=ignore-dependencies {UNIT.format(OLD)}"  # waits for no broker unit
 
 
 class FakeSystemd:
@@ -152,7 +152,31 @@ def test_a_handover_starts_without_mingle_and_syncs_the_revoked_ids_of_the_old_n
     assert ops.index("sync_revoked") < ops.index("add_consumer")  # before its first user task
     sync = next(r for r in FakeAgent.requests if r["op"] == "sync_revoked")
     assert sync["olds"] == [f"default.{OLD}@{cutover.socket.gethostname()}"]
-    assert sync["node"] == f"default.{NEW}@{cutover.socket.gethostname()}"
+    assert sync["node"] == f"default.{NEW}@{cutover.socket.gethostname()}" and sync["everyone"]
+
+
+def test_an_instance_started_without_mingle_whose_old_one_is_gone_at_the_join_asks_every_node(host, monkeypatch):
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.on_request = lambda r: systemd.units[UNIT.format(OLD)].update(ActiveState="inactive") \
+        if r["op"] == "verify" else None  # it crashed, or was stopped by hand
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.DONE
+    sync = next(r for r in FakeAgent.requests if r["op"] == "sync_revoked")
+    assert sync["olds"] == [] and sync["everyone"]
+
+
+def test_a_crash_in_the_join_fails_it_and_the_instance_stops_warm(host, monkeypatch):
+    """A crash once it may have taken user tasks: it comes back without the synced ids, so the join
+    fails; it stops warm and what it held returns, as after a crash in the watch."""
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.on_request = lambda r: systemd.crash(UNIT.format(NEW)) if r["op"] == "add_consumer" else None
+    state = run_program(monkeypatch, systemd, params())
+    assert state.status == CutoverStatus.ROLLED_BACK and "crashed" in state.failure
+    assert not next(s for s in state.steps if s.name == "join").ok
+    assert "watch" not in [s.name for s in state.steps] and "restore_stranded" in [r["op"] for r in FakeAgent.requests]
+    assert f"stop --no-block {UNIT.format(NEW)}" in systemd.verbs()  # warm: it may hold user tasks
 
 
 @pytest.mark.parametrize("case", ["no older instance", "mingle = false", "handover = false"])
@@ -800,29 +824,19 @@ def test_the_retire_lets_the_old_worker_start_what_it_took_before_it_stops_it(ho
 
 def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fetch_ends(host, monkeypatch):
     """One host's cutover reads the queue summary the run ends with (no round trip, no Python of
-    its own): the agent starts reading it after the cancel, in the background, while the handoff
-    (which counts its wait from the cancel), the stops and the switch go on; the cutover takes the
-    reading once switched. A summary it cannot read is said unread, never a failure."""
+    its own): after the cancel, before the handoff, which counts its wait from the cancel; a
+    summary it cannot read is said unread, never a failure."""
     _tmp, params = host
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
     p = dict(params(), report=["default"])
-    cancelled_at, enabled = [], []  # enabled: per request, whether the switch had enabled the new instance
-
-    def on_request(request):
-        enabled.append(f"enable --quiet {UNIT.format(NEW)}" in systemd.verbs())
-        if request.get("op") == "cancel_consumer":
-            cancelled_at.append(time.monotonic())
-
-    FakeAgent.on_request = on_request
+    cancelled_at = []
+    FakeAgent.on_request = lambda r: r.get("op") == "cancel_consumer" and cancelled_at.append(time.monotonic())
     state = run_program(monkeypatch, systemd, p)
     FakeAgent.on_request = None
     ops = [r["op"] for r in FakeAgent.requests]
     assert state.status == CutoverStatus.DONE and state.queues == "ok"
-    started, taken = (i for i, r in enumerate(FakeAgent.requests) if r["op"] == "report")
-    assert ops.index("cancel_consumer") < started < ops.index("handoff") < taken
-    assert FakeAgent.requests[started]["later"] and not FakeAgent.requests[taken]["later"]
-    assert enabled[taken] and not enabled[ops.index("handoff")]  # taken once switched
-    report, handoff = FakeAgent.requests[started], next(r for r in FakeAgent.requests if r["op"] == "handoff")
+    assert ops.index("cancel_consumer") < ops.index("report") < ops.index("handoff")
+    report, handoff = (next(r for r in FakeAgent.requests if r["op"] == op) for op in ("report", "handoff"))
     assert report["queues"] == ["default"] and cancelled_at[0] <= handoff["since"] <= time.monotonic()
 
     FakeAgent.requests.clear()
