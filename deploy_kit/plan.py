@@ -145,11 +145,13 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                              "node's if it is silent and mingle was skipped), then " if w["handover"]
                             else f"{new(w)} ") + f"consumes {', '.join(w['queues'])} too (confirmed)"
                            for w in workers)),
-        ("watch", f"the new instances keep running for {params['watch']}s"),
+        ("watch", f"the new instances keep running for {params['watch']}s" + (
+            "; meanwhile the live Celery nodes are found (a 1.5 s broadcast) for the queue summary"
+            if params.get("report") else "")),
         ("retire", "the older instances stop taking tasks, start what they took already, and drain in the "
-                   "background (warm shutdown)" + (f"; meanwhile the queue summary is read (waiting, unacked, "
-                                                   f"consumers of {', '.join(params['report'])}), said at the end"
-                                                   if params.get("report") else "")),
+                   "background (warm shutdown)" + (f"; meanwhile the queue summary is read from those nodes "
+                                                   f"(waiting, unacked, consumers of {', '.join(params['report'])}), "
+                                                   "said at the end" if params.get("report") else "")),
     ]
     found.append(("switch", f"current -> releases/{target} (atomic rename); enable the new instances"))
     back = f", mark {target} bad" if params.get("mark_bad_on_failure") else ""

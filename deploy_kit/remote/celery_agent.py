@@ -20,7 +20,10 @@ one JSON line each: `{"ok": true|false, "detail": "..."}`. It never prints a sec
                                                                 killed worker held of it (Redis)
     {"op": "restore_stranded", "queues"}                        put back what dead workers held (Redis;
                                                                 RabbitMQ does it by itself)
-    {"op": "report", "queues"}                                  depths, unacked, stranded, workers (JSON)
+    {"op": "nodes"}                                             the nodes that answer a broadcast in 1.5 s
+    {"op": "report", "queues", "nodes"}                         depths, unacked, stranded, workers (JSON);
+                                                                of `nodes` (found a moment earlier), else
+                                                                of those that answer a broadcast
     {"op": "unregistered", "queues"}                            waiting task names the app lacks (JSON)
 
 Redis and RabbitMQ (kombu's `amqp` transport) are read each its own way: Redis's lists and its
@@ -129,11 +132,12 @@ def discard_queue(app, queue: str) -> str:
     return f"deleted {queue}" + (f" and {dropped} message(s) a killed worker held" if dropped else "")
 
 
-def survey(app, timeout: float = 1.5) -> dict:
-    """Every live worker (those that answer within `timeout`): the queues it consumes, the ids of
-    the tasks it runs and holds (with an ETA or countdown too: a live worker holds those unacked
-    until they are due), its counts, and whether every one answered each question."""
-    consumes = app.control.inspect(timeout=timeout).active_queues() or {}
+def survey(app, timeout: float = 1.5, known: list | None = None) -> dict:
+    """Every live worker (those that answer a broadcast within `timeout`; or the `known` ones, found
+    a moment earlier, asked by name: done as soon as they all answered): the queues it consumes,
+    the ids of the tasks it runs and holds (with an ETA or countdown too: a live worker holds those
+    unacked until they are due), its counts, and whether every one answered each question."""
+    consumes = app.control.inspect(destination=known, timeout=5 if known else timeout).active_queues() or {}
     nodes = sorted(consumes)
     inspect = app.control.inspect(destination=nodes, timeout=5)
     replies = [(method() or {}) if nodes else {}
@@ -145,8 +149,8 @@ def survey(app, timeout: float = 1.5) -> dict:
                       if node in stats else None} for node in nodes}
     live = {t.get("id") for tasks in [*active.values(), *reserved.values()] for t in tasks}
     live |= {(t.get("request") or {}).get("id") for tasks in scheduled.values() for t in tasks}
-    return {"workers": workers, "live": live,
-            "complete": set(active) == set(reserved) == set(scheduled) == set(nodes)}
+    return {"workers": workers, "live": live,  # a known node that is silent now may hold messages too
+            "complete": set(active) == set(reserved) == set(scheduled) == set(nodes) >= set(known or [])}
 
 
 def unacked(channel) -> list:
@@ -194,11 +198,11 @@ def restore_stranded(app, queues: list, settle: float = 2.0) -> str:
     return f"returned {len(lost)} message(s) a dead worker held to their queues"
 
 
-def report(app, queues: list, settle: float = 2.0) -> str:
+def report(app, queues: list, settle: float = 2.0, nodes: list | None = None) -> str:
     """Per queue: messages waiting, held unacknowledged (and the oldest's age), stranded (held by
     no live worker; None when a worker did not answer); per live worker: its queues and counts.
     As JSON text, read without consuming anything."""
-    found = survey(app)
+    found = survey(app, known=nodes)
     now = time.time()
     rows = {q: {"waiting": 0, "unacked": None, "oldest_unacked_s": None, "stranded": None} for q in queues}
     notes = []
@@ -402,8 +406,10 @@ def handle(app, request: dict) -> str:
         return discard_queue(app, queue)
     if op == "restore_stranded":
         return restore_stranded(app, request["queues"])
+    if op == "nodes":
+        return ",".join(sorted(app.control.inspect(timeout=1.5).ping() or {}))
     if op == "report":
-        return report(app, request["queues"])
+        return report(app, request["queues"], nodes=request.get("nodes"))
     if op == "unregistered":
         return unregistered(app, request["queues"])
     raise ValueError(f"unknown request {op!r}")

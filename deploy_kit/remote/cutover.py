@@ -74,6 +74,7 @@ class Cutover(BeatSteps):
         self.stopping: list = []  # old units whose warm shutdown this run began
         self.joined: list = []  # (worker, node) that joined the real queues (a hand-back's: from their start)
         self.unmingled: list = []  # new instances started without mingle: the join syncs their revoked ids
+        self.nodes: list | None = None  # the live Celery nodes, found during the watch (for the queue summary)
         self.unreachable = ""  # why a hand-back's agent could not start: nothing more is asked of it
         self.restarts: dict = {}
         self.agent: Agent | None = None
@@ -283,6 +284,8 @@ class Cutover(BeatSteps):
     def watch(self, release: str, workers: list) -> str:
         units = [self.instance(w, release) for w in workers]  # restart in place too: it serves alone now
         deadline = time.monotonic() + float(self.p["watch"])
+        if self.p.get("report"):
+            self.find_nodes(units, deadline)
         while time.monotonic() < deadline:
             crash = self.crashed(units)
             if crash:
@@ -292,6 +295,20 @@ class Cutover(BeatSteps):
         if crash:
             raise StepFailed(crash)
         return f"ran {self.p['watch']}s on the real queues without a crash"
+
+    def find_nodes(self, units: list, deadline: float) -> None:
+        """Meanwhile (its crash checks go on), which Celery nodes answer a broadcast (1.5 s): the
+        queue summary then asks just them, each question ending once they all answered. Best
+        effort: without an answer by the watch's end, the summary makes its own broadcast."""
+        assert self.agent is not None
+        try:
+            found = self.agent.ask({"op": "nodes"}, max(0.1, deadline - time.monotonic()),
+                                   alive=lambda: self.crashed(units))
+            self.nodes = [n for n in found.split(",") if n] or None
+        except StepFailed:
+            crash = self.crashed(units)
+            if crash:
+                raise StepFailed(crash) from None
 
     def retire(self, release: str, workers: list) -> str:
         """The older instances stop taking tasks, start what they took already, and drain; none
@@ -341,7 +358,7 @@ class Cutover(BeatSteps):
         once the old instances stopped consuming; never a reason to fail."""
         assert self.agent is not None
         try:
-            return self.agent.ask({"op": "report", "queues": queues}, waits.REPORT)
+            return self.agent.ask({"op": "report", "queues": queues, "nodes": self.nodes}, waits.REPORT)
         except Exception as exc:  # noqa: BLE001 - StepFailed, or an answer it could not read
             return f"{UNREAD}{exc}"
 

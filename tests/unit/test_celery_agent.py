@@ -57,6 +57,18 @@ def test_the_report_counts_waiting_messages_and_names_the_live_consumers(app):
     assert report.complete and report.workers[0].active == 0
 
 
+def test_the_report_asks_the_nodes_found_a_moment_earlier_and_is_incomplete_without_one(app):
+    from deploy_kit import queues
+
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=10) as worker:
+        assert celery_agent.handle(app, {"op": "nodes"}) == worker.hostname
+        found = queues.parse(celery_agent.handle(app, {"op": "report", "queues": ["celery"],
+                                                       "nodes": [worker.hostname]}))
+        gone = queues.parse(celery_agent.report(app, ["celery"], nodes=[worker.hostname, "gone@host"]))
+    assert found.complete and [w.node for w in found.workers] == [worker.hostname]
+    assert not gone.complete and [w.node for w in gone.workers] == [worker.hostname]
+
+
 def test_the_revoked_ids_of_an_old_node_are_given_with_mingles_own_hello(app):
     with start_worker(app, perform_ping_check=False, shutdown_timeout=10) as worker:
         app.control.revoke("a-revoked-task-id")

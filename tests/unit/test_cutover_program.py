@@ -822,6 +822,22 @@ def test_the_retire_lets_the_old_worker_start_what_it_took_before_it_stops_it(ho
     assert f"stop --no-block {UNIT.format(OLD)}" in systemd.verbs()
 
 
+@pytest.mark.parametrize("answer", ["silent", "crash"])
+def test_finding_the_nodes_during_the_watch_never_hides_a_crash_nor_fails_the_run(host, monkeypatch, answer):
+    _tmp, params = host
+    systemd = FakeSystemd({UNIT.format(OLD): "active"})
+    FakeAgent.fail = {"nodes": "no answer within 1s"}
+    if answer == "crash":
+        FakeAgent.on_request = lambda r: systemd.crash(UNIT.format(NEW)) if r["op"] == "nodes" else None
+    state = run_program(monkeypatch, systemd, dict(params(watch=1.0), report=["default"]))
+    if answer == "crash":
+        assert state.status == CutoverStatus.ROLLED_BACK and "crashed" in state.failure
+        assert not next(s for s in state.steps if s.name == "watch").ok
+    else:  # the summary makes its own broadcast
+        assert state.status == CutoverStatus.DONE
+        assert next(r for r in FakeAgent.requests if r["op"] == "report")["nodes"] is None
+
+
 def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fetch_ends(host, monkeypatch):
     """One host's cutover reads the queue summary the run ends with (no round trip, no Python of
     its own): after the cancel, before the handoff, which counts its wait from the cancel; a
@@ -838,6 +854,9 @@ def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fe
     assert ops.index("cancel_consumer") < ops.index("report") < ops.index("handoff")
     report, handoff = (next(r for r in FakeAgent.requests if r["op"] == op) for op in ("report", "handoff"))
     assert report["queues"] == ["default"] and cancelled_at[0] <= handoff["since"] <= time.monotonic()
+    # the nodes it asks were found during the watch (no 1.5 s broadcast of its own in the retire)
+    assert ops.index("add_consumer") < ops.index("nodes") < ops.index("cancel_consumer")
+    assert report["nodes"] == ["ok"]  # what the fake agent answered to "nodes"
 
     FakeAgent.requests.clear()
     FakeAgent.fail = {"report": "the broker cannot be reached"}
