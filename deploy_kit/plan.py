@@ -116,8 +116,7 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                                           " once the running instance stopped (restart in place: the queue waits)")
                                 + f", consuming {', '.join(w['queues'])} at once" for w in workers)
              + f" (it ran when this run began: no new proof; one still draining is waited for first, at most "
-               f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s; its start pulls in and waits for no other unit, "
-               "not even a broker's)"),
+               f"{params['stop_timeout']}s + {waits.STOP_MARGIN}s)"),
             ("confirm", f"each instance consumes its queues again, asked by remote control within "
                         f"{params['verify']['timeout']}s (if the broker cannot be reached, nothing can be "
                         "confirmed: the watch decides)"),

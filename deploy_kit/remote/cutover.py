@@ -183,11 +183,7 @@ class Cutover(BeatSteps):
                         self.systemctl("stop", old, timeout=self.p["stop_timeout"] + waits.STOP_MARGIN)
             self.wait_drained(unit)
             self.started_units.append(unit)  # before the start: a start that fails half-way is given back too
-            # Type=simple: returns once the process runs. A hand-back neither pulls in nor waits for
-            # another unit: a co-located broker that is down (Wants=, After=) would be started and waited
-            # for, maybe until the start times out, and a hand-back is for a broker in trouble (Celery
-            # reconnects by itself).
-            self.systemctl("start", *(["--job-mode=ignore-dependencies"] if self.p.get("hand_back") else []), unit)
+            self.systemctl("start", unit)  # Type=simple: returns once the process runs
             units.append(unit)
         self.agent = Agent(self.p, release)
         self.restarts.update({u: self.show(u).get("NRestarts", "0") for u in units})

@@ -367,8 +367,7 @@ def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
     try:
         for line in proc.stdout:
             lines.append(line)
-            if moment in line:  # and a start of it hangs: a hand-back's start must not wait for one (CI once
-                # timed out there: its Wants=/After= on redis-server pulled in a start of Redis, and waited)
+            if moment in line:  # and a start of it hangs (a worker's start pulls one in: Wants=redis-server)
                 on_host(stage, 0, f"mkdir -p {HANGS} && printf '[Service]\\nExecStartPre=/bin/sleep 600\\n' > "
                                   f"{HANGS}/zz-e2e-hangs.conf && systemctl daemon-reload "
                                   "&& systemctl stop redis-server")
@@ -402,8 +401,8 @@ def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox
     can work without the broker: every host ends on the old release (exit 5), unlocked; once
     Redis is back, the old release's workers consume tasks. (CI once ended split here: dktest2's
     way back waited for a proof that could not come and stayed on the failed release, exit 6.)
-    With dktest1, Redis's own host, handed back while a start of Redis hangs: its hand-back's start
-    must not pull one in and wait for it (the worker units have Wants=/After= on redis-server)."""
+    With dktest1, Redis's own host, handed back while a start of Redis hangs (its worker units have
+    Wants=/After= on redis-server: their starts pull one in)."""
     good = current_release(stage, 0)
     slow = "/etc/systemd/system/exampleapp-worker-default@.service.d"
     late = 1 if took_over == H1 else 0  # the host whose worker starts 8 s late
