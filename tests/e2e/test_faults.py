@@ -394,7 +394,8 @@ def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
     assert deploy(sandbox_config).returncode == 0
 
 
-@pytest.mark.parametrize("took_over", [H2, H1])
+# ids: the host names differ from one xdist worker to the other, and the collections must not
+@pytest.mark.parametrize("took_over", [H2, H1], ids=["host 2 took over", "host 1 took over"])
 def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox_config, took_over):
     """One host's new workers took over; the other's are still starting when Redis stops, so its
     proof fails. The host that took over must hand back although no proof and no remote control
