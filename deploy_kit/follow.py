@@ -35,9 +35,10 @@ def budget(params: dict[str, Any]) -> float:
     verify, stop, watch = float(params["verify"]["timeout"]), float(params["stop_timeout"]), float(params["watch"])
     w = waits
     beat = w.SYSTEMCTL + stop + verify + verify + watch + w.BEAT_SETTLE  # wait_beat, then watch_beat
-    forward = (n * (stop + w.STOP_MARGIN + 3 * w.SYSTEMCTL)  # start (a restart in place stops the old unit first)
+    forward = (n * (stop + w.STOP_MARGIN + 4 * w.SYSTEMCTL)  # start (a restart in place stops the old unit first)
                + w.AGENT_START + verify + n * (verify + w.VERIFY_MARGIN)  # the agent's greeting, a task per worker
-               + n * (w.SYSTEMCTL + w.SYNC_REVOKED) + queues * w.REMOTE_CONTROL + watch  # join, watch
+               + n * (w.SYSTEMCTL + w.SYNC_REVOKED) + queues * w.REMOTE_CONTROL  # join
+               + watch + 2 * n * w.SYSTEMCTL  # watch (its last crash checks may end past its deadline)
                + queues * w.REMOTE_CONTROL_QUICK  # retire: cancel_consumer, then per worker list, handoff, stop,
                + n * (3 * w.SYSTEMCTL + w.HANDOFF + 2 * w.REMOTE_CONTROL_QUICK)  # disable, discard its queue
                + (w.REPORT if params.get("report") else 0)  # retire: the queue summary, on one host

@@ -129,6 +129,7 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                            f"{params['previous']} start again (one still draining once its drain ended); nothing is "
                            "marked bad"),
         ]
+    found_nodes = bool(params.get("report")) and float(params["watch"]) >= waits.FIND_NODES_WATCH
     found = [
         ("start", "; ".join(f"{new(w)} beside the running instance, consuming only {queue(w)}"
                             + (" (if an older instance runs: without mingle, about 1 s sooner, the join gives it the "
@@ -145,10 +146,11 @@ def handover_lines(params: dict[str, Any], hostname: str = "") -> list[Line]:
                             else f"{new(w)} ") + f"consumes {', '.join(w['queues'])} too (confirmed)"
                            for w in workers)),
         ("watch", f"the new instances keep running for {params['watch']}s" + (
-            "; meanwhile the live Celery nodes are found (a 1.5 s broadcast) for the queue summary"
-            if params.get("report") else "")),
+            "; meanwhile the live Celery nodes are found (a 1.5 s broadcast) for the queue summary" if found_nodes
+            else "")),
         ("retire", "the older instances stop taking tasks, start what they took already, and drain in the "
-                   "background (warm shutdown)" + (f"; meanwhile the queue summary is read from those nodes "
+                   "background (warm shutdown)" + (f"; meanwhile the queue summary is read from "
+                                                   f"{'those nodes' if found_nodes else 'the nodes that answer'} "
                                                    f"(waiting, unacked, consumers of {', '.join(params['report'])}), "
                                                    "said at the end" if params.get("report") else "")),
     ]

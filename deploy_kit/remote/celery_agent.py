@@ -223,6 +223,9 @@ def report(app, queues: list, settle: float = 2.0, nodes: list | None = None) ->
         if connection.transport.driver_type == "redis":
             held = unacked(channel)
             lost = stranded(held, found["live"], queues, now - settle) if found["complete"] else None
+            if lost and nodes:  # held by a node that was not found a moment earlier? Ask everyone
+                found = survey(app)
+                lost = stranded(held, found["live"], queues, now - settle) if found["complete"] else None
             for queue in queues:
                 times = [h[3] for h in held if h[1] == queue and h[3] is not None]
                 rows[queue].update(unacked=sum(1 for h in held if h[1] == queue),

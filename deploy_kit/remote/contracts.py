@@ -57,9 +57,11 @@ AGENT_START = 30  # the Celery agent's start (systemd-run, Python, the app): bud
 VERIFY_MARGIN = 10  # a verification task's answer, beyond the verify timeout
 REMOTE_CONTROL = 30  # one remote-control call that must succeed (add_consumer, per queue)
 REMOTE_CONTROL_QUICK = 15  # one best-effort call (cancel_consumer per queue, discarding a private queue)
+FIND_NODES_WATCH = 2  # the shortest watch that finds the live nodes for the queue summary (a 1.5 s broadcast)
 SYNC_REVOKED = 25  # join: the old nodes' revoked ids (3 s), every node's if they are silent (1 s), given (15 s)
 BEAT_SETTLE = 1  # Beat must still run this long once it printed its banner and went idle
-REPORT = 15  # retire, on the host that reports the queues: reading them (a 1.5 s broadcast, then one per node)
+REPORT = 15  # retire, on the host that reports the queues: reading them (the nodes found in the watch, or a 1.5 s
+# broadcast; then one question to them each, done once all answered; a broadcast more if a message looks stranded)
 HANDOFF = 3  # retire: how long an old instance that stopped consuming may take to start what it took before
 RESTORE_WAIT = 10  # giving back: how long the drained workers may take to end
 RESTORE_SETTLE = 2  # then, so a message a live worker just took shows in its reserved tasks

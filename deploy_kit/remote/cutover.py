@@ -280,7 +280,7 @@ class Cutover(BeatSteps):
     def watch(self, release: str, workers: list) -> str:
         units = [self.instance(w, release) for w in workers]  # restart in place too: it serves alone now
         deadline = time.monotonic() + float(self.p["watch"])
-        if self.p.get("report"):
+        if self.p.get("report") and float(self.p["watch"]) >= waits.FIND_NODES_WATCH:
             self.find_nodes(units, deadline)
         while time.monotonic() < deadline:
             crash = self.crashed(units)
@@ -297,14 +297,18 @@ class Cutover(BeatSteps):
         queue summary then asks just them, each question ending once they all answered. Best
         effort: without an answer by the watch's end, the summary makes its own broadcast."""
         assert self.agent is not None
+        crash = []
+
+        def alive() -> str:
+            crash.append(self.crashed(units))
+            return crash[-1]
+
         try:
-            found = self.agent.ask({"op": "nodes"}, max(0.1, deadline - time.monotonic()),
-                                   alive=lambda: self.crashed(units))
+            found = self.agent.ask({"op": "nodes"}, max(0.1, deadline - time.monotonic()), alive=alive)
             self.nodes = [n for n in found.split(",") if n] or None
         except StepFailed:
-            crash = self.crashed(units)
-            if crash:
-                raise StepFailed(crash) from None
+            if crash and crash[-1]:
+                raise
 
     def retire(self, release: str, workers: list) -> str:
         """The older instances stop taking tasks, start what they took already, and drain; none

@@ -822,6 +822,7 @@ def test_the_retire_lets_the_old_worker_start_what_it_took_before_it_stops_it(ho
 @pytest.mark.parametrize("answer", ["silent", "crash"])
 def test_finding_the_nodes_during_the_watch_never_hides_a_crash_nor_fails_the_run(host, monkeypatch, answer):
     _tmp, params = host
+    monkeypatch.setattr(cutover.waits, "FIND_NODES_WATCH", 0)  # the watch is 1 s here
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
     FakeAgent.fail = {"nodes": "no answer within 1s"}
     if answer == "crash":
@@ -835,11 +836,22 @@ def test_finding_the_nodes_during_the_watch_never_hides_a_crash_nor_fails_the_ru
         assert next(r for r in FakeAgent.requests if r["op"] == "report")["nodes"] is None
 
 
+def test_a_watch_too_short_to_find_the_nodes_leaves_the_summary_its_own_broadcast(host, monkeypatch):
+    _tmp, params = host
+    state = run_program(monkeypatch, FakeSystemd({UNIT.format(OLD): "active"}),
+                        dict(params(watch=1.0), report=["default"]))
+    assert state.status == CutoverStatus.DONE and "nodes" not in [r["op"] for r in FakeAgent.requests]
+    assert next(r for r in FakeAgent.requests if r["op"] == "report")["nodes"] is None
+    lines = dict(plan.handover_lines(dict(params(watch=1.0), report=["default"])))
+    assert "nodes are found" not in lines["watch"] and "the nodes that answer" in lines["retire"]
+
+
 def test_the_reporting_hosts_retire_reads_the_queues_while_the_old_nodes_last_fetch_ends(host, monkeypatch):
     """One host's cutover reads the queue summary the run ends with (no round trip, no Python of
     its own): after the cancel, before the handoff, which counts its wait from the cancel; a
     summary it cannot read is said unread, never a failure."""
     _tmp, params = host
+    monkeypatch.setattr(cutover.waits, "FIND_NODES_WATCH", 0)  # the watch is 0 s here
     systemd = FakeSystemd({UNIT.format(OLD): "active"})
     p = dict(params(), report=["default"])
     cancelled_at = []

@@ -290,14 +290,14 @@ def test_the_budget_covers_every_named_wait_of_the_cutover_both_ways():
                 p = dict(params, workers=[dict(w, queues=queues) for w in workers])
                 n, q = len(p["workers"]), len(p["workers"]) * len(queues)
                 verify, watch, stop = p["verify"]["timeout"], p["watch"], p["stop_timeout"]
-                start = n * (stop + c.STOP_MARGIN) + n * c.SYSTEMCTL * 3  # stop in place, the olds, start, show
+                start = n * (stop + c.STOP_MARGIN) + n * c.SYSTEMCTL * 4  # the olds, a drain, start, show
                 greet = verify + c.AGENT_START
                 tasks = n * (verify + c.VERIFY_MARGIN)
                 join = n * (c.SYSTEMCTL + c.SYNC_REVOKED) + q * c.REMOTE_CONTROL  # the olds, their revoked ids
                 retire = q * c.REMOTE_CONTROL_QUICK + n * (3 * c.SYSTEMCTL + c.HANDOFF + 2 * c.REMOTE_CONTROL_QUICK) \
                     + (c.REPORT if p["report"] else 0)
                 beat = c.SYSTEMCTL + stop + 2 * verify + watch + c.BEAT_SETTLE  # stop_timeout: Beat's own
-                forward = start + greet + tasks + join + watch + retire + c.SYSTEMCTL + beat
+                forward = start + greet + tasks + join + watch + 2 * n * c.SYSTEMCTL + retire + c.SYSTEMCTL + beat
                 give_back = (q * c.REMOTE_CONTROL_QUICK + n * (c.STOP_MARGIN + 5 * c.SYSTEMCTL + c.REMOTE_CONTROL_QUICK)
                              + c.RESTORE + c.AGENT_CLOSE)
                 back = c.SYSTEMCTL + give_back + beat
