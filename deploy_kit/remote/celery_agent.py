@@ -110,9 +110,10 @@ def sync_revoked(app, olds: list, node: str, everyone: bool) -> str:
             f"deploy-kit@{socket.gethostname()}", ids) or {}):
         if time.monotonic() > deadline:
             raise RuntimeError(f"{node} did not take the {len(ids)} revoked task id(s) of {', '.join(replies)}")
-    asked = ", ".join(sorted(replies)) or "no other node (none answered)"
-    return f"{node} knows the {len(ids)} revoked task id(s) of {asked}" + \
-        (f" ({', '.join(silent)} did not answer)" if silent else "")
+    asked, said = ", ".join(sorted(replies)), f" ({', '.join(silent)} did not answer)" if silent else ""
+    if not ids:
+        return f"{node}: no revoked task id to pass on ({f'{asked} knew none' if asked else 'no node answered'}){said}"
+    return f"{node} knows the {len(ids)} revoked task id(s) of {asked}{said}"
 
 
 def discard_queue(app, queue: str) -> str:

@@ -75,7 +75,7 @@ def test_the_revoked_ids_of_an_old_node_are_given_with_mingles_own_hello(app):
         said = celery_agent.handle(app, {"op": "sync_revoked", "olds": [worker.hostname], "node": worker.hostname})
         everyone = celery_agent.sync_revoked(app, [], worker.hostname, everyone=True)  # no other node answers
     assert said == f"{worker.hostname} knows the 1 revoked task id(s) of {worker.hostname}"
-    assert everyone == f"{worker.hostname} knows the 0 revoked task id(s) of no other node (none answered)"
+    assert everyone == f"{worker.hostname}: no revoked task id to pass on (no node answered)"
 
 
 def test_the_late_answer_of_a_request_given_up_on_never_answers_the_next(tmp_path):
