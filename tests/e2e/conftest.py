@@ -108,14 +108,19 @@ def on_host(stage, index: int, script: str, sudo: bool = True, check: bool = Tru
         return remote.run_script(script, sudo=sudo, what="test script", check=check).stdout
 
 
-def call_task(stage, index: int, task: str, args: list | None = None, timeout: int = 30,
-              queue: str | None = None) -> str:
-    """Send a task from the host, as the service would, and return its result's repr."""
-    code = ("import json, sys\nfrom exampleapp.celery import app\n"
-            f"print(repr(app.send_task({task!r}, args={args or []!r}, queue={queue!r}).get(timeout={timeout})))\n")
+def as_service(stage, index: int, code: str) -> str:
+    """Python `code` run on the host as the service, in the current release: what it printed."""
     command = units.as_service_command(stage, str(stage.app.current_link),
                                        [str(units.python(stage.app)), "-c", code])
     return on_host(stage, index, command + "\n").strip()
+
+
+def call_task(stage, index: int, task: str, args: list | None = None, timeout: int = 30,
+              queue: str | None = None) -> str:
+    """Send a task from the host, as the service would, and return its result's repr."""
+    return as_service(stage, index, "import json, sys\nfrom exampleapp.celery import app\n"
+                      f"print(repr(app.send_task({task!r}, args={args or []!r}, queue={queue!r})"
+                      f".get(timeout={timeout})))\n")
 
 
 def wait_for(predicate, timeout: float = 60, what: str = ""):

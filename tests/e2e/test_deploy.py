@@ -14,7 +14,7 @@ import pytest
 from deploy_kit import config, units
 from deploy_kit.sandbox import Sandbox
 
-from .conftest import H1, H2, TEST_SANDBOX, call_task, commit, current_release, fab, on_host, prepare_env
+from .conftest import H1, H2, TEST_SANDBOX, as_service, call_task, commit, current_release, fab, on_host, prepare_env
 
 TASKS = "ledger/tasks.py"
 VERSION_TASK = '''
@@ -38,12 +38,6 @@ def deploy(sandbox_config, *args):
 
 def tasks_source(app_repo) -> str:
     return (app_repo / "examples/exampleapp" / TASKS).read_text()
-
-
-def celery(stage, code: str) -> str:
-    """Python run on the first host as the service, in the current release (its last line)."""
-    command = units.as_service_command(stage, str(stage.app.current_link), [str(units.python(stage.app)), "-c", code])
-    return ([""] + on_host(stage, 0, command + "\n").strip().splitlines())[-1]
 
 
 def releases_on(stage, index):
@@ -101,7 +95,7 @@ def test_second_deploy_runs_the_new_commit_even_over_a_release_that_no_longer_im
     before = current_release(stage, 0)
     started = on_host(stage, 0, "date +%s").strip()
     revoked = f"deploy-kit-test-revoked-{started}"  # revoked before the deploy: the new workers must know it
-    celery(stage, f"from exampleapp.celery import app\napp.control.revoke({revoked!r})\n")
+    as_service(stage, 0, f"from exampleapp.celery import app\napp.control.revoke({revoked!r})\n")
     # The current release's app no longer imports (its workers run on, loaded long ago): the deploy
     # that replaces it must not be stopped by it; the build checks the new release's instead.
     celery_py = f"{stage.app.releases_dir}/{before}/exampleapp/celery.py"
@@ -115,9 +109,10 @@ def test_second_deploy_runs_the_new_commit_even_over_a_release_that_no_longer_im
     # They started without mingle (about 1 s sooner) and were given the old nodes' revoked ids instead.
     new_nodes = {units.node_name(w, current_release(stage, i), h.name)
                  for i, h in enumerate(stage.hosts) for w in stage.workers_on(h)}
-    knows = json.loads(celery(stage, "import json\nfrom exampleapp.celery import app\n"
-                                     f"print(json.dumps({{n: {revoked!r} in ids for n, ids in "
-                                     "(app.control.inspect(timeout=2).revoked() or {}).items()}))\n"))
+    knows = json.loads(as_service(stage, 0, "import json\nfrom exampleapp.celery import app\n"
+                                            f"print(json.dumps({{n: {revoked!r} in ids for n, ids in "
+                                            "(app.control.inspect(timeout=2).revoked() or {}).items()}))\n"
+                                  ).splitlines()[-1])
     assert {n for n in new_nodes if knows.get(n)} == new_nodes, knows
     for index in (0, 1):
         journal = on_host(stage, index, f"journalctl -q --no-pager -o cat --since @{started} "

@@ -353,7 +353,18 @@ def test_a_disk_that_fills_while_the_release_is_written(stage, sandbox_config):
     assert deploy(sandbox_config).returncode == 0
 
 
-HANGS = "/etc/systemd/system/redis-server.service.d"  # a drop-in whose start of Redis hangs
+HANGS = "/etc/systemd/system/redis-server.service.d/zz-e2e-hangs.conf"  # a drop-in: a start of Redis hangs
+
+
+def stop_redis_for_good(stage) -> None:
+    """Redis stops, and any start of it hangs (a worker's start pulls one in: Wants=redis-server)."""
+    on_host(stage, 0, f"mkdir -p {os.path.dirname(HANGS)} && printf '[Service]\\nExecStartPre=/bin/sleep 600\\n' "
+                      f"> {HANGS} && systemctl daemon-reload && systemctl stop redis-server")
+
+
+def bring_redis_back(stage) -> None:
+    on_host(stage, 0, f"rm -f {HANGS}; systemctl daemon-reload; systemctl stop redis-server; "
+                      "systemctl reset-failed redis-server 2>/dev/null; systemctl start redis-server")
 
 
 @pytest.mark.parametrize("moment", ["start: ok", "join: ok"])
@@ -367,16 +378,13 @@ def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
     try:
         for line in proc.stdout:
             lines.append(line)
-            if moment in line:  # and a start of it hangs (a worker's start pulls one in: Wants=redis-server)
-                on_host(stage, 0, f"mkdir -p {HANGS} && printf '[Service]\\nExecStartPre=/bin/sleep 600\\n' > "
-                                  f"{HANGS}/zz-e2e-hangs.conf && systemctl daemon-reload "
-                                  "&& systemctl stop redis-server")
+            if moment in line:
+                stop_redis_for_good(stage)
                 break
         lines += proc.stdout.readlines()
         code = proc.wait(timeout=900)
     finally:
-        on_host(stage, 0, f"rm -f {HANGS}/zz-e2e-hangs.conf; systemctl daemon-reload; systemctl stop redis-server; "
-                          "systemctl reset-failed redis-server 2>/dev/null; systemctl start redis-server")
+        bring_redis_back(stage)
     output = "".join(lines)
     print(output)
     assert code in (0, 5), output
@@ -394,7 +402,7 @@ def test_the_broker_stopped_mid_handover(stage, sandbox_config, moment):
     assert deploy(sandbox_config).returncode == 0
 
 
-# ids: the host names differ from one xdist worker to the other, and the collections must not
+# The ids name no host: host names differ between xdist workers, whose collections must be equal.
 @pytest.mark.parametrize("took_over", [H2, H1], ids=["host 2 took over", "host 1 took over"])
 def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox_config, took_over):
     """One host's new workers took over; the other's are still starting when Redis stops, so its
@@ -415,16 +423,13 @@ def test_the_broker_stopped_once_one_host_took_over_sends_it_back(stage, sandbox
         for line in proc.stdout:
             lines.append(line)
             if f"{took_over} join: ok" in line:
-                on_host(stage, 0, f"mkdir -p {HANGS} && printf '[Service]\\nExecStartPre=/bin/sleep 600\\n' > "
-                                  f"{HANGS}/zz-e2e-hangs.conf && systemctl daemon-reload "
-                                  "&& systemctl stop redis-server")
+                stop_redis_for_good(stage)
                 break
         lines += proc.stdout.readlines()
         code = proc.wait(timeout=900)
     finally:
         on_host(stage, late, f"rm -rf {slow}; systemctl daemon-reload")
-        on_host(stage, 0, f"rm -f {HANGS}/zz-e2e-hangs.conf; systemctl daemon-reload; systemctl stop redis-server; "
-                          "systemctl reset-failed redis-server 2>/dev/null; systemctl start redis-server")
+        bring_redis_back(stage)
     output = "".join(lines)
     print(output)
     assert code == 5, output
