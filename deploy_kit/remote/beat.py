@@ -15,6 +15,8 @@ from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.agent_client import StepFailed
 
 BANNER = ". maxinterval -> "  # the last line of Beat's banner, printed once it loaded its scheduler class
+POLL = 0.1  # how often Beat's watch looks at it
+IDLE_POLLS = 2  # idle: the same CPU time, asleep, over this many polls (0.2 s)
 
 
 class BeatSteps:
@@ -45,7 +47,7 @@ class BeatSteps:
                         return self.watch_beat(unit, pid, release)
                 except OSError:
                     pass
-            time.sleep(0.2)
+            time.sleep(POLL)
         raise StepFailed(f"Beat does not run from releases/{release} after {bound:.0f}s (the old one's stop and a "
                          f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
 
@@ -54,41 +56,43 @@ class BeatSteps:
         loads its scheduler class and prints its banner (at every loglevel: a class it cannot
         load kills it first), sets its scheduler up, then sleeps in its tick loop. So the process
         of this start must print its banner (this invocation's, this PID's), then be idle (asleep,
-        its CPU time still), then still run `BEAT_SETTLE`s. Without the banner in the journal
-        (CELERY_QUIET, a journald that keeps no info lines), idle the whole watch. Within the
-        verification timeout; a Beat alive then without either has run that long, said so."""
+        its CPU time still, over 0.2 s from the poll that saw the banner on), then still run
+        `BEAT_SETTLE`s. Without the banner in the journal (CELERY_QUIET, a journald that keeps no
+        info lines), idle the whole watch. Within the verification timeout; a Beat alive then
+        without either has run that long, said so."""
         invocation = self.systemctl("show", unit, "-p", "InvocationID", "--value").strip()
         timeout, watch = float(self.p["verify"]["timeout"]), float(self.p["watch"])
         bound = time.monotonic() + timeout
-        bannered, ready, cpu, idle_since = False, 0.0, None, 0.0
-        while True:
-            time.sleep(0.2)
+        bannered_at, ready, idle_since, readings = None, 0.0, 0.0, []
+        while True:  # every POLL; the settle's end exactly
+            time.sleep(max(0.0, min(POLL, ready - time.monotonic())) if ready else POLL)
             now, info = time.monotonic(), self.show(unit)
             if info.get("ActiveState") != "active" or info.get("MainPID") != pid:
                 raise StepFailed(f"{unit} stopped after it started ({info.get('ActiveState')}/"
                                  f"{info.get('SubState')}); see its journal")
-            was, cpu = cpu, self.cpu_time(pid)
-            idle = cpu is not None and cpu == was
+            readings = [*readings, (now, self.cpu_time(pid))][-IDLE_POLLS - 1:]
+            # Idle: asleep, its CPU time still, at this poll and the IDLE_POLLS before it.
+            idle = len(readings) > IDLE_POLLS and readings[0][1] is not None and len({c for _, c in readings}) == 1
             idle_since = (idle_since or now) if idle else 0.0
             if ready:
                 if now >= ready:
                     return (f"Beat runs from releases/{release} (loaded its scheduler, idle, ran "
                             f"{waits.BEAT_SETTLE}s more)")
-            elif bannered and idle:
+            elif bannered_at is not None and idle and readings[0][0] >= bannered_at:  # idle since its banner
                 ready = now + waits.BEAT_SETTLE
             elif idle_since and now - idle_since >= watch:  # its banner unseen (CELERY_QUIET, journald's level)
                 return (f"Beat runs from releases/{release} (idle for {watch:g}s; its banner never showed in "
                         "the journal)")
             elif now >= bound:
-                why = "still busy" if bannered else "still busy, its banner never showed in the journal"
+                why = "still busy" if bannered_at is not None else "still busy, its banner never showed in the journal"
                 return f"Beat runs from releases/{release} (ran {timeout:.0f}s, {why})"
-            elif not bannered:
-                bannered = BANNER in self.beat_log(unit, invocation, pid)
+            elif bannered_at is None and BANNER in self.beat_log(unit, invocation, pid):
+                bannered_at = now
 
     @staticmethod
     def cpu_time(pid: str) -> int | None:
         """The CPU time (clock ticks, every thread) of a process asleep, or None when it runs, waits
-        for a disk or is gone: two equal readings 0.2s apart tell a process that is idle."""
+        for a disk or is gone: equal readings over 0.2 s (IDLE_POLLS) tell a process that is idle."""
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

@@ -922,7 +922,7 @@ def test_beat_runs_once_it_printed_its_banner_went_idle_and_ran_on(host, monkeyp
     program, now, reads = beat_program(host, monkeypatch, shown, busy_until)
     assert program.watch_beat("shop-beat.service", "42", NEW) == \
         f"Beat runs from releases/{NEW} (loaded its scheduler, idle, ran 1s more)"
-    assert ready_at <= now[0] <= ready_at + 0.45
+    assert ready_at <= now[0] <= ready_at + 0.15  # seen within a poll (0.1 s), the settle ended exactly
     assert "_PID=42" in reads[0] and "_SYSTEMD_INVOCATION_ID=abc123" in reads[0]
     assert all(r[r.index("-n") + 1] == "5000" for r in reads)  # the banner comes early: not only the last lines
 
