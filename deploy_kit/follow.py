@@ -97,9 +97,9 @@ def _follow_script(unit: str, path: str, journal_words: list[str] | None = None,
     return (f"{journal}prev=''; n=0\nwhile :; do\n"
             f"  a=$(systemctl is-active {quote(unit)} 2>/dev/null || true)\n"
             f"  s=$(cat {quote(path)} 2>/dev/null || true)\n"
-            f"  if [ \"$a $s\" != \"$prev\" ] || [ $((n % 50)) -eq 0 ]; then\n"
+            f"  if [ \"$a $s\" != \"$prev\" ] || [ $((n % 25)) -eq 0 ]; then\n"
             f"    printf '%s %s\\n' \"$a\" \"$s\"; prev=\"$a $s\"\n  fi\n  n=$((n + 1))\n"
-            f"  case \"$a\" in inactive|failed) exit 0 ;; *) sleep 0.1 ;; esac\n"
+            f"  case \"$a\" in inactive|failed) exit 0 ;; *) sleep 0.2 ;; esac\n"
             f"done\n")
 
 

@@ -15,7 +15,7 @@ from deploy_kit.remote import contracts as waits
 from deploy_kit.remote.agent_client import StepFailed
 
 BANNER = ". maxinterval -> "  # the last line of Beat's banner, printed once it loaded its scheduler class
-POLL = 0.1  # how often Beat's watch looks at it
+POLL = 0.1  # how often Beat's watch looks at it: its unit, /proc, and (until its banner) the journal, ~3 ms each
 IDLE_POLLS = 2  # idle: the same CPU time, asleep, over this many polls (0.2 s)
 
 
@@ -47,7 +47,7 @@ class BeatSteps:
                         return self.watch_beat(unit, pid, release)
                 except OSError:
                     pass
-            time.sleep(POLL)
+            time.sleep(0.2)
         raise StepFailed(f"Beat does not run from releases/{release} after {bound:.0f}s (the old one's stop and a "
                          f"start; {unit} is {info.get('ActiveState')}/{info.get('SubState')})")
 
@@ -78,8 +78,10 @@ class BeatSteps:
                 if now >= ready:
                     return (f"Beat runs from releases/{release} (loaded its scheduler, idle, ran "
                             f"{waits.BEAT_SETTLE}s more)")
-            elif bannered_at is not None and idle and readings[0][0] >= bannered_at:  # idle since its banner
-                ready = now + waits.BEAT_SETTLE
+            elif bannered_at is not None and idle:
+                if readings[0][0] >= bannered_at:  # idle since the poll that saw its banner
+                    ready = now + waits.BEAT_SETTLE
+                # else idle, not yet over IDLE_POLLS since its banner: the next poll tells
             elif idle_since and now - idle_since >= watch:  # its banner unseen (CELERY_QUIET, journald's level)
                 return (f"Beat runs from releases/{release} (idle for {watch:g}s; its banner never showed in "
                         "the journal)")

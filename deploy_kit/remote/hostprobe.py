@@ -137,35 +137,37 @@ def main(params: dict) -> None:
     except KeyError:
         facts["group"] = None
     facts["paths"] = {name: lstat(path) for name, path in params["paths"].items()}
-    facts["releases"] = releases(params["paths"]["releases"])
-    facts["live"] = live_log(os.path.join(params["state_dir"], contracts.LIVE_LOG))
-    wheel_dir = os.path.join(params["state_dir"], "wheels")
-    facts["wheels"] = sorted(os.listdir(wheel_dir)) if os.path.isdir(wheel_dir) else []
-    if params.get("lock") and os.path.isdir(params["paths"]["deploy_to"]):
-        facts["lock"] = hostlib.take_lock(params["state_dir"], params["lock"])
-    elif params.get("lock"):  # a host never set up: nothing there to protect, nothing to create
-        facts["lock"] = {"acquired": True, "holder": params["lock"]}
-    unit_dir = params["unit_dir"]
-    facts["units"] = {}
-    for name in sorted(os.listdir(unit_dir)):
-        if any(fnmatch.fnmatch(name, pattern) for pattern in params["unit_patterns"]):
-            with open(os.path.join(unit_dir, name)) as handle:
-                facts["units"][name] = handle.read()
-    current = facts["paths"].get("current") or {}
-    release = os.path.basename(current.get("target", "").rstrip("/")) if current.get("resolves") else ""
-    wanted = [n.replace("@.", f"@{release}.") if "@." in n and release else n for n in params["wanted_units"]]
-    params["wanted_units"] = [n for n in wanted if "@." not in n]  # a template's state is its live instance's
-    facts["instances"] = instances(params["unit_patterns"])
-    facts["cutovers"] = cutovers(app["name"])
-    states = {}
-    for name in sorted(set(facts["units"]) | set(params["wanted_units"])):
-        _, enabled, _ = hostlib.run(["systemctl", "is-enabled", name])
-        _, active, _ = hostlib.run(["systemctl", "is-active", name])
-        states[name] = {"enabled": enabled.strip() or "not-found", "active": active.strip() or "unknown"}
-    facts["unit_state"] = states
-
-    if params.get("check"):
-        facts.update(check_facts(params, facts))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        # The slow probes (Python start-ups as the service, `du`) run while the rest is read.
+        slow = start_slow_checks(pool, params, facts) if params.get("check") else {}
+        facts["releases"] = releases(params["paths"]["releases"])
+        facts["live"] = live_log(os.path.join(params["state_dir"], contracts.LIVE_LOG))
+        wheel_dir = os.path.join(params["state_dir"], "wheels")
+        facts["wheels"] = sorted(os.listdir(wheel_dir)) if os.path.isdir(wheel_dir) else []
+        if params.get("lock") and os.path.isdir(params["paths"]["deploy_to"]):
+            facts["lock"] = hostlib.take_lock(params["state_dir"], params["lock"])
+        elif params.get("lock"):  # a host never set up: nothing there to protect, nothing to create
+            facts["lock"] = {"acquired": True, "holder": params["lock"]}
+        unit_dir = params["unit_dir"]
+        facts["units"] = {}
+        for name in sorted(os.listdir(unit_dir)):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in params["unit_patterns"]):
+                with open(os.path.join(unit_dir, name)) as handle:
+                    facts["units"][name] = handle.read()
+        current = facts["paths"].get("current") or {}
+        release = os.path.basename(current.get("target", "").rstrip("/")) if current.get("resolves") else ""
+        wanted = [n.replace("@.", f"@{release}.") if "@." in n and release else n for n in params["wanted_units"]]
+        params["wanted_units"] = [n for n in wanted if "@." not in n]  # a template's state is its live instance's
+        facts["instances"] = instances(params["unit_patterns"])
+        facts["cutovers"] = cutovers(app["name"])
+        states = {}
+        for name in sorted(set(facts["units"]) | set(params["wanted_units"])):
+            _, enabled, _ = hostlib.run(["systemctl", "is-enabled", name])
+            _, active, _ = hostlib.run(["systemctl", "is-active", name])
+            states[name] = {"enabled": enabled.strip() or "not-found", "active": active.strip() or "unknown"}
+        facts["unit_state"] = states
+        if params.get("check"):
+            facts.update(check_facts(params, facts, slow))
     print(json.dumps(facts))
 
 
@@ -200,7 +202,25 @@ def free_kb(releases_dir: str) -> int:
     return vfs.f_bavail * vfs.f_frsize // 1024
 
 
-def check_facts(params: dict, facts: dict) -> dict:
+def start_slow_checks(pool: ThreadPoolExecutor, params: dict, facts: dict) -> dict:
+    """`fab check`'s slow probes, started on `pool`: each Python start-up as the service (the
+    broker, kombu's; with the current release, its `celery --version` and the app's import), and
+    the current release's size. `check_facts` reads their results."""
+    app, paths, current = params["app"], params["paths"], facts["paths"].get("current") or {}
+    has_release = bool(current.get("resolves") and os.path.exists(params["release_python"]))
+    slow: dict = {"has_release": has_release}
+    if current.get("resolves"):
+        slow["du"] = pool.submit(hostlib.run, ["du", "-sk", os.path.realpath(paths["current"])], timeout=60)
+    if facts["user"] is not None and facts["group"] is not None and facts["paths"].get("env_file") is not None:
+        slow["broker"] = pool.submit(as_service, params, ["broker"], has_release)  # kombu's, not the app's
+        if has_release and params.get("current_app", True):
+            slow["runs"] = pool.submit(hostlib.run, ["runuser", "-u", app["user"], "--", params["release_python"],
+                                                     "-m", "celery", "--version"])
+            slow["imports"] = pool.submit(as_service, params, ["app", app["celery_app"]], True)
+    return slow
+
+
+def check_facts(params: dict, facts: dict, slow: dict) -> dict:
     app = params["app"]
     paths = params["paths"]
     result: dict = {"readable": {}, "loaded": {}}
@@ -214,31 +234,17 @@ def check_facts(params: dict, facts: dict) -> dict:
                 result["readable"][name] = code == 0
     result["env_keys"] = env_keys(paths["env_file"])
     result["disk_free_kb"] = free_kb(paths["releases"])
-    result["release_kb"] = 0
-    if facts["paths"].get("current") and facts["paths"]["current"].get("resolves"):
-        code, out, _ = hostlib.run(["du", "-sk", os.path.realpath(paths["current"])], timeout=60)
-        if code == 0:
-            result["release_kb"] = int(out.split()[0])
     with open("/proc/sys/fs/nr_open") as handle:
         result["nr_open"] = int(handle.read())
     for name in params["wanted_units"]:
         result["loaded"][name] = hostlib.show(name, "LimitNOFILE,TimeoutStopUSec,NeedDaemonReload,LoadState")
-    has_release = bool(facts["paths"].get("current") and facts["paths"]["current"].get("resolves")
-                       and os.path.exists(params["release_python"]))
-    result["release_python"] = has_release
+    result["release_python"] = slow["has_release"]
     result["current_app"] = params.get("current_app", True)  # else a deploy: its build checks the new one
-    with_app = has_release and result["current_app"]
-    can_run = facts["user"] is not None and facts["group"] is not None \
-        and facts["paths"].get("env_file") is not None
-    if can_run:  # each probe is a Python start-up as the service: all at once
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            broker = pool.submit(as_service, params, ["broker"], has_release)  # kombu's, not the app's
-            if with_app:
-                runs = pool.submit(hostlib.run, ["runuser", "-u", app["user"], "--", params["release_python"],
-                                                 "-m", "celery", "--version"])
-                imports = pool.submit(as_service, params, ["app", app["celery_app"]], True)
-                result["release_runs"] = runs.result()[0] == 0
-                result["app_import"] = imports.result()
-            result["broker"] = broker.result()
+    code, out, _ = slow["du"].result() if "du" in slow else (1, "", "")
+    result["release_kb"] = int(out.split()[0]) if code == 0 else 0
+    if "runs" in slow:
+        result["release_runs"] = slow["runs"].result()[0] == 0
+        result["app_import"] = slow["imports"].result()
+    if "broker" in slow:
+        result["broker"] = slow["broker"].result()
     return result
-
