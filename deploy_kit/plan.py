@@ -38,7 +38,8 @@ class Phase(StrEnum):
 
 @dataclass(frozen=True)
 class Probe:
-    """The host probe (`remote/hostprobe.py`): takes the lock first when its params hold one."""
+    """The host probe (`remote/hostprobe.py`): takes the lock when its params hold one (its slow
+    `fab check` probes, which change nothing, start first and run meanwhile)."""
 
     params: dict[str, Any]
 
@@ -247,7 +248,7 @@ def current_release(facts: HostFacts) -> str | None:
 
 
 def lock_steps(stage: Stage, holder: LockHolder | None, *, check: bool) -> list[Step]:
-    what = "take the lock, then every `fab check` probe" if check else "take the lock, read the releases"
+    what = "take the lock and run every `fab check` probe" if check else "take the lock, read the releases"
     return [Step(h.name, Phase.LOCK, what if holder else "read-only probe",
                  Probe(hostfacts.params(stage, h, check, holder, current_app=False))) for h in stage.hosts]
 

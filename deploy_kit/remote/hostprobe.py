@@ -234,6 +234,7 @@ def check_facts(params: dict, facts: dict, slow: dict) -> dict:
                 result["readable"][name] = code == 0
     result["env_keys"] = env_keys(paths["env_file"])
     result["disk_free_kb"] = free_kb(paths["releases"])
+    result["release_kb"] = 0  # (its place among the keys; the `du` started early says more below)
     with open("/proc/sys/fs/nr_open") as handle:
         result["nr_open"] = int(handle.read())
     for name in params["wanted_units"]:
@@ -241,7 +242,8 @@ def check_facts(params: dict, facts: dict, slow: dict) -> dict:
     result["release_python"] = slow["has_release"]
     result["current_app"] = params.get("current_app", True)  # else a deploy: its build checks the new one
     code, out, _ = slow["du"].result() if "du" in slow else (1, "", "")
-    result["release_kb"] = int(out.split()[0]) if code == 0 else 0
+    if code == 0:
+        result["release_kb"] = int(out.split()[0])
     if "runs" in slow:
         result["release_runs"] = slow["runs"].result()[0] == 0
         result["app_import"] = slow["imports"].result()

@@ -113,3 +113,23 @@ def test_a_deploys_probe_runs_only_the_broker_probe_as_the_service(probe):
     release_python = str(deploy_to / "current" / units.VENV / "bin" / "python")
     assert len(as_service) == 1 and "broker" in as_service[0] and release_python in as_service[0]
     assert not any("--version" in argv for argv in host.ran)
+
+
+def test_the_slow_probes_run_while_the_rest_is_read(probe, monkeypatch):
+    """Each probe as the service is a Python start-up (a few tenths of a second): they start
+    first, so the lock, the releases and the units' states are read meanwhile."""
+    import threading
+
+    run, host, _ = probe
+    started, overlapped = threading.Event(), []
+
+    def fake(argv, stdin=None, timeout=60):
+        if argv[0] == "systemd-run":
+            started.set()
+        elif argv[:2] == ["systemctl", "is-enabled"]:
+            overlapped.append(started.wait(5))  # before, the probes ran only after every unit's state
+        return host(argv, stdin, timeout)
+
+    monkeypatch.setattr(hostlib, "run", fake)
+    facts = run(check=True)
+    assert overlapped and all(overlapped) and facts.broker.ok and facts.release_kb == 1234
