@@ -123,7 +123,9 @@ def test_a_deploy_and_a_rollback_hand_over_and_every_task_runs_exactly_once(rabb
 def test_queues_report_waiting_unacked_and_consumers_as_sent(rabbit, broker):
     stage = rabbit[3]
     release = current_release(stage, 0)
-    on_host(stage, 0, f"systemctl stop {worker(stage, 'reports')}")
+    # Beat stops too: its heartbeat (every 30 s, to celery) would wait behind the two slow tasks, which hold both
+    # of the one worker's slots (prefetch 1), and show as a third message.
+    on_host(stage, 0, f"systemctl stop {worker(stage, 'reports')} exampleapp-beat.service")
     try:
         for _ in range(5):
             broker.send_task("ledger.tasks.summarize", queue="reports")
@@ -134,7 +136,7 @@ def test_queues_report_waiting_unacked_and_consumers_as_sent(rabbit, broker):
                           "the two slow tasks to show as unacknowledged")
         plain = run(rabbit, "queues", check=True).stdout
     finally:
-        on_host(stage, 0, f"systemctl start {worker(stage, 'reports')}")
+        on_host(stage, 0, f"systemctl start {worker(stage, 'reports')} exampleapp-beat.service")
     reports, celery = row(report, "reports"), row(report, "celery")
     assert (reports["waiting"], reports["unacked"], reports["consumers"]) == (5, 0, [])
     assert (celery["waiting"], celery["unacked"], celery["consumers"]) == (0, 2, [f"default.{release}@{HOST}"])
