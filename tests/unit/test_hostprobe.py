@@ -2,6 +2,7 @@
 the lock it takes or is refused, the check facts it reports, read back by `hostfacts.parse`."""
 
 import json
+import threading
 
 import pytest
 
@@ -118,8 +119,6 @@ def test_a_deploys_probe_runs_only_the_broker_probe_as_the_service(probe):
 def test_the_slow_probes_run_while_the_rest_is_read(probe, monkeypatch):
     """Each probe as the service is a Python start-up (a few tenths of a second): they start
     first, so the lock, the releases and the units' states are read meanwhile."""
-    import threading
-
     run, host, _ = probe
     started, overlapped = threading.Event(), []
 
